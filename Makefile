@@ -1,0 +1,44 @@
+# bbr: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit protos validate clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## make run: the demo — bbr, a real Envoy and two simulated model servers on localhost.
+run: $(STAMP)
+	$(PY) -m demo
+
+## make test: lint, type-check and every test (unit, in-process gRPC, end-to-end through Envoy).
+test: $(STAMP)
+	$(VENV)/bin/ruff check bbr tests demo scripts
+	$(VENV)/bin/ruff format --check bbr tests demo scripts
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check bbr tests demo scripts
+	$(VENV)/bin/ruff format --check bbr tests demo scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m 'not e2e'
+
+## make protos: regenerate protos/ext_proc.protoset (for ghz and grpcurl) from the installed bindings.
+protos: $(STAMP)
+	$(PY) scripts/gen_protoset.py protos/ext_proc.protoset
+
+validate: $(STAMP)
+	$(VENV)/bin/bbr validate config/model-map.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
