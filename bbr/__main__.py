@@ -1,0 +1,5 @@
+import sys
+
+from bbr.cli import main
+
+sys.exit(main())

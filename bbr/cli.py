@@ -1,0 +1,212 @@
+"""`bbr serve` and `bbr validate`.
+
+Every serve flag has an environment twin (`--max-body-bytes` ↔ `BBR_MAX_BODY_BYTES`);
+flags win. A bad flag, file or port is one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from bbr import __version__
+from bbr.decision import Options
+
+EXIT_USAGE = 2
+TRUE = ("1", "true", "yes")
+FALSE = ("0", "false", "no")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line naming the flag."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (use 1/true/yes or 0/false/no)")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 1-65535")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {text!r} (choose from {', '.join(choices)})"
+            )
+        return value
+
+    return parse
+
+
+# flag, type, default, repeatable, help
+_SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, bool, str]] = [
+    ("--grpc-port", _port, 9004, False, "ext_proc gRPC port (server reflection on)"),
+    ("--grpc-health-port", _port, 9005, False, "grpc.health.v1 port"),
+    ("--metrics-port", _port, 9090, False, "Prometheus /metrics port"),
+    ("--model-map", str, None, True, "model-map YAML file or directory; repeatable"),
+    ("--kubernetes", _bool, False, False, "watch labelled ConfigMaps through the API"),
+    ("--namespace", str, None, True, "namespace to watch (repeatable; * = all)"),
+    ("--streaming", _bool, False, False, "Envoy sends the body FULL_DUPLEX_STREAMED"),
+    ("--unknown-model", _choice("pass", "reject"), "pass", False, "pass or reject (404)"),
+    ("--max-body-bytes", _positive, 16 * 1024 * 1024, False, "larger bodies get 413"),
+    ("--models-endpoint", _bool, False, False, "answer GET /v1/models from the model map"),
+    ("--secure-serving", _bool, False, False, "TLS on the gRPC port"),
+    ("--cert-path", str, None, False, "directory with tls.crt and tls.key"),
+    ("--client-ca", str, None, False, "CA bundle: require client certificates (mTLS)"),
+    ("--workers", _positive, 1, False, "server processes sharing the port"),
+    ("--log-level", _choice("debug", "info", "warning", "error"), "info", False, "log level"),
+    ("--log-format", _choice("json", "text"), "json", False, "json or text"),
+]
+
+
+def env_name(flag: str) -> str:
+    return "BBR_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add_serve(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the ext_proc server",
+        description="Run the ext_proc server. Every flag has a BBR_* environment twin.",
+    )
+    for flag, kind, default, repeatable, text in _SERVE_FLAGS:
+        dest = flag.lstrip("-").replace("-", "_")
+        shown = f", default {default}" if default not in (None, False) else ""
+        label = f"{text} [env {env_name(flag)}{shown}]"
+        if kind is _bool:
+            serve.add_argument(
+                flag, dest=dest, type=_bool, nargs="?", const=True, default=None, help=label
+            )
+        elif repeatable:
+            serve.add_argument(flag, dest=dest, type=kind, action="append", help=label)
+        else:
+            serve.add_argument(flag, dest=dest, type=kind, default=None, help=label)
+
+
+def _apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill flags not given on the command line from BBR_* variables, then defaults."""
+    for flag, kind, default, repeatable, _ in _SERVE_FLAGS:
+        dest = flag.lstrip("-").replace("-", "_")
+        if getattr(args, dest) is not None:
+            continue
+        raw = os.environ.get(env_name(flag))
+        if raw is None or (raw == "" and kind is not str):
+            setattr(args, dest, [] if repeatable else default)
+            continue
+        try:
+            if repeatable:
+                value: Any = [kind(v.strip()) for v in raw.split(",") if v.strip()]
+            else:
+                value = kind(raw)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{env_name(flag)} (for {flag}): {exc}")
+        setattr(args, dest, value)
+
+
+def build_parser() -> tuple[OneLineParser, dict[str, OneLineParser]]:
+    parser = OneLineParser(prog="bbr", description="Body-based router for LLM inference gateways.")
+    parser.add_argument("--version", action="version", version=f"bbr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    _add_serve(sub)
+    validate = sub.add_parser(
+        "validate",
+        help="check model-map files and print the resolved table",
+        description="Parse model-map files exactly as serve does; exit 1 on any error.",
+    )
+    validate.add_argument("paths", nargs="+", metavar="PATH")
+    return parser, {"serve": sub.choices["serve"], "validate": validate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "validate":
+        from bbr.validate import run as validate
+
+        return validate(args.paths)
+    serve_parser = subparsers["serve"]
+    _apply_env(args, serve_parser)
+    return _serve(args, serve_parser)
+
+
+def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
+    from bbr import logs
+    from bbr.server import ServeConfig, StartupError, serve
+
+    ports = {
+        "--grpc-port": args.grpc_port,
+        "--grpc-health-port": args.grpc_health_port,
+        "--metrics-port": args.metrics_port,
+    }
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port in seen:
+            parser.error(f"argument {flag}: port {port} is also {seen[port]}")
+        seen[port] = flag
+    if args.client_ca and not args.secure_serving:
+        parser.error("argument --client-ca: needs --secure-serving")
+    if args.namespace and not args.kubernetes:
+        parser.error("argument --namespace: needs --kubernetes")
+    for flag, path in (("--cert-path", args.cert_path), ("--client-ca", args.client_ca)):
+        if path and not os.path.exists(path):
+            parser.error(f"argument {flag}: {path}: no such file or directory")
+
+    logs.configure(args.log_level, args.log_format)
+    config = ServeConfig(
+        model_maps=args.model_map,
+        grpc_port=args.grpc_port,
+        grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        streaming=args.streaming,
+        options=Options(
+            unknown_model=args.unknown_model,
+            max_body_bytes=args.max_body_bytes,
+            models_endpoint=args.models_endpoint,
+        ),
+        kubernetes=args.kubernetes,
+        namespaces=args.namespace,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        client_ca=args.client_ca,
+        workers=args.workers,
+    )
+    try:
+        return asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"bbr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Prometheus series (SPEC §5), including the Go BBR's, so dashboards keep working."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+from bbr import __version__
+from bbr.decision import Label
+from bbr.modelmap import ModelMap
+from bbr.protocol import Finished
+
+disable_created_metrics()  # type: ignore[no-untyped-call] - *_created series are noise for operators
+REQUESTS = Counter("bbr_requests", "ext_proc requests by outcome.", ["outcome"])
+DURATION = Histogram(
+    "bbr_request_duration_seconds",
+    "Time from the request headers message to bbr's decision.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+BODY_BYTES = Histogram(
+    "bbr_request_body_bytes",
+    "Size of the request bodies bbr read.",
+    buckets=tuple(2**n for n in range(8, 27, 2)),
+)
+ACTIVE_STREAMS = Gauge("bbr_active_streams", "ext_proc streams open now.")
+MAP_MODELS = Gauge("bbr_model_map_models", "Names in the model map in force.", ["kind"])
+MAP_RELOADS = Counter("bbr_model_map_reloads", "Model map reloads by result.", ["result"])
+MAP_CONFLICTS = Gauge(
+    "bbr_model_map_conflicts", "Model names claimed by two base models (older ConfigMap wins)."
+)
+INFO = Gauge("bbr_info", "bbr build information.", ["version"])
+# The Go BBR's series.
+SUCCESS = Counter("bbr_success", "Requests whose model was read from the body and set as a header.")
+FIELD_NOT_FOUND = Counter(
+    "bbr_body_field_not_found", "Request bodies without the routing field.", ["field"]
+)
+
+_BY_LABEL = {label: REQUESTS.labels(outcome=label.value) for label in Label}
+_MODEL_NOT_FOUND = FIELD_NOT_FOUND.labels(field="model")
+_BASES = MAP_MODELS.labels(kind="base")
+_ADAPTERS = MAP_MODELS.labels(kind="adapter")
+RELOAD_OK = MAP_RELOADS.labels(result="success")
+RELOAD_ERROR = MAP_RELOADS.labels(result="error")
+INFO.labels(version=__version__).set(1)
+
+
+def record(done: Finished) -> None:
+    """Count one finished request."""
+    outcome = done.outcome
+    _BY_LABEL[outcome.label].inc()
+    DURATION.observe(done.seconds)
+    if done.body_bytes is not None:
+        BODY_BYTES.observe(done.body_bytes)
+    if outcome.continues and outcome.model is not None:
+        SUCCESS.inc()
+    elif outcome.label is Label.NO_MODEL:
+        _MODEL_NOT_FOUND.inc()
+
+
+def observe_map(snapshot: ModelMap) -> None:
+    _BASES.set(len(snapshot.bases))
+    _ADAPTERS.set(len(snapshot.adapters))
+    MAP_CONFLICTS.set(len(snapshot.conflicts))

@@ -1,0 +1,278 @@
+"""Process lifecycle: gRPC (ext_proc + reflection), health, metrics, map sources, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from bbr import __version__, metrics
+from bbr.decision import Options
+from bbr.logs import fields
+from bbr.modelmap import MapFileError, MapHolder, ModelMap
+from bbr.protocol import Finished, ProtocolError, Stream
+from bbr.sources.files import FileSource, LoadReport
+
+log = logging.getLogger("bbr")
+request_log = logging.getLogger("bbr.request")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+DRAIN_SECONDS = 20.0
+MESSAGE_OVERHEAD = 64 * 1024
+
+
+class StartupError(Exception):
+    """bbr cannot start; the message is the one line the operator sees."""
+
+
+@dataclass
+class ServeConfig:
+    model_maps: list[str] = field(default_factory=list)
+    grpc_port: int = 9004
+    grpc_health_port: int = 9005
+    metrics_port: int = 9090
+    streaming: bool = False
+    options: Options = field(default_factory=Options)
+    kubernetes: bool = False
+    namespaces: list[str] = field(default_factory=list)
+    secure_serving: bool = False
+    cert_path: str | None = None
+    client_ca: str | None = None
+    workers: int = 1
+    drain_seconds: float = DRAIN_SECONDS
+
+
+class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """The ext_proc service: one `Stream` per call."""
+
+    def __init__(self, holder: MapHolder, options: Options, *, streaming: bool) -> None:
+        self.holder = holder
+        self.options = options
+        self.streaming = streaming
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = Stream(self.holder, self.options, streaming=self.streaming, on_finish=finished)
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            async for request in request_iterator:
+                try:
+                    replies = stream.handle(request)
+                except ProtocolError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                for reply in replies:
+                    yield reply
+        finally:
+            stream.close()
+            metrics.ACTIVE_STREAMS.dec()
+
+
+def finished(done: Finished) -> None:
+    """Count and log one request; never the body."""
+    metrics.record(done)
+    if request_log.isEnabledFor(logging.INFO):
+        outcome = done.outcome
+        request_log.info(
+            "request",
+            extra=fields(
+                outcome=outcome.label.value,
+                model=outcome.model,
+                base_model=outcome.base_model,
+                status=outcome.status or None,
+                code=outcome.code,
+                body_bytes=done.body_bytes,
+                duration_ms=round(done.seconds * 1000, 3),
+            ),
+        )
+
+
+def check_port(port: int, flag: str) -> None:
+    """Fail early, naming the port, when something else listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(f"{flag} {port}: port {port} is {reason}") from None
+
+
+def report_reload(report: LoadReport) -> None:
+    for problem in report.file_errors:
+        log.error(
+            "model map file not loaded; the map in force stays",
+            extra=fields(path=problem.path, line=problem.line, reason=problem.reason),
+        )
+    for error in report.errors:
+        log.error(
+            "ConfigMap not loaded; its last good version stays in force",
+            extra=fields(
+                source=error.source,
+                configmap=str(error.ref) if error.ref else None,
+                key=error.key,
+                reason=error.reason,
+            ),
+        )
+    if report.ok:
+        metrics.RELOAD_OK.inc()
+    else:
+        metrics.RELOAD_ERROR.inc()
+
+
+def describe_map(snapshot: ModelMap) -> None:
+    metrics.observe_map(snapshot)
+    log.info(
+        "model map in force",
+        extra=fields(
+            base_models=len(snapshot.bases),
+            adapters=len(snapshot.adapters),
+            conflicts=len(snapshot.conflicts),
+        ),
+    )
+    for conflict in snapshot.conflicts:
+        log.warning("model name conflict", extra=fields(name=conflict.name, detail=str(conflict)))
+
+
+def build_sources(config: ServeConfig, holder: MapHolder) -> list[FileSource]:
+    """Load every map source once; a file that cannot be used stops the start."""
+    if not config.model_maps and not config.kubernetes:
+        raise StartupError("no model map: give --model-map PATH or --kubernetes")
+    if config.kubernetes:
+        raise StartupError("--kubernetes: the Kubernetes ConfigMap watch is not in this build yet")
+    holder.subscribe(describe_map)
+    sources = []
+    if config.model_maps:
+        source = FileSource(config.model_maps, holder, on_reload=report_reload)
+        try:
+            report = source.load()
+        except MapFileError as exc:
+            raise StartupError(str(exc)) from None
+        for error in report.errors:
+            log.error(
+                "ConfigMap skipped",
+                extra=fields(
+                    source=error.source,
+                    configmap=str(error.ref) if error.ref else None,
+                    key=error.key,
+                    reason=error.reason,
+                ),
+            )
+        (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
+        sources.append(source)
+    return sources
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    for port, flag in (
+        (config.grpc_port, "--grpc-port"),
+        (config.grpc_health_port, "--grpc-health-port"),
+        (config.metrics_port, "--metrics-port"),
+    ):
+        check_port(port, flag)
+
+    holder = MapHolder()
+    sources = build_sources(config, holder)
+
+    limit = config.options.max_body_bytes + MESSAGE_OVERHEAD
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        ]
+    )
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        Processor(holder, config.options, streaming=config.streaming), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+
+    _listen(server, config.grpc_port, "--grpc-port")
+    _listen(health_server, config.grpc_health_port, "--grpc-health-port")
+    try:
+        start_http_server(config.metrics_port)
+    except OSError as exc:
+        raise StartupError(f"--metrics-port {config.metrics_port}: {exc.strerror}") from None
+
+    await server.start()
+    await health_server.start()
+    for source in sources:
+        source.start()
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+
+    async def mark_serving() -> None:
+        await loop.run_in_executor(None, holder.loaded.wait)
+        if not stopping.is_set():
+            for service in ("", SERVICE_NAME):
+                await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra=fields(grpc_port=config.grpc_port, version=__version__))
+
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    ready = asyncio.create_task(mark_serving())
+    log.info(
+        "bbr starting",
+        extra=fields(
+            version=__version__,
+            grpc_port=config.grpc_port,
+            health_port=config.grpc_health_port,
+            metrics_port=config.metrics_port,
+            streaming=config.streaming,
+            unknown_model=config.options.unknown_model,
+        ),
+    )
+    await stopping.wait()
+
+    log.info("draining", extra=fields(grace_seconds=config.drain_seconds))
+    ready.cancel()
+    holder.loaded.set()  # release the waiter thread
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(config.drain_seconds)
+    await health_server.stop(0)
+    for source in sources:
+        source.stop()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ready
+    log.info("stopped")
+    return 0
+
+
+def _listen(server: grpc.aio.Server, port: int, flag: str) -> None:
+    try:
+        bound = server.add_insecure_port(f"0.0.0.0:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise StartupError(f"{flag} {port}: cannot listen on port {port}")

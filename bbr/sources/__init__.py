@@ -1,0 +1,1 @@
+"""Where model maps come from: files (and, later, the Kubernetes API)."""

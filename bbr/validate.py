@@ -1,0 +1,57 @@
+"""`bbr validate`: parse model-map files exactly as `serve` does and show the result."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from bbr.modelmap import MapFileError, ModelConfig, ModelMap, parse_file_text
+from bbr.sources.files import expand, read_file
+
+
+def run(paths: Sequence[str]) -> int:
+    """Print the resolved table; exit 1 listing every error (conflicts included)."""
+    errors: list[str] = []
+    configs: list[ModelConfig] = []
+    try:
+        files = expand(paths)
+    except MapFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for position, path in files:
+        try:
+            data, mtime = read_file(path)
+            parsed = parse_file_text(data, path=path, position=position, created=mtime)
+        except MapFileError as exc:
+            errors.append(str(exc))
+            continue
+        configs.extend(parsed.configs)
+        errors.extend(
+            f"{e.source}: {'ConfigMap ' + str(e.ref) + ': ' if e.ref else ''}{e.key}: {e.reason}"
+            for e in parsed.errors
+        )
+    seen: dict[object, str] = {}
+    for config in configs:
+        if config.ref in seen:
+            errors.append(
+                f"{config.source}: ConfigMap {config.ref}: also defined at {seen[config.ref]}"
+            )
+        seen.setdefault(config.ref, config.source)
+    snapshot = ModelMap(configs)
+    errors.extend(f"conflict: {conflict}" for conflict in snapshot.conflicts)
+
+    rows = [(name, base, snapshot.owners[name]) for name, base in snapshot.items()]
+    if rows:
+        width_model = max(len("MODEL"), *(len(r[0]) for r in rows))
+        width_base = max(len("BASE MODEL"), *(len(r[1]) for r in rows))
+        print(f"{'MODEL':<{width_model}}  {'BASE MODEL':<{width_base}}  SOURCE")
+        for name, base, owner in rows:
+            print(f"{name:<{width_model}}  {base:<{width_base}}  {owner.source} ({owner.ref})")
+    else:
+        print("(no models)")
+    if errors:
+        print(f"\n{len(errors)} error(s):", file=sys.stderr)
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    return 0
