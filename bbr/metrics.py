@@ -9,7 +9,7 @@ from bbr.decision import Label
 from bbr.modelmap import ModelMap
 from bbr.protocol import Finished
 
-disable_created_metrics()  # type: ignore[no-untyped-call] - *_created series are noise for operators
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise
 REQUESTS = Counter("bbr_requests", "ext_proc requests by outcome.", ["outcome"])
 DURATION = Histogram(
     "bbr_request_duration_seconds",
