@@ -205,7 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         children.append(bbr)
         proxy = Child(
             "envoy",
-            [envoy, "-c", str(envoy_yaml), "-l", "warning", "--disable-hot-restart"],
+            [
+                envoy,
+                "-c",
+                str(envoy_yaml),
+                "-l",
+                "warning",
+                "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "200",
+            ],
             cwd=REPO_ROOT,
         )
         children.append(proxy)

@@ -56,6 +56,7 @@ class ModelServerHandler(BaseHTTPRequestHandler):
     """Request handler; the server's name is read from ``self.server.name``."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes
     server_version = "bbr-demo-model-server/1"
 
     @property

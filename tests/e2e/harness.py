@@ -207,7 +207,16 @@ def start_stack(
         stack.files.append(envoy_log)
         proxy = Child(
             f"envoy ({name})",
-            [envoy, "-c", str(envoy_yaml), "-l", "warning", "--disable-hot-restart"],
+            [
+                envoy,
+                "-c",
+                str(envoy_yaml),
+                "-l",
+                "warning",
+                "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "200",
+            ],
             cwd=workdir,
             stdout=envoy_log,
             stderr=envoy_log,
