@@ -55,8 +55,8 @@ def _config_maps(documents: list[Any]) -> list[dict[str, Any]]:
     return maps
 
 
-def read_model_map(path: Path) -> tuple[dict[str, str], list[str]]:
-    """The base models (base model → a short pool name) and every model name, in file order.
+def read_model_map(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Base model → pool name, and every model name → its base model, in file order.
 
     Only what the demo needs to start model servers and print examples; bbr itself
     reads and validates the map.
@@ -64,7 +64,7 @@ def read_model_map(path: Path) -> tuple[dict[str, str], list[str]]:
     with path.open(encoding="utf-8") as fh:
         documents = list(yaml.safe_load_all(fh))
     pools: dict[str, str] = {}
-    models: list[str] = []
+    models: dict[str, str] = {}
     for cm in _config_maps(documents):
         data = cm.get("data") or {}
         base = data.get("baseModel")
@@ -76,23 +76,31 @@ def read_model_map(path: Path) -> tuple[dict[str, str], list[str]]:
         adapters = yaml.safe_load(data.get("adapters") or "[]") or []
         for name in [base, *(str(a).strip() for a in adapters if isinstance(a, str))]:
             if name and name not in models:
-                models.append(name)
+                models[name] = base
     return pools, models
 
 
-def curl_examples(models: list[str]) -> list[str]:
+def curl_examples(models: dict[str, str]) -> list[str]:
+    """One curl line per model in the map, then /v1/models, spoofing and error cases."""
     url = f"http://localhost:{LISTEN_PORT}"
-    lines = []
-    for model in models:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-        lines.append(
-            f"curl -s {url}/v1/chat/completions -H 'content-type: application/json' "
-            f"-d {shlex.quote(body)}"
-        )
+    json_type = "-H 'content-type: application/json'"
+
+    def chat(body: str, extra: str = "") -> str:
+        return f"curl -s {url}/v1/chat/completions {json_type}{extra} -d {shlex.quote(body)}"
+
+    lines = [
+        chat(json.dumps({"model": m, "messages": [{"role": "user", "content": "hi"}]}))
+        for m in models
+    ]
     lines.append(f"curl -s {url}/v1/models")
-    unknown = json.dumps({"model": "no-such-model", "prompt": "hi"})
-    lines.append(f"curl -s {url}/v1/completions -d {shlex.quote(unknown)}")
-    lines.append(f"curl -s {url}/v1/chat/completions -d '{{\"model\": '")
+    # A client-sent routing header naming another base model is replaced by bbr's.
+    pairs = [(m, b) for m in models for b in dict.fromkeys(models.values()) if b != models[m]]
+    if pairs:
+        model, other = next((p for p in pairs if p[0] not in models.values()), pairs[0])
+        spoof = f" -H {shlex.quote('x-gateway-base-model-name: ' + other)}"
+        lines.append(chat(json.dumps({"model": model, "messages": []}), spoof))
+    lines.append(chat(json.dumps({"model": "no-such-model", "messages": []})))
+    lines.append(chat('{"model": '))
     return lines
 
 

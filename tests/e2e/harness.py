@@ -243,8 +243,8 @@ def start_stack(
     return stack
 
 
-def demo_pools() -> tuple[dict[str, str], list[str]]:
-    """The repo's model map as the demo reads it: base model → pool name, all model names."""
+def demo_pools() -> tuple[dict[str, str], dict[str, str]]:
+    """The repo's model map as the demo reads it: base → pool name, model → base."""
     return read_model_map(MODEL_MAP)
 
 
