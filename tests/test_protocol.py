@@ -1,0 +1,386 @@
+"""The ext_proc stream state machine, driven message by message and over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bbr import metrics
+from bbr.decision import Label, Options
+from bbr.modelmap import MapHolder, parse_file_text
+from bbr.protocol import ProtocolError, Stream
+from bbr.server import Processor
+from tests.extproc import (
+    body,
+    clears_route_cache,
+    headers,
+    removed_headers,
+    set_headers,
+    stub,
+    trailers,
+)
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+BASE = "x-gateway-base-model-name"
+NAME = "x-gateway-model-name"
+MAP = """
+kind: ConfigMap
+metadata: {name: llama}
+data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
+"""
+
+
+def holder_with(text: str = MAP) -> MapHolder:
+    holder = MapHolder()
+    holder.publish("test", parse_file_text(text, path="m.yaml").configs)
+    return holder
+
+
+HOLDER = holder_with()
+CHAT = json.dumps(
+    {"messages": [{"role": "user", "content": "hi" * 50}], "model": "food-review-1"}
+).encode()
+SPOOF = {BASE: "evil-pool", NAME: "evil"}
+
+
+def run(
+    messages: list[pb.ProcessingRequest], *, streaming: bool = False, options: Options | None = None
+) -> tuple[list[pb.ProcessingResponse], Stream]:
+    stream = Stream(HOLDER, options or Options(), streaming=streaming)
+    replies: list[pb.ProcessingResponse] = []
+    for message in messages:
+        replies.extend(stream.handle(message))
+    return replies, stream
+
+
+def kinds(replies: list[pb.ProcessingResponse]) -> list[str]:
+    return [r.WhichOneof("response") for r in replies]  # type: ignore[misc]
+
+
+# --- buffered -------------------------------------------------------------------------
+
+
+def test_buffered_routes_on_the_body_answer() -> None:
+    replies, stream = run([headers(), body(CHAT)])
+    assert kinds(replies) == ["request_headers", "request_body"]
+    assert set_headers(replies[0]) == {} and not clears_route_cache(replies[0])
+    assert set_headers(replies[1]) == {BASE: LLAMA, NAME: "food-review-1"}
+    assert clears_route_cache(replies[1])
+    assert not replies[1].request_body.response.HasField("body_mutation")  # body untouched
+    assert stream.outcome is not None and stream.outcome.label is Label.ROUTED
+
+
+@pytest.mark.parametrize(
+    ("payload", "label"),
+    [
+        (CHAT, Label.ROUTED),
+        (b'{"model": "nope"}', Label.UNKNOWN_MODEL),
+        (b'{"messages": []}', Label.NO_MODEL),
+    ],
+)
+def test_buffered_spoofed_headers_never_survive(payload: bytes, label: Label) -> None:
+    replies, stream = run([headers(SPOOF), body(payload)])
+    assert sorted(removed_headers(replies[0])) == [BASE, NAME]
+    assert clears_route_cache(replies[0])
+    assert stream.outcome is not None and stream.outcome.label is label
+    final = set_headers(replies[1])
+    if label is Label.ROUTED:
+        assert final == {BASE: LLAMA, NAME: "food-review-1"}
+    elif label is Label.UNKNOWN_MODEL:
+        assert final == {NAME: "nope"}
+    else:
+        assert final == {}
+
+
+def test_no_body_removes_spoofed_headers() -> None:
+    replies, _ = run([headers(SPOOF, method="GET", end_of_stream=True)])
+    assert kinds(replies) == ["request_headers"]
+    assert sorted(removed_headers(replies[0])) == [BASE, NAME] and clears_route_cache(replies[0])
+
+
+def test_no_body_without_spoof_is_a_plain_continue() -> None:
+    replies, _ = run([headers(method="GET", end_of_stream=True)])
+    assert kinds(replies) == ["request_headers"] and not clears_route_cache(replies[0])
+
+
+def test_other_content_type_passes_untouched_but_loses_spoofed_headers() -> None:
+    replies, stream = run([headers({"content-type": "text/plain", **SPOOF}), body(b"model=x")])
+    assert kinds(replies) == ["request_headers", "request_body"]
+    assert sorted(removed_headers(replies[0])) == [BASE, NAME]
+    assert set_headers(replies[1]) == {} and stream.outcome is not None
+    assert stream.outcome.label is Label.PASSTHROUGH
+
+
+@pytest.mark.parametrize(
+    ("payload", "options", "status"),
+    [
+        (b"{", Options(), 400),
+        (b'{"model": 1}', Options(), 400),
+        (b'{"model": "nope"}', Options(unknown_model="reject"), 404),
+        (CHAT, Options(max_body_bytes=10), 413),
+    ],
+)
+def test_errors_are_immediate_json_responses(payload: bytes, options: Options, status: int) -> None:
+    replies, _ = run([headers(SPOOF), body(payload)], options=options)
+    reply = replies[-1]
+    assert reply.WhichOneof("response") == "immediate_response"
+    immediate = reply.immediate_response
+    assert immediate.status.code == status
+    assert {h.header.key: h.header.raw_value for h in immediate.headers.set_headers} == {
+        "content-type": b"application/json"
+    }
+    assert json.loads(immediate.body)["error"]["type"] == "invalid_request_error"
+
+
+def test_models_endpoint_answers_at_headers() -> None:
+    replies, _ = run(
+        [headers(method="GET", path="/v1/models", end_of_stream=True)],
+        options=Options(models_endpoint=True),
+    )
+    assert replies[0].immediate_response.status.code == 200
+    assert json.loads(replies[0].immediate_response.body)["object"] == "list"
+
+
+def test_request_uses_the_map_in_force_at_its_headers() -> None:
+    holder = holder_with()
+    stream = Stream(holder, Options(), streaming=False)
+    stream.handle(headers())
+    holder.publish("test", [])  # the model disappears mid-request
+    [reply] = stream.handle(body(CHAT))
+    assert set_headers(reply)[BASE] == LLAMA
+    fresh = Stream(holder, Options(), streaming=False)
+    fresh.handle(headers())
+    assert set_headers(fresh.handle(body(CHAT))[0]) == {NAME: "food-review-1"}
+
+
+def test_response_side_messages_are_answered_unchanged() -> None:
+    replies, _ = run(
+        [
+            pb.ProcessingRequest(response_headers=pb.HttpHeaders()),
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True)),
+            pb.ProcessingRequest(response_trailers=pb.HttpTrailers()),
+        ]
+    )
+    assert kinds(replies) == ["response_headers", "response_body", "response_trailers"]
+    assert not replies[1].response_body.response.HasField("body_mutation")
+
+
+def test_protocol_violations() -> None:
+    with pytest.raises(ProtocolError):
+        run([headers(), headers()])
+    with pytest.raises(ProtocolError):
+        run([headers(), body(CHAT), body(b"more")])
+    with pytest.raises(ProtocolError):
+        run([headers(end_of_stream=True), body(b"x")])
+    with pytest.raises(ProtocolError):
+        run([headers(streaming=True), body(CHAT), body(b"x")])
+
+
+def test_header_mode_skip_body_first_still_gets_answers() -> None:
+    replies, _ = run([body(b"{broken")])
+    assert replies[0].immediate_response.status.code == 400
+    replies, _ = run([body(CHAT)])
+    assert kinds(replies) == ["request_body"]
+    assert set_headers(replies[0]) == {BASE: LLAMA, NAME: "food-review-1"}
+    assert sorted(removed_headers(replies[0])) == []  # both are set, so both overwritten
+
+
+def test_buffered_body_then_trailers() -> None:
+    replies, _ = run([headers(), body(CHAT, end_of_stream=False), trailers()])
+    assert kinds(replies) == ["request_headers", "request_body", "request_trailers"]
+    assert set_headers(replies[1])[BASE] == LLAMA
+
+
+# --- streaming ------------------------------------------------------------------------
+
+
+def chunked(payload: bytes, size: int) -> list[pb.ProcessingRequest]:
+    pieces = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+    return [body(p, end_of_stream=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+
+
+def test_streaming_holds_headers_then_returns_chunks_in_order() -> None:
+    stream = Stream(HOLDER, Options(), streaming=True)
+    assert stream.handle(headers(SPOOF)) == []
+    messages = chunked(CHAT, 17)
+    for message in messages[:-1]:
+        assert stream.handle(message) == []
+    replies = stream.handle(messages[-1])
+    assert kinds(replies) == ["request_headers"] + ["request_body"] * len(messages)
+    assert set_headers(replies[0]) == {BASE: LLAMA, NAME: "food-review-1"}
+    assert clears_route_cache(replies[0])
+    echoed = [r.request_body.response.body_mutation.streamed_response for r in replies[1:]]
+    assert [e.body for e in echoed] == [m.request_body.body for m in messages]
+    assert [e.end_of_stream for e in echoed] == [False] * (len(messages) - 1) + [True]
+
+
+def test_streaming_protocol_config_overrides_the_flag() -> None:
+    replies, _ = run([headers(streaming=True), *chunked(CHAT, 50)], streaming=False)
+    assert kinds(replies)[0] == "request_headers" and len(replies) == 1 + len(chunked(CHAT, 50))
+
+
+def test_streaming_trailers_end_the_body() -> None:
+    replies, _ = run([headers(), body(CHAT, end_of_stream=False), trailers()], streaming=True)
+    assert kinds(replies) == ["request_headers", "request_body", "request_trailers"]
+    assert set_headers(replies[0])[BASE] == LLAMA
+
+
+def test_streaming_too_large_answers_early_and_drops_the_buffer() -> None:
+    stream = Stream(HOLDER, Options(max_body_bytes=100), streaming=True)
+    stream.handle(headers())
+    assert stream.handle(body(b"x" * 60, end_of_stream=False)) == []
+    [reply] = stream.handle(body(b"x" * 60, end_of_stream=False))
+    assert reply.immediate_response.status.code == 413
+    assert stream._chunks == []
+    assert stream.handle(body(b"x", end_of_stream=True)) == []  # Envoy is done with us
+
+
+def test_streaming_passthrough_echoes_at_once() -> None:
+    stream = Stream(HOLDER, Options(), streaming=True)
+    [first] = stream.handle(headers({"content-type": "audio/wav"}))
+    assert first.WhichOneof("response") == "request_headers"
+    [echo] = stream.handle(body(b"RIFF", end_of_stream=False))
+    assert echo.request_body.response.body_mutation.streamed_response.body == b"RIFF"
+
+
+def test_close_releases_held_chunks() -> None:
+    stream = Stream(HOLDER, Options(), streaming=True)
+    stream.handle(headers())
+    stream.handle(body(b"x" * 1000, end_of_stream=False))
+    stream.close()
+    assert stream._chunks == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([CHAT, b'{"model": "nope"}', b"{bad", b'{"a": 1}', b'{"model": 5}']),
+    st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=20),
+)
+def test_any_chunking_gives_the_same_outcome(payload: bytes, cuts: list[int]) -> None:
+    _, whole = run([headers(), body(payload)])
+    pieces, rest = [], payload
+    for cut in cuts:
+        if not rest:
+            break
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    if rest:
+        pieces.append(rest)
+    messages = [body(p, end_of_stream=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    replies, split = run([headers(), *messages], streaming=True)
+    assert whole.outcome == split.outcome
+    if split.outcome is not None and split.outcome.continues:
+        echoed = b"".join(
+            r.request_body.response.body_mutation.streamed_response.body for r in replies[1:]
+        )
+        assert echoed == payload
+
+
+# --- over real gRPC -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def channel() -> Iterator[grpc.Channel]:
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port_box: list[int] = []
+    server_box: list[grpc.aio.Server] = []
+    limit = 16 * 1024 * 1024 + 65536
+
+    async def start() -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            Processor(HOLDER, Options(), streaming=False), server
+        )
+        port_box.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        server_box.append(server)
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    ready.wait(10)
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port_box[0]}",
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    ) as chan:
+        yield chan
+    asyncio.run_coroutine_threadsafe(server_box[0].stop(0), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def test_grpc_routes_a_5_mib_body(channel: grpc.Channel) -> None:
+    big = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}],
+            "model": "food-review-1",
+        }
+    ).encode()
+    replies = list(stub(channel).Process(iter([headers(), body(big)])))
+    assert set_headers(replies[-1])[BASE] == LLAMA
+
+
+def test_grpc_protocol_violation_is_invalid_argument(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(channel).Process(iter([headers(), headers()])))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_200_concurrent_streams_route_correctly(channel: grpc.Channel) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = ["food-review-1", LLAMA, "unknown-model", "food-review-1"]
+
+    def one(i: int) -> tuple[str, dict[str, str]]:
+        model = models[i % len(models)]
+        payload = json.dumps({"model": model, "messages": [{"content": str(i)}]}).encode()
+        replies = list(stub(channel).Process(iter([headers(), body(payload)])))
+        return model, set_headers(replies[-1])
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(one, range(200)))
+    for model, got in results:
+        expected = {NAME: model} if model == "unknown-model" else {BASE: LLAMA, NAME: model}
+        assert got == expected
+
+
+def test_grpc_cancelled_stream_releases_it(channel: grpc.Channel) -> None:
+    import time
+
+    gate = threading.Event()
+
+    def requests() -> Iterator[pb.ProcessingRequest]:
+        yield headers(streaming=True)
+        yield body(b"x" * 100_000, end_of_stream=False)
+        gate.wait(5)
+
+    call = stub(channel).Process(requests())
+    deadline = time.monotonic() + 5
+    while metrics.ACTIVE_STREAMS._value.get() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert metrics.ACTIVE_STREAMS._value.get() >= 1
+    call.cancel()
+    gate.set()
+    while metrics.ACTIVE_STREAMS._value.get() > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert metrics.ACTIVE_STREAMS._value.get() == 0
