@@ -315,3 +315,16 @@ def test_streaming_invalid_json_is_400(streaming: Stack) -> None:
 def test_streaming_no_body_spoof_removed(streaming: Stack) -> None:
     reply = streaming.send("GET", "/v1/chat/completions", headers={BASE_HEADER: LLAMA})
     error(reply, 404, None)
+
+
+def test_body_over_grpc_default_limit_routes(buffered: Stack, model_servers: ModelServers) -> None:
+    # Buffered mode sends the whole body in one gRPC message: it must not be capped at
+    # gRPC's 4 MiB default (bbr's default limit is 16 MiB).
+    body = big_body("movie-critique", 5 * 1024 * 1024, model_last=True)
+    assert len(body) > 4 * 1024 * 1024
+    reply = buffered.send(
+        "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    demo = routed(reply)
+    assert demo["server"] == model_servers.name_of(LLAMA)
+    assert demo["body_sha256"] == sha256(body)
