@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -161,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
+    metrics_dir = None
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Workers write their metrics here; the supervisor sums them. Must be set
+        # before prometheus_client is imported.
+        metrics_dir = tempfile.mkdtemp(prefix="bbr-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
     from bbr import logs
     from bbr.server import ServeConfig, StartupError, serve
 
@@ -183,6 +192,7 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
             parser.error(f"argument {flag}: {path}: no such file or directory")
 
     logs.configure(args.log_level, args.log_format)
+    ready_fd = os.environ.pop("BBR_WORKER_READY_FD", None)
     config = ServeConfig(
         model_maps=args.model_map,
         grpc_port=args.grpc_port,
@@ -200,12 +210,16 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         cert_path=args.cert_path,
         client_ca=args.client_ca,
         workers=args.workers,
+        ready_fd=int(ready_fd) if ready_fd else None,
     )
     try:
         return asyncio.run(serve(config))
     except StartupError as exc:
         print(f"bbr: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,13 +21,22 @@ BODY_BYTES = Histogram(
     "Size of the request bodies bbr read.",
     buckets=tuple(2**n for n in range(8, 27, 2)),
 )
-ACTIVE_STREAMS = Gauge("bbr_active_streams", "ext_proc streams open now.")
-MAP_MODELS = Gauge("bbr_model_map_models", "Names in the model map in force.", ["kind"])
+ACTIVE_STREAMS = Gauge(
+    "bbr_active_streams", "ext_proc streams open now.", multiprocess_mode="livesum"
+)
+MAP_MODELS = Gauge(
+    "bbr_model_map_models",
+    "Names in the model map in force.",
+    ["kind"],
+    multiprocess_mode="livemax",
+)
 MAP_RELOADS = Counter("bbr_model_map_reloads", "Model map reloads by result.", ["result"])
 MAP_CONFLICTS = Gauge(
-    "bbr_model_map_conflicts", "Model names claimed by two base models (older ConfigMap wins)."
+    "bbr_model_map_conflicts",
+    "Model names claimed by two base models (older ConfigMap wins).",
+    multiprocess_mode="livemax",
 )
-INFO = Gauge("bbr_info", "bbr build information.", ["version"])
+INFO = Gauge("bbr_info", "bbr build information.", ["version"], multiprocess_mode="max")
 # The Go BBR's series.
 SUCCESS = Counter("bbr_success", "Requests whose model was read from the body and set as a header.")
 FIELD_NOT_FOUND = Counter(

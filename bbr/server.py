@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -53,6 +55,8 @@ class ServeConfig:
     client_ca: str | None = None
     workers: int = 1
     drain_seconds: float = DRAIN_SECONDS
+    # Set in the worker processes of a multi-worker bbr: where to say "ready".
+    ready_fd: int | None = None
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -149,13 +153,16 @@ def describe_map(snapshot: ModelMap) -> None:
         log.warning("model name conflict", extra=fields(name=conflict.name, detail=str(conflict)))
 
 
-def build_sources(config: ServeConfig, holder: MapHolder) -> list[FileSource]:
+def build_sources(
+    config: ServeConfig, holder: MapHolder, *, announce: bool = True
+) -> list[FileSource]:
     """Load every map source once; a file that cannot be used stops the start."""
     if not config.model_maps and not config.kubernetes:
         raise StartupError("no model map: give --model-map PATH or --kubernetes")
     if config.kubernetes:
         raise StartupError("--kubernetes: the Kubernetes ConfigMap watch is not in this build yet")
-    holder.subscribe(describe_map)
+    if announce:
+        holder.subscribe(describe_map)
     sources = []
     if config.model_maps:
         source = FileSource(config.model_maps, holder, on_reload=report_reload)
@@ -163,7 +170,7 @@ def build_sources(config: ServeConfig, holder: MapHolder) -> list[FileSource]:
             report = source.load()
         except MapFileError as exc:
             raise StartupError(str(exc)) from None
-        for error in report.errors:
+        for error in report.errors if announce else ():
             log.error(
                 "ConfigMap skipped",
                 extra=fields(
@@ -173,19 +180,30 @@ def build_sources(config: ServeConfig, holder: MapHolder) -> list[FileSource]:
                     reason=error.reason,
                 ),
             )
-        (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
+        if announce:
+            (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
         sources.append(source)
     return sources
 
 
-async def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
-    for port, flag in (
+def _ports(config: ServeConfig) -> tuple[tuple[int, str], ...]:
+    return (
         (config.grpc_port, "--grpc-port"),
         (config.grpc_health_port, "--grpc-health-port"),
         (config.metrics_port, "--metrics-port"),
-    ):
-        check_port(port, flag)
+    )
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    worker = config.ready_fd is not None
+    if config.workers > 1 and not worker:
+        from bbr.workers import supervise
+
+        return await supervise(config)
+    if not worker:
+        for port, flag in _ports(config):
+            check_port(port, flag)
 
     holder = MapHolder()
     sources = build_sources(config, holder)
@@ -211,18 +229,17 @@ async def serve(config: ServeConfig) -> int:
         ),
         server,
     )
-    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
-
     _listen(server, config.grpc_port, "--grpc-port")
-    _listen(health_server, config.grpc_health_port, "--grpc-health-port")
-    try:
-        start_http_server(config.metrics_port)
-    except OSError as exc:
-        raise StartupError(f"--metrics-port {config.metrics_port}: {exc.strerror}") from None
+    health_server = None
+    if not worker:  # a multi-worker supervisor serves health and metrics itself
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        _listen(health_server, config.grpc_health_port, "--grpc-health-port")
+        start_metrics(config.metrics_port)
 
     await server.start()
-    await health_server.start()
+    if health_server is not None:
+        await health_server.start()
     for source in sources:
         source.start()
 
@@ -237,6 +254,9 @@ async def serve(config: ServeConfig) -> int:
             for service in ("", SERVICE_NAME):
                 await health.set(service, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra=fields(grpc_port=config.grpc_port, version=__version__))
+            if config.ready_fd is not None:
+                os.write(config.ready_fd, b"1")
+                os.close(config.ready_fd)
 
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -260,13 +280,24 @@ async def serve(config: ServeConfig) -> int:
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(config.drain_seconds)
-    await health_server.stop(0)
+    if health_server is not None:
+        await health_server.stop(0)
     for source in sources:
         source.stop()
     with contextlib.suppress(asyncio.CancelledError):
         await ready
     log.info("stopped")
     return 0
+
+
+def start_metrics(port: int, registry: Any = None) -> None:
+    try:
+        if registry is None:
+            start_http_server(port)
+        else:
+            start_http_server(port, registry=registry)
+    except OSError as exc:
+        raise StartupError(f"--metrics-port {port}: {exc.strerror}") from None
 
 
 def _listen(server: grpc.aio.Server, port: int, flag: str) -> None:
