@@ -13,11 +13,12 @@ def run(paths: Sequence[str]) -> int:
     """Print the resolved table; exit 1 listing every error (conflicts included)."""
     errors: list[str] = []
     configs: list[ModelConfig] = []
-    try:
-        files = expand(paths)
-    except MapFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    files = []
+    for index, raw in enumerate(paths):
+        try:
+            files.extend(((index, *pos[1:]), path) for pos, path in expand([raw]))
+        except MapFileError as exc:
+            errors.append(str(exc))
     for position, path in files:
         try:
             data, mtime = read_file(path)
