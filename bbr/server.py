@@ -229,7 +229,15 @@ async def serve(config: ServeConfig) -> int:
         ),
         server,
     )
-    _listen(server, config.grpc_port, "--grpc-port")
+    credentials = None
+    if config.secure_serving:
+        from bbr.tls import TLSError, server_tls
+
+        try:
+            credentials = server_tls(config.cert_path, config.client_ca).credentials
+        except TLSError as exc:
+            raise StartupError(str(exc)) from None
+    _listen(server, config.grpc_port, "--grpc-port", credentials)
     health_server = None
     if not worker:  # a multi-worker supervisor serves health and metrics itself
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -300,9 +308,18 @@ def start_metrics(port: int, registry: Any = None) -> None:
         raise StartupError(f"--metrics-port {port}: {exc.strerror}") from None
 
 
-def _listen(server: grpc.aio.Server, port: int, flag: str) -> None:
+def _listen(
+    server: grpc.aio.Server,
+    port: int,
+    flag: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> None:
+    address = f"0.0.0.0:{port}"
     try:
-        bound = server.add_insecure_port(f"0.0.0.0:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:
         bound = 0
     if bound == 0:

@@ -13,7 +13,7 @@ def run(paths: Sequence[str]) -> int:
     """Print the resolved table; exit 1 listing every error (conflicts included)."""
     errors: list[str] = []
     configs: list[ModelConfig] = []
-    files = []
+    files: list[tuple[tuple[int, ...], str]] = []
     for index, raw in enumerate(paths):
         try:
             files.extend(((index, *pos[1:]), path) for pos, path in expand([raw]))
