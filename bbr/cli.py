@@ -59,6 +59,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -87,6 +97,13 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, bool, str]] = [
     ("--cert-path", str, None, False, "directory with tls.crt and tls.key"),
     ("--client-ca", str, None, False, "CA bundle: require client certificates (mTLS)"),
     ("--workers", _positive, 1, False, "server processes sharing the port"),
+    (
+        "--stream-idle-timeout",
+        _seconds,
+        60.0,
+        False,
+        "drop a streamed body idle this many seconds",
+    ),
     ("--log-level", _choice("debug", "info", "warning", "error"), "info", False, "log level"),
     ("--log-format", _choice("json", "text"), "json", False, "json or text"),
 ]
@@ -210,6 +227,7 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         cert_path=args.cert_path,
         client_ca=args.client_ca,
         workers=args.workers,
+        stream_idle_seconds=args.stream_idle_timeout,
         ready_fd=int(ready_fd) if ready_fd else None,
     )
     try:

@@ -230,6 +230,11 @@ class Stream:
             return [CONTINUE_RESPONSE_TRAILERS]
         raise ProtocolError("empty ProcessingRequest")
 
+    @property
+    def holding(self) -> bool:
+        """True while bbr holds part of a streamed body and Envoy owes it more."""
+        return self._streaming and self._headers_seen and not self._finished
+
     def close(self) -> None:
         """The stream ended (normally or not): let go of everything held."""
         self._chunks = []

@@ -33,6 +33,8 @@ request_log = logging.getLogger("bbr.request")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 DRAIN_SECONDS = 20.0
+# How long a stream may hold part of a streamed body without a new message.
+STREAM_IDLE_SECONDS = 60.0
 MESSAGE_OVERHEAD = 64 * 1024
 
 
@@ -55,6 +57,7 @@ class ServeConfig:
     client_ca: str | None = None
     workers: int = 1
     drain_seconds: float = DRAIN_SECONDS
+    stream_idle_seconds: float = STREAM_IDLE_SECONDS
     # Set in the worker processes of a multi-worker bbr: where to say "ready".
     ready_fd: int | None = None
 
@@ -62,10 +65,18 @@ class ServeConfig:
 class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """The ext_proc service: one `Stream` per call."""
 
-    def __init__(self, holder: MapHolder, options: Options, *, streaming: bool) -> None:
+    def __init__(
+        self,
+        holder: MapHolder,
+        options: Options,
+        *,
+        streaming: bool,
+        idle_seconds: float = STREAM_IDLE_SECONDS,
+    ) -> None:
         self.holder = holder
         self.options = options
         self.streaming = streaming
+        self.idle_seconds = idle_seconds
 
     async def Process(
         self,
@@ -74,8 +85,23 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = Stream(self.holder, self.options, streaming=self.streaming, on_finish=finished)
         metrics.ACTIVE_STREAMS.inc()
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    if stream.holding:  # a held body must not be held forever
+                        async with asyncio.timeout(self.idle_seconds):
+                            request = await anext(requests)
+                    else:
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    stream.close()
+                    await context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no request body message for {self.idle_seconds:g} s; stream dropped",
+                    )
                 try:
                     replies = stream.handle(request)
                 except ProtocolError as exc:
@@ -217,7 +243,13 @@ async def serve(config: ServeConfig) -> int:
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(holder, config.options, streaming=config.streaming), server
+        Processor(
+            holder,
+            config.options,
+            streaming=config.streaming,
+            idle_seconds=config.stream_idle_seconds,
+        ),
+        server,
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
