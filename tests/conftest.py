@@ -471,20 +471,15 @@ class BbrProcess:
 StartBbr = Callable[..., BbrProcess]
 
 
-@pytest.fixture
-def start_bbr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartBbr]:
-    """Start `bbr serve ARGS` on free ports; wait for SERVING; always stop it at teardown.
+class Launcher:
+    """Starts bbr processes and stops every one of them in `close`."""
 
-    start_bbr(*args, env=None, model_map=None, port_flags=True, wait=True,
-              grpc_port=None, health_port=None, metrics_port=None) -> BbrProcess
-
-    `model_map` (a path) adds `--model-map PATH`. Ports not given are free ones; they go
-    on the command line unless `port_flags=False` (then pass them through `env`).
-    """
-    started: list[BbrProcess] = []
-    workdir = tmp_path_factory.mktemp("bbr")
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[BbrProcess] = []
 
     def start(
+        self,
         *args: str,
         env: Mapping[str, str] | None = None,
         model_map: str | os.PathLike[str] | None = None,
@@ -494,6 +489,7 @@ def start_bbr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartBbr]:
         health_port: int | None = None,
         metrics_port: int | None = None,
     ) -> BbrProcess:
+        """`bbr serve ARGS` on free ports (see `start_bbr`)."""
         ports = free_ports(3)
         grpc_port = grpc_port or ports[0]
         health_port = health_port or ports[1]
@@ -516,16 +512,45 @@ def start_bbr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartBbr]:
             health_port=health_port,
             metrics_port=metrics_port,
             env=clean_env(env),
-            workdir=workdir,
+            workdir=self.workdir,
         )
-        started.append(process)
+        self.started.append(process)
         if wait:
             process.wait_serving()
         return process
 
-    yield start
-    for process in started:
-        process.close()
+    def close(self) -> None:
+        for process in self.started:
+            process.close()
+        self.started.clear()
+
+
+@pytest.fixture
+def start_bbr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartBbr]:
+    """Start `bbr serve ARGS` on free ports; wait for SERVING; always stop it at teardown.
+
+    start_bbr(*args, env=None, model_map=None, port_flags=True, wait=True,
+              grpc_port=None, health_port=None, metrics_port=None) -> BbrProcess
+
+    `model_map` (a path) adds `--model-map PATH`. Ports not given are free ones; they go
+    on the command line unless `port_flags=False` (then pass them through `env`).
+    `wait=False` returns at once, without waiting for health SERVING.
+    """
+    launcher = Launcher(tmp_path_factory.mktemp("bbr"))
+    try:
+        yield launcher.start
+    finally:
+        launcher.close()
+
+
+@pytest.fixture(scope="module")
+def start_bbr_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartBbr]:
+    """`start_bbr` for a process shared by the tests of one module."""
+    launcher = Launcher(tmp_path_factory.mktemp("bbr"))
+    try:
+        yield launcher.start
+    finally:
+        launcher.close()
 
 
 @pytest.fixture
