@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -365,8 +366,6 @@ def test_grpc_200_concurrent_streams_route_correctly(channel: grpc.Channel) -> N
 
 
 def test_grpc_cancelled_stream_releases_it(channel: grpc.Channel) -> None:
-    import time
-
     gate = threading.Event()
 
     def requests() -> Iterator[pb.ProcessingRequest]:
@@ -384,3 +383,91 @@ def test_grpc_cancelled_stream_releases_it(channel: grpc.Channel) -> None:
     while metrics.ACTIVE_STREAMS._value.get() > 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert metrics.ACTIVE_STREAMS._value.get() == 0
+
+
+any_message = st.sampled_from(
+    [
+        headers(),
+        headers(end_of_stream=True),
+        headers({"content-type": "text/plain"}),
+        headers(streaming=True),
+        body(CHAT),
+        body(b'{"model": ', end_of_stream=False),
+        body(b'"food-review-1"}'),
+        body(b"", end_of_stream=False),
+        trailers(),
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders()),
+        pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x", end_of_stream=True)),
+        pb.ProcessingRequest(),
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(any_message, max_size=8), st.booleans())
+def test_any_message_order_ends_in_answers_or_a_protocol_error(
+    messages: list[pb.ProcessingRequest], streaming: bool
+) -> None:
+    stream = Stream(HOLDER, Options(), streaming=streaming)
+    answered_request_side = False
+    try:
+        for message in messages:
+            replies = stream.handle(message)
+            kind = message.WhichOneof("request")
+            if kind is not None and kind.startswith("response"):
+                assert len(replies) == 1  # response-side messages are answered at once
+            answered_request_side |= any(
+                r.WhichOneof("response") in ("request_headers", "immediate_response")
+                for r in replies
+            )
+    except ProtocolError:
+        return
+    finally:
+        stream.close()
+    if stream.outcome is not None and stream.outcome.status:
+        assert answered_request_side
+
+
+def test_idle_streamed_body_is_dropped_and_freed() -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            Processor(HOLDER, Options(), streaming=True, idle_seconds=0.3), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    gate = threading.Event()
+
+    def requests() -> Iterator[pb.ProcessingRequest]:
+        yield headers()
+        yield body(b'{"model": "food-review-1", "pad": "', end_of_stream=False)
+        gate.wait(5)  # never send the rest
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub(chan).Process(requests(), timeout=5))
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no request body message" in (info.value.details() or "")
+
+            # A decided stream is not bounded: it stays open while the upstream answers.
+            def decided_then_quiet() -> Iterator[pb.ProcessingRequest]:
+                yield headers()
+                yield body(CHAT)
+                time.sleep(0.8)
+
+            done = list(stub(chan).Process(decided_then_quiet(), timeout=5))
+            assert set_headers(done[0])[BASE] == LLAMA
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
