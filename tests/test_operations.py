@@ -230,6 +230,7 @@ def test_sigterm_drains_open_streams(simple_map: Path, start_bbr: StartBbr) -> N
     echoed = b"".join(c.request_body.response.body_mutation.streamed_response.body for c in chunks)
     assert echoed == body
     assert process.wait(timeout=10) == 0
+    process.log_records()  # every line a JSON object, drain included
 
 
 def test_sigterm_when_idle_exits_promptly(simple_map: Path, start_bbr: StartBbr) -> None:
@@ -346,6 +347,14 @@ def test_cancelled_stream_releases_it(shared: BbrProcess, streaming: bool) -> No
     assert wait_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=3) is not None
     # The server is fine afterwards.
     assert route(shared.channel(), "poem")[BASE_HEADER] == "qwen"
+
+
+def test_every_log_line_is_json(shared: BbrProcess) -> None:
+    """After all the above (cancelled streams, errors, 200 streams): still only JSON."""
+    records = shared.log_records()
+    assert records
+    assert all(isinstance(r.get("msg"), str) and r.get("level") for r in records), records
+    assert not [r for r in records if "exception" in r], "a traceback was logged"
 
 
 def test_metric_value_parser_sanity(shared: BbrProcess) -> None:
