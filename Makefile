@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit protos validate clean
+.PHONY: run test lint typecheck unit protos fuzz validate clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,14 @@ unit: $(STAMP)
 protos: $(STAMP)
 	$(PY) scripts/gen_protoset.py protos/ext_proc.protoset
 
+## make fuzz: coverage-guided fuzzing (atheris) of the body parser; FUZZ_SECONDS=300 by default.
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	mkdir -p .fuzz-corpus
+	$(PY) tests/fuzz/fuzz_body.py -max_total_time=$(FUZZ_SECONDS) .fuzz-corpus tests/fuzz/corpus
+
 validate: $(STAMP)
 	$(VENV)/bin/bbr validate config/model-map.yaml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .fuzz-corpus
