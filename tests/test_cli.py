@@ -174,6 +174,30 @@ def test_map_file_not_yaml_at_start_names_file_and_line(tmp_path: Path, as_direc
     assert_usage_error(result.stderr, result.returncode, f"{broken}:6")
 
 
+BAD_BYTES = {
+    # An editor saved "café" as Latin-1: not UTF-8, so not YAML.
+    "latin-1": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n  baseModel: café\n".encode(
+        "latin-1"
+    ),
+    # A stray control character (YAML forbids it in the stream).
+    "control-character": b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"
+    b"data:\n  baseModel: a\x07b\n",
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bbr bug: modelmap.parse_file_text turns a yaml ReaderError (bad bytes) into a "
+    "two-line message without a line number; the last stderr line names neither file nor line",
+)
+@pytest.mark.parametrize("kind", list(BAD_BYTES))
+def test_map_file_with_bad_bytes_at_start_names_file_and_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "model-map.yaml"
+    path.write_bytes(BAD_BYTES[kind])
+    result = run_bbr("serve", "--model-map", str(path), *port_flags())
+    assert_usage_error(result.stderr, result.returncode, f"{path}:5")
+
+
 def test_no_map_source_mentions_model_map() -> None:
     result = run_bbr("serve", *port_flags())
     assert_usage_error(result.stderr, result.returncode, "--model-map")

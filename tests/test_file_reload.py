@@ -55,6 +55,32 @@ def map_path(tmp_path: Path) -> Path:
     return write_model_map(tmp_path / "model-map.yaml", LLAMA, QWEN)
 
 
+def test_invalid_configmap_at_start_is_reported_and_skipped(
+    tmp_path: Path, start_bbr: StartBbr
+) -> None:
+    path = write_model_map(
+        tmp_path / "model-map.yaml",
+        configmap_yaml("bad", "mistral", ["ok", "tab\there"]),
+        configmap_yaml("good", "  llama  ", ["  Food  "]),  # names are trimmed
+    )
+    process = start_bbr(model_map=path)
+    channel = process.channel()
+    assert routes(channel, "llama", "Food", "food", "mistral", "ok") == {
+        "llama": "llama",
+        "Food": "llama",
+        "food": None,  # case-sensitive
+        "mistral": None,  # one bad name makes its whole ConfigMap invalid
+        "ok": None,
+    }
+    assert reload_errors(process) >= 1
+    logged = [
+        r
+        for r in process.log_records()
+        if r.get("level") == "error" and "default/bad" in str(r.values())
+    ]
+    assert logged, "the invalid ConfigMap was not reported"
+
+
 def test_atomic_replace_adds_an_adapter(map_path: Path, start_bbr: StartBbr) -> None:
     process = start_bbr(model_map=map_path)
     channel = process.channel()
