@@ -48,3 +48,21 @@ validate: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .fuzz-corpus
+
+# ---- Kubernetes test tools (tests/k8s) --------------------------------------------------
+# A real kube-apiserver and etcd, built from the Go module proxy by scripts/kube-tools.sh
+# into $(BBR_TOOLS)/bin, outside the repository; a second run builds nothing.
+BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
+export BBR_TOOLS
+.PHONY: kube-tools kube-test
+
+## make kube-tools: build kube-apiserver and etcd once into $(BBR_TOOLS)/bin (needs Go).
+kube-tools:
+	scripts/kube-tools.sh
+
+# `make test` runs tests/k8s, which need them.
+test: kube-tools
+
+## make kube-test: only the Kubernetes ConfigMap source tests, against a real API server.
+kube-test: $(STAMP) kube-tools
+	$(PY) -m pytest -q tests/k8s
