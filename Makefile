@@ -66,3 +66,39 @@ test: kube-tools
 ## make kube-test: only the Kubernetes ConfigMap source tests, against a real API server.
 kube-test: $(STAMP) kube-tools
 	$(PY) -m pytest -q tests/k8s
+
+# --- performance: load tests, micro-benchmarks, report (bench/, docs/performance.md) ---
+# Tools (ghz, the Go BBR) live outside the repo in $(BBR_TOOLS)/bin, never committed.
+BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
+export BBR_TOOLS
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: perf-tools loadtest loadtest-e2e bench bench-report bench-lint
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+## make perf-tools: ghz and the Go BBR into $(BBR_TOOLS)/bin, h2load from Debian.
+perf-tools:
+	bash scripts/perf-tools.sh
+
+## make loadtest: ghz against bbr and the Go BBR, 1 KB / 100 KB / 1 MB (LOADTEST_ARGS=--help).
+loadtest: $(STAMP) perf-tools
+	$(PY) -m bench.loadtest $(LOADTEST_ARGS)
+
+## make loadtest-e2e: h2load through a real Envoy: no ext_proc, + bbr, + Go BBR.
+loadtest-e2e: $(STAMP) perf-tools
+	$(PY) -m bench.e2e $(E2E_ARGS)
+
+## make bench: the hot path in-process (decision, Stream.handle) per body size, in µs.
+bench: $(STAMP)
+	$(PY) -m bench.micro $(BENCH_ARGS)
+
+## make bench-report: table and PNG plot from bench/results/*-latest.json.
+bench-report: $(BENCH_STAMP)
+	$(PY) -m bench.report
+
+bench-lint: $(BENCH_STAMP)
+	$(VENV)/bin/ruff check bench scripts
+	$(VENV)/bin/ruff format --check bench scripts

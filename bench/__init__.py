@@ -1,0 +1,1 @@
+"""Load tests, micro-benchmarks and the performance report (not part of the bbr package)."""

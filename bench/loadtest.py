@@ -1,0 +1,263 @@
+"""`make loadtest`: ghz against bbr (and the Go BBR, alternately) per body size.
+
+Each server runs as a child process. For every body size the servers take turns
+(A B C A B C ...), so drifting machine load hits all of them alike; the summary takes
+the median of the rounds. bbr runs twice: at its defaults (request logs at info) and
+at --log-level warning. The Go BBR needs a Kubernetes API for its ConfigMaps: the real
+one from tests/k8s/apiserver.py when present, else bench/fakekube.py.
+
+    python -m bench.loadtest [--duration S] [--rounds N] [--concurrency C] [--no-go]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import bodies, common
+from bench.common import RssSampler, Server, rss_bytes
+
+MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def kube_api(workdir: Path) -> Iterator[tuple[Path, str]]:
+    """A Kubernetes API holding config/model-map.yaml's ConfigMaps; yields (kubeconfig, kind)."""
+    try:
+        from tests.k8s.apiserver import APIServer  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        APIServer = None
+    if APIServer is not None:  # pragma: no cover - depends on another engineer's work
+        with APIServer(workdir / "kube") as api:
+            api.apply(common.MODEL_MAP)
+            yield Path(api.kubeconfig), "kube-apiserver"
+        return
+    from bench.fakekube import FakeKube, load_configmaps
+
+    fake = FakeKube(load_configmaps(common.MODEL_MAP)).start()
+    try:
+        yield fake.kubeconfig(workdir / "kubeconfig"), "bench/fakekube.py"
+    finally:
+        fake.stop()
+
+
+def measure(
+    ghz: str, server: Server, data: Path, *, concurrency: int, duration: float
+) -> dict[str, Any]:
+    before = rss_bytes(server.pid)
+    with RssSampler(server.pid) as sampler:
+        report = common.run_ghz(ghz, server.port, data, concurrency=concurrency, duration=duration)
+    result = common.summarise_ghz(report)
+    result["rss_before_mb"] = round(before / MiB, 1)
+    result["peak_rss_mb"] = round(sampler.peak / MiB, 1)
+    return result
+
+
+def memory_check(ghz: str, server: Server, data: Path, *, streams: int) -> dict[str, Any]:
+    """`streams` concurrent 1 MiB streams: RSS growth against bytes in flight, and after."""
+    time.sleep(2)
+    baseline = rss_bytes(server.pid)
+    with RssSampler(server.pid, interval=0.01) as sampler:
+        report = common.run_ghz(ghz, server.port, data, concurrency=streams, requests=streams * 10)
+    summary = common.summarise_ghz(report)
+    after = []
+    for _ in range(10):
+        time.sleep(1)
+        after.append(rss_bytes(server.pid))
+    in_flight = streams * bodies.SIZES["1MB"]
+    growth = sampler.peak - baseline
+    return {
+        "server": server.name,
+        "streams": streams,
+        "bytes_in_flight_mb": round(in_flight / MiB, 1),
+        "baseline_rss_mb": round(baseline / MiB, 1),
+        "peak_rss_mb": round(sampler.peak / MiB, 1),
+        "growth_mb": round(growth / MiB, 1),
+        "growth_per_byte_in_flight": round(growth / in_flight, 2),
+        "rss_after_1s_mb": round(after[0] / MiB, 1),
+        "rss_after_10s_mb": round(after[-1] / MiB, 1),
+        "errors": summary["errors"],
+        "rps": summary["rps"],
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Median over rounds, per server and size."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for run in runs:
+        out.setdefault(run["server"], {}).setdefault(run["size"], {})
+    for name, sizes in out.items():
+        for size in sizes:
+            mine = [r for r in runs if r["server"] == name and r["size"] == size]
+            sizes[size] = {
+                key: round(statistics.median(r[key] for r in mine), 3)
+                for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb")
+            }
+            sizes[size]["errors"] = sum(r["errors"] for r in mine)
+    return out
+
+
+def ratios(
+    summary: dict[str, dict[str, dict[str, float]]], mine: str, peer: str
+) -> dict[str, dict[str, float]]:
+    out = {}
+    for size, ours in summary.get(mine, {}).items():
+        theirs = summary.get(peer, {}).get(size)
+        if theirs and theirs["rps"] and theirs["p99_ms"]:
+            out[size] = {
+                "throughput": round(ours["rps"] / theirs["rps"], 2),
+                "p99": round(ours["p99_ms"] / theirs["p99_ms"], 2),
+            }
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"\nmachine: {result['machine_before']['cpus']} CPUs, load average before "
+        f"{result['machine_before']['loadavg']}, after {result['machine_after']['loadavg']}"
+    )
+    print(
+        f"{'server':<14}{'size':>7}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'peak RSS MB':>13}"
+    )
+    for name, sizes in result["summary"].items():
+        for size, s in sizes.items():
+            print(
+                f"{name:<14}{size:>7}{s['rps']:>10.0f}{s['p50_ms']:>9.2f}{s['p90_ms']:>9.2f}"
+                f"{s['p99_ms']:>9.2f}{s['errors']:>8.0f}{s['peak_rss_mb']:>13.1f}"
+            )
+    for mine, table in result["ratios"].items():
+        for size, r in table.items():
+            print(
+                f"{mine} ÷ go-bbr {size:>6}: throughput x{r['throughput']:.2f}, p99 x{r['p99']:.2f}"
+            )
+    for m in result.get("memory", []):
+        print(
+            f"memory {m['server']}: {m['streams']} x 1 MiB in flight: RSS {m['baseline_rss_mb']}"
+            f" → peak {m['peak_rss_mb']} MB (growth {m['growth_per_byte_in_flight']}x bytes in "
+            f"flight), after 1 s {m['rss_after_1s_mb']}, after 10 s {m['rss_after_10s_mb']} MB"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per ghz run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per size")
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--sizes", default=",".join(bodies.SIZES), help="e.g. 1KB,1MB")
+    parser.add_argument("--no-go", action="store_true", help="skip the Go BBR")
+    parser.add_argument("--no-warning-run", action="store_true", help="bbr at defaults only")
+    parser.add_argument("--memory-streams", type=int, default=100, help="0 to skip")
+    parser.add_argument("--workers", type=int, default=1, help="bbr --workers")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    ghz = common.tool("ghz")
+    if ghz is None:
+        print("ghz not found: run `make perf-tools` first", file=sys.stderr)
+        return 2
+    go_bbr = None if args.no_go else common.tool("go-bbr")
+    if go_bbr is None and not args.no_go:
+        print("go-bbr not found (make perf-tools); measuring bbr alone", file=sys.stderr)
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    result: dict[str, Any] = {
+        "kind": "loadtest",
+        "machine_before": common.machine(),
+        "tools": {
+            "ghz": common.ghz_version(ghz),
+            "go_bbr": common.GO_BBR_VERSION if go_bbr else None,
+        },
+        "settings": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "connections": 1,
+            "workers": args.workers,
+            "sizes": {s: bodies.SIZES[s] for s in sizes},
+            "model": bodies.MODEL,
+        },
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="bbr-loadtest-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        work = Path(tmp)
+        data = common.write_ghz_data(work / "data")
+        servers = [common.bbr_server("bbr", workers=args.workers)]
+        if not args.no_warning_run:
+            servers.append(
+                common.bbr_server("bbr-warning", log_level="warning", workers=args.workers)
+            )
+        if go_bbr is not None:
+            kubeconfig, api_kind = stack.enter_context(kube_api(work))
+            result["tools"]["kube_api"] = api_kind
+            servers.append(common.go_bbr_server(go_bbr, kubeconfig))
+        stack.callback(common.stop_servers, servers)
+        for server in servers:
+            if server.name == "go-bbr":
+                server.env["KUBE_FEATURE_WatchListClient"] = "false"
+            server.start(work / "logs")
+            print(f"started {server.name} (pid {server.pid}, port {server.port})", file=sys.stderr)
+
+        runs: list[dict[str, Any]] = []
+        for size in sizes:
+            for server in servers:  # warm-up, not recorded
+                common.run_ghz(
+                    ghz,
+                    server.port,
+                    data[size],
+                    concurrency=args.concurrency,
+                    duration=min(2.0, args.duration),
+                )
+            for round_ in range(args.rounds):
+                for server in servers:
+                    run = measure(
+                        ghz,
+                        server,
+                        data[size],
+                        concurrency=args.concurrency,
+                        duration=args.duration,
+                    )
+                    run.update(server=server.name, size=size, round=round_)
+                    runs.append(run)
+                    print(
+                        f"{server.name:<12} {size:>6} round {round_}: {run['rps']:8.0f} req/s "
+                        f"p50 {run['p50_ms']:.2f} p99 {run['p99_ms']:.2f} ms "
+                        f"errors {run['errors']} peak RSS {run['peak_rss_mb']} MB",
+                        file=sys.stderr,
+                    )
+        memory = []
+        if args.memory_streams and "1MB" in data:
+            for server in servers:
+                if server.name == "bbr-warning":
+                    continue
+                memory.append(memory_check(ghz, server, data["1MB"], streams=args.memory_streams))
+        result["machine_after"] = common.machine()
+        result["runs"] = runs
+        result["summary"] = summarise(runs)
+        result["ratios"] = {
+            name: ratios(result["summary"], name, "go-bbr")
+            for name in result["summary"]
+            if name != "go-bbr" and "go-bbr" in result["summary"]
+        }
+        result["memory"] = memory
+
+    output = args.output or common.RESULTS / "loadtest-latest.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"\nwrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
