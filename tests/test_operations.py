@@ -5,6 +5,7 @@ SIGTERM drain, large messages, concurrency and cancelled streams.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import time
@@ -198,6 +199,16 @@ def test_logs_are_json_with_outcome_and_never_the_body(tmp_path: Path, start_bbr
     assert secret not in process.stdout_text()
 
 
+def refused(channel: grpc.Channel) -> bool:
+    """True when a new ext_proc stream on `channel` is refused (UNAVAILABLE)."""
+    try:
+        request(channel, json_body("food"), timeout=3)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        return True
+    return False
+
+
 # --- SIGTERM --------------------------------------------------------------------------------
 
 
@@ -219,9 +230,7 @@ def test_sigterm_drains_open_streams(simple_map: Path, start_bbr: StartBbr) -> N
     assert process.health(EXT_PROC_SERVICE) == NOT_SERVING
     # A new stream is refused, on a new connection and on the open one (Envoy's) ...
     for channel in (process.channel(), conversation_channel):
-        with pytest.raises(grpc.RpcError) as caught:
-            request(channel, json_body("food"), timeout=3)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+        assert wait_until(functools.partial(refused, channel), timeout=2) is not None
     # ... while the open one still runs to its end.
     assert process.returncode is None
     assert process.health("") == NOT_SERVING
