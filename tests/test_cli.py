@@ -176,9 +176,9 @@ def test_map_file_not_yaml_at_start_names_file_and_line(tmp_path: Path, as_direc
 
 BAD_BYTES = {
     # An editor saved "café" as Latin-1: not UTF-8, so not YAML.
-    "latin-1": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n  baseModel: café\n".encode(
-        "latin-1"
-    ),
+    "latin-1": (
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata:\n  baseModel: café\n"
+    ).encode("latin-1"),
     # A stray control character (YAML forbids it in the stream).
     "control-character": b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"
     b"data:\n  baseModel: a\x07b\n",
@@ -405,6 +405,14 @@ data:
   baseModel: base-five
   adapters: |
     - "%(exact)s"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: blank}
+data:
+  baseModel: base-six
+  adapters: |
+    - "   "
 """
 
 
@@ -421,6 +429,7 @@ def test_validate_lists_every_invalid_configmap(tmp_path: Path) -> None:
     assert has_error(report, f"{path}#3", "adapters"), report
     assert has_error(report, f"{path}#4", "adapters[0]"), report
     assert not has_error(result.stderr, f"{path}#5"), report
+    assert has_error(report, f"{path}#6", "adapters[0]"), report  # empty once trimmed
     # The valid ConfigMap (with a name of exactly 256 bytes) is still in the table; no
     # name from an invalid ConfigMap is.
     rows = table(result.stdout)
@@ -472,7 +481,10 @@ items:
   data: {baseModel: base-one, adapters: "- one-a\\n- one-b\\n"}
 - apiVersion: v1
   kind: ConfigMap
-  metadata: {name: two, namespace: team}
+  metadata:
+    name: two
+    namespace: team
+    labels: {inference.networking.k8s.io/bbr-managed: "false"}  # files: every one counts
   data: {baseModel: base-two}
 ---
 apiVersion: v1
