@@ -29,24 +29,61 @@ MiB = 1024 * 1024
 
 
 @contextlib.contextmanager
-def kube_api(workdir: Path) -> Iterator[tuple[Path, str]]:
-    """A Kubernetes API holding config/model-map.yaml's ConfigMaps; yields (kubeconfig, kind)."""
-    try:
-        from tests.k8s.apiserver import APIServer  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        APIServer = None
-    if APIServer is not None:  # pragma: no cover - depends on another engineer's work
-        with APIServer(workdir / "kube") as api:
-            api.apply(common.MODEL_MAP)
-            yield Path(api.kubeconfig), "kube-apiserver"
-        return
+def kube_api(workdir: Path, kind: str = "auto") -> Iterator[tuple[Path, str]]:
+    """A Kubernetes API holding config/model-map.yaml's ConfigMaps; yields (kubeconfig, kind).
+
+    `real`: etcd + kube-apiserver from tests/k8s/apiserver.py (binaries from `make
+    kube-tools`); `fake`: bench/fakekube.py; `auto`: real when its binaries are there.
+    """
     from bench.fakekube import FakeKube, load_configmaps
 
-    fake = FakeKube(load_configmaps(common.MODEL_MAP)).start()
+    configmaps = load_configmaps(common.MODEL_MAP)
+    if kind in ("auto", "real"):
+        try:
+            from tests.k8s.apiserver import ApiServer, ToolsMissing
+        except ImportError:
+            if kind == "real":
+                raise
+        else:
+            try:
+                api = ApiServer(workdir / "kube").start()
+            except ToolsMissing:
+                if kind == "real":
+                    raise
+            else:
+                try:
+                    for cm in configmaps:
+                        _create(api.url, workdir / "kube" / "ca.crt", cm)
+                    yield api.kubeconfig("admin"), "kube-apiserver (tests/k8s/apiserver.py)"
+                finally:
+                    api.stop()
+                return
+    fake = FakeKube(configmaps).start()
     try:
         yield fake.kubeconfig(workdir / "kubeconfig"), "bench/fakekube.py"
     finally:
         fake.stop()
+
+
+def _create(url: str, ca: Path, configmap: dict[str, Any]) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.k8s.apiserver import ADMIN_TOKEN
+
+    meta = dict(configmap["metadata"])
+    for key in ("uid", "resourceVersion", "creationTimestamp"):
+        meta.pop(key, None)
+    doc = {**configmap, "metadata": meta}
+    request = urllib.request.Request(
+        f"{url}/api/v1/namespaces/{meta['namespace']}/configmaps",
+        data=json.dumps(doc).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    context = ssl.create_default_context(cafile=str(ca))
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        response.read()
 
 
 def measure(
@@ -157,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warning-run", action="store_true", help="bbr at defaults only")
     parser.add_argument("--memory-streams", type=int, default=100, help="0 to skip")
     parser.add_argument("--workers", type=int, default=1, help="bbr --workers")
+    parser.add_argument(
+        "--kube",
+        choices=("auto", "real", "fake"),
+        default="auto",
+        help="the Go BBR's Kubernetes API",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -198,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.bbr_server("bbr-warning", log_level="warning", workers=args.workers)
             )
         if go_bbr is not None:
-            kubeconfig, api_kind = stack.enter_context(kube_api(work))
+            kubeconfig, api_kind = stack.enter_context(kube_api(work, args.kube))
             result["tools"]["kube_api"] = api_kind
             servers.append(common.go_bbr_server(go_bbr, kubeconfig))
         stack.callback(common.stop_servers, servers)
