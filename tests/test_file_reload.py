@@ -227,6 +227,14 @@ def test_invalid_configmap_keeps_its_last_good_version(map_path: Path, start_bbr
         if r.get("level") == "error" and "baseModel" in str(r.values())
     ]
     assert logged, "the invalid ConfigMap was not logged with its key"
+    # Another valid edit beside the still-invalid one: its last good version stays.
+    replace_model_map(
+        map_path,
+        configmap_yaml("llama", None, ["food", "extra"]),
+        configmap_yaml("qwen", "qwen", ["poem", "haiku"]),
+    )
+    expect_route(channel, "haiku", "qwen")
+    assert routes(channel, "food", "sonnet") == {"food": "llama", "sonnet": None}
     # Once it is valid again, its new version is the one in force.
     replace_model_map(map_path, configmap_yaml("llama", "llama", ["extra"]), QWEN)
     expect_route(channel, "extra", "llama")

@@ -369,8 +369,8 @@ def test_every_log_line_is_json(shared: BbrProcess) -> None:
     assert not [r for r in records if "exception" in r], "a traceback was logged"
 
 
-def test_metric_value_parser_sanity(shared: BbrProcess) -> None:
-    """The helpers read what Prometheus would (guards the other tests' assertions)."""
+def test_model_map_gauges(shared: BbrProcess) -> None:
+    """Bases and adapters of the shared map, read as Prometheus would."""
     text = shared.metrics_text()
     assert metric_value(text, "bbr_info", version=bbr.__version__) == 1
     assert metric_value(text, "bbr_model_map_models", kind="base") == 2
