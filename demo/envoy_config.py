@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -36,6 +37,9 @@ HTTP_OPTIONS_TYPE = "type.googleapis.com/envoy.extensions.upstreams.http.v3.Http
 CONNECTIONS_MONITOR_TYPE = (
     "type.googleapis.com/"
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
+UPSTREAM_TLS_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 )
 STDOUT_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 
@@ -55,6 +59,47 @@ ACCESS_LOG_FORMAT = (
     "model=%REQ(X-GATEWAY-MODEL-NAME)% base=%REQ(X-GATEWAY-BASE-MODEL-NAME)% "
     "cluster=%UPSTREAM_CLUSTER% flags=%RESPONSE_FLAGS% %DURATION%ms\n"
 )
+
+
+@dataclass(frozen=True)
+class BbrTLS:
+    """How Envoy talks TLS to bbr (``bbr serve --secure-serving``); file paths Envoy reads.
+
+    ``ca_file``: verify bbr's certificate against this CA bundle (None: no verification,
+    for bbr's self-signed certificate). ``cert_file``/``key_file``: Envoy's client
+    certificate, for bbr's ``--client-ca`` (mutual TLS). ``sni``: the server name Envoy
+    sends, and, when ``ca_file`` is given, the DNS name bbr's certificate must carry.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    sni: str | None = "localhost"
+
+    def transport_socket(self) -> dict[str, Any]:
+        """An ``envoy.transport_sockets.tls`` block for the bbr cluster."""
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("BbrTLS: cert_file and key_file go together")
+        # gRPC servers insist on ALPN h2.
+        common: dict[str, Any] = {"alpn_protocols": ["h2"]}
+        if self.cert_file is not None and self.key_file is not None:
+            common["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": self.cert_file},
+                    "private_key": {"filename": self.key_file},
+                }
+            ]
+        if self.ca_file is not None:
+            validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca_file}}
+            if self.sni:
+                validation["match_typed_subject_alt_names"] = [
+                    {"san_type": "DNS", "matcher": {"exact": self.sni}}
+                ]
+            common["validation_context"] = validation
+        context: dict[str, Any] = {"@type": UPSTREAM_TLS_TYPE, "common_tls_context": common}
+        if self.sni:
+            context["sni"] = self.sni
+        return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def cluster_name(base_model: str) -> str:
@@ -108,6 +153,7 @@ def render(
     streaming: bool = False,
     max_body_bytes: int = 32 * 1024 * 1024,
     access_log: bool = False,
+    bbr_tls: BbrTLS | None = None,
 ) -> str:
     """Return an Envoy v3 bootstrap (YAML) routing on bbr's base-model header.
 
@@ -115,6 +161,7 @@ def render(
     ``streaming`` selects ``FULL_DUPLEX_STREAMED`` (bbr must run with ``--streaming``).
     ``max_body_bytes`` is the largest request body Envoy will buffer for bbr.
     ``access_log`` writes one line per request to Envoy's stdout.
+    ``bbr_tls`` makes Envoy talk TLS (or mutual TLS) to bbr; None: plaintext.
     """
     # Room for the body plus headers; Envoy answers 413 itself past this.
     buffer_limit = max_body_bytes + 1024 * 1024
@@ -187,7 +234,10 @@ def render(
             }
         ]
 
-    clusters = [_static_cluster("bbr", bbr_port, buffer_limit=buffer_limit, http2=True)]
+    bbr_cluster = _static_cluster("bbr", bbr_port, buffer_limit=buffer_limit, http2=True)
+    if bbr_tls is not None:
+        bbr_cluster["transport_socket"] = bbr_tls.transport_socket()
+    clusters = [bbr_cluster]
     clusters += [
         _static_cluster(cluster_name(base), port, buffer_limit=buffer_limit)
         for base, port in routes.items()
