@@ -52,6 +52,8 @@ import json
 import logging
 import os
 import random
+import re
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -96,7 +98,15 @@ LIST_PAGE = 500
 
 
 class KubeConfigError(Exception):
-    """No usable in-cluster config or kubeconfig; the message says why."""
+    """No usable in-cluster config or kubeconfig, or a bad namespace; the message says
+    why and `flag` is the command-line flag to name (`--kubernetes`, `--namespace`)."""
+
+    def __init__(self, message: str, flag: str = "--kubernetes") -> None:
+        super().__init__(message)
+        self.flag = flag
+
+
+NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 class ApiError(Exception):
@@ -466,6 +476,9 @@ class _Stream:
     resource_version: str | None = None
     listed: bool = False
     conn: http.client.HTTPConnection | None = None
+    failures: int = 0  # consecutive, for the backoff
+    gone_streak: int = 0  # 410s without a good watch in between
+    outage_since: float | None = None
 
     @property
     def path(self) -> str:
@@ -527,8 +540,11 @@ class KubernetesSource:
         """Raises KubeConfigError when there is no usable config."""
         self.holder = holder
         self.on_reload = on_reload
-        self.client = client or KubeClient.load(kubeconfig, service_account_dir=service_account_dir)
         chosen = [ns.strip() for ns in namespaces if ns.strip()]
+        for ns in chosen:
+            if ns != ALL_NAMESPACES and not (len(ns) <= 63 and NAMESPACE_RE.fullmatch(ns)):
+                raise KubeConfigError(f"{ns!r} is not a namespace name", "--namespace")
+        self.client = client or KubeClient.load(kubeconfig, service_account_dir=service_account_dir)
         if not chosen:
             chosen = [default_namespace(self.client, service_account_dir)]
         scopes: list[str | None] = (
@@ -564,9 +580,11 @@ class KubernetesSource:
 
     def stop(self) -> None:
         self._stop.set()
-        self.drop_connections()
+        deadline = time.monotonic() + 5
         for thread in self._threads:
-            thread.join(timeout=5)
+            while thread.is_alive() and time.monotonic() < deadline:
+                self.drop_connections()  # again: a thread may have been connecting
+                thread.join(timeout=0.1)
 
     def drop_connections(self) -> None:
         """Close every open watch connection (the streams resume from their
@@ -575,42 +593,36 @@ class KubernetesSource:
             conn = stream.conn
             if conn is not None and conn.sock is not None:
                 with contextlib.suppress(OSError):
-                    conn.sock.shutdown(2)  # socket.SHUT_RDWR
+                    conn.sock.shutdown(socket.SHUT_RDWR)
 
     # -- one stream: list, then watch; relist on 410; back off while unreachable
 
     def _run(self, stream: _Stream) -> None:
-        failures = 0
-        outage_since: float | None = None
         while not self._stop.is_set():
             try:
                 if stream.resource_version is None:
                     self._list(stream)
                 started = time.monotonic()
                 self._watch(stream)
-                if outage_since is not None:
-                    log.info(
-                        "Kubernetes API reachable again; watch resumed",
-                        extra=fields(stream=str(stream), down_seconds=_since(outage_since)),
-                    )
-                    outage_since = None
-                failures = 0
                 if time.monotonic() - started < 1 and not self._stop.is_set():
                     self._stop.wait(self._backoff(1))  # a server ending watches at once
             except Gone as exc:
                 self.stats["gone"] += 1
+                stream.gone_streak += 1
                 log.info(
                     "watch expired (410 Gone); relisting",
                     extra=fields(stream=str(stream), reason=str(exc)),
                 )
                 stream.resource_version = None
+                if stream.gone_streak > 1:  # relisting did not help: do not hammer
+                    self._stop.wait(self._backoff(stream.gone_streak - 1))
             except Exception as exc:  # the watcher must never die
                 if self._stop.is_set():
                     return
                 self.stats["errors"] += 1
-                failures += 1
-                if outage_since is None:
-                    outage_since = time.monotonic()
+                stream.failures += 1
+                if stream.outage_since is None:
+                    stream.outage_since = time.monotonic()
                     log.warning(
                         "Kubernetes API unreachable or failing; the map in force stays",
                         extra=fields(stream=str(stream), reason=_describe(exc)),
@@ -622,7 +634,17 @@ class KubernetesSource:
                     )
                 if isinstance(exc, ValueError):  # undecodable answer: start over
                     stream.resource_version = None
-                self._stop.wait(self._backoff(failures))
+                self._stop.wait(self._backoff(stream.failures))
+
+    def _connected(self, stream: _Stream) -> None:
+        """A watch is open: the API is back."""
+        stream.failures = 0
+        if stream.outage_since is not None:
+            log.info(
+                "Kubernetes API reachable again; watching",
+                extra=fields(stream=str(stream), down_seconds=_since(stream.outage_since)),
+            )
+            stream.outage_since = None
 
     def _backoff(self, failures: int) -> float:
         ceiling = min(self.backoff_cap, BACKOFF_BASE * 2 ** min(failures - 1, 16))
@@ -670,6 +692,7 @@ class KubernetesSource:
             stream.path, query, timeout=seconds + READ_GRACE, on_connect=keep
         ) as events:
             self.stats["watches"] += 1
+            self._connected(stream)
             for event in events:
                 if self._stop.is_set():
                     return
@@ -695,6 +718,7 @@ class KubernetesSource:
         if ref is None or kind not in ("ADDED", "MODIFIED", "DELETED"):
             return
         self.stats["events"] += 1
+        stream.gone_streak = 0
         with self._lock:
             labels = _meta(obj, "labels")
             # The server sends DELETED when an object stops matching the selector;
