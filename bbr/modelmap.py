@@ -231,8 +231,13 @@ def parse_file_text(
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         raise MapFileError(path, f"not valid YAML: {_yaml_reason(exc)}", line) from None
+    except yaml.reader.ReaderError as exc:  # bytes that are not text: no mark, a position
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+        line = raw[: exc.position].count(b"\n") + 1
+        raise MapFileError(path, f"not valid YAML: {exc.reason}", line) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise MapFileError(path, f"not valid YAML: {exc}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MapFileError(path, f"not valid YAML: {reason}") from None
 
     parsed = ParsedFile()
     for doc_index, doc in enumerate(documents, start=1):

@@ -185,11 +185,6 @@ BAD_BYTES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bbr bug: modelmap.parse_file_text turns a yaml ReaderError (bad bytes) into a "
-    "two-line message without a line number; the last stderr line names neither file nor line",
-)
 @pytest.mark.parametrize("kind", list(BAD_BYTES))
 def test_map_file_with_bad_bytes_at_start_names_file_and_line(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "model-map.yaml"

@@ -180,11 +180,6 @@ def test_garbage_rewrite_keeps_the_previous_map(map_path: Path, start_bbr: Start
     assert base_model(channel, "food") == "llama"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bbr bug: sources/files.py FileSource._scan forgets (self._bad cleanup) a broken "
-    "file that never parsed, so it is re-reported and re-counted on every 0.5 s poll",
-)
 def test_new_broken_file_in_directory_is_reported_once(tmp_path: Path, start_bbr: StartBbr) -> None:
     folder = tmp_path / "maps"
     folder.mkdir()

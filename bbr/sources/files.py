@@ -62,6 +62,14 @@ def expand(paths: Sequence[str]) -> list[tuple[tuple[int, ...], str]]:
     return files
 
 
+def _kind(path: str) -> str:
+    if os.path.isdir(path):
+        return "directory"
+    if os.path.exists(path):
+        return "file"
+    return "missing"
+
+
 def read_file(path: str) -> tuple[bytes, int]:
     try:
         with open(path, "rb") as f:
@@ -113,6 +121,8 @@ class FileSource:
         # What was last wrong with each path (bytes that did not parse, or a read error),
         # so a file that stays broken is reported once, not on every poll.
         self._bad: dict[str, bytes | str] = {}
+        self._emptied: set[str] = set()
+        self._kinds: dict[str, str] = {}  # what each --model-map argument was at start
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         holder.expect(self.name)
@@ -132,6 +142,16 @@ class FileSource:
 
     def _scan(self, *, strict: bool) -> LoadReport:
         report = LoadReport()
+        for arg in self.paths:
+            kind = _kind(arg)
+            expected = self._kinds.setdefault(arg, kind)
+            if kind != expected and kind != "missing":
+                # A file turned into a directory (or back) is a mistake, not an edit.
+                problem = MapFileError(arg, f"was a {expected}, is now a {kind}")
+                if strict:
+                    raise problem
+                self._note_bad(report, arg, str(problem), problem)
+                return report
         try:
             files = expand(self.paths)
         except MapFileError as exc:
@@ -155,6 +175,12 @@ class FileSource:
                 if previous is not None:
                     seen[path] = previous
                 continue
+            if not data and previous is not None and path not in self._emptied:
+                # A writer that truncates then writes: give it one more poll.
+                self._emptied.add(path)
+                seen[path] = previous
+                continue
+            self._emptied.discard(path)
             try:
                 parsed = parse_file_text(data, path=path, position=position, created=mtime)
             except MapFileError as exc:
@@ -176,8 +202,9 @@ class FileSource:
             report.changed = True
         if set(seen) != set(self._files):
             report.changed = True
-        for path in [p for p in self._bad if p not in seen and p not in self.paths]:
-            del self._bad[path]
+        listed = {path for _, path in files}
+        for path in [p for p in self._bad if p not in listed and p not in self.paths]:
+            del self._bad[path]  # gone from its directory: forget what was wrong with it
         if not report.file_errors:
             for arg in self.paths:
                 if isinstance(self._bad.get(arg), str):
