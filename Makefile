@@ -102,3 +102,12 @@ bench-report: $(BENCH_STAMP)
 bench-lint: $(BENCH_STAMP)
 	$(VENV)/bin/ruff check bench scripts
 	$(VENV)/bin/ruff format --check bench scripts
+
+# --- soak ---------------------------------------------------------------------------------
+## make soak: ghz against bbr for SOAK_SECONDS (600) while the model map is rewritten every
+## 5 s; prints RSS and open fds over time; fails on > 10 % growth after the warm-up, any
+## misrouted request or ghz error. Needs ghz (make perf-tools). Not part of `make test`.
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
