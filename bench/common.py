@@ -88,6 +88,20 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process tree so far, in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / ticks
+
+
 class RssSampler:
     """Polls VmRSS of a process tree in a thread; `peak` is the highest sum seen."""
 
@@ -124,6 +138,7 @@ class Server:
     argv: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = REPO
     child: Child | None = None
     log_path: Path | None = None
 
@@ -132,7 +147,7 @@ class Server:
         self.log_path = logs / f"{self.name}.log"
         out = self.log_path.open("wb")
         env = {**os.environ, **self.env}
-        self.child = Child(self.name, self.argv, cwd=REPO, env=env, stdout=out, stderr=out)
+        self.child = Child(self.name, self.argv, cwd=self.cwd, env=env, stdout=out, stderr=out)
         wait_until(f"{self.name} gRPC port", tcp_ready(self.port), child=self.child, timeout=60)
         wait_until(f"{self.name} routes", lambda: routes(self.port), child=self.child, timeout=60)
 
@@ -146,7 +161,8 @@ class Server:
             stop_all([self.child])
 
 
-def bbr_server(name: str, *, log_level: str = "info", workers: int = 1) -> Server:
+def bbr_server(name: str, *, log_level: str = "info", workers: int = 1, cwd: Path = REPO) -> Server:
+    """bbr from the source tree `cwd` (`python -m bbr` imports the bbr package there)."""
     port = free_port()
     argv = [
         sys.executable,
@@ -166,7 +182,7 @@ def bbr_server(name: str, *, log_level: str = "info", workers: int = 1) -> Serve
     ]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return Server(name, argv, port)
+    return Server(name, argv, port, cwd=cwd)
 
 
 def go_bbr_server(binary: str, kubeconfig: Path, name: str = "go-bbr") -> Server:

@@ -87,12 +87,23 @@ def _create(url: str, ca: Path, configmap: dict[str, Any]) -> None:
 
 
 def measure(
-    ghz: str, server: Server, data: Path, *, concurrency: int, duration: float
+    ghz: str, server: Server, data: Path, *, concurrency: int, duration: float, connections: int = 1
 ) -> dict[str, Any]:
     before = rss_bytes(server.pid)
+    cpu = common.cpu_seconds(server.pid)
     with RssSampler(server.pid) as sampler:
-        report = common.run_ghz(ghz, server.port, data, concurrency=concurrency, duration=duration)
+        report = common.run_ghz(
+            ghz,
+            server.port,
+            data,
+            concurrency=concurrency,
+            duration=duration,
+            connections=connections,
+        )
+    cpu = common.cpu_seconds(server.pid) - cpu
     result = common.summarise_ghz(report)
+    # CPU per request: what the server spent, whatever else the machine was doing.
+    result["cpu_us_per_request"] = round(cpu / max(1, result["requests"]) * 1e6, 1)
     result["rss_before_mb"] = round(before / MiB, 1)
     result["peak_rss_mb"] = round(sampler.peak / MiB, 1)
     return result
@@ -126,6 +137,9 @@ def memory_check(ghz: str, server: Server, data: Path, *, streams: int) -> dict[
     }
 
 
+_MEASURES = ("rps", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb", "cpu_us_per_request")
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """Median over rounds, per server and size."""
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -135,8 +149,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
         for size in sizes:
             mine = [r for r in runs if r["server"] == name and r["size"] == size]
             sizes[size] = {
-                key: round(statistics.median(r[key] for r in mine), 3)
-                for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "peak_rss_mb")
+                key: round(statistics.median(r[key] for r in mine), 3) for key in _MEASURES
             }
             sizes[size]["errors"] = sum(r["errors"] for r in mine)
     return out
@@ -152,6 +165,9 @@ def ratios(
             out[size] = {
                 "throughput": round(ours["rps"] / theirs["rps"], 2),
                 "p99": round(ours["p99_ms"] / theirs["p99_ms"], 2),
+                "cpu_per_request": round(
+                    ours["cpu_us_per_request"] / max(0.1, theirs["cpu_us_per_request"]), 2
+                ),
             }
     return out
 
@@ -163,18 +179,20 @@ def print_table(result: dict[str, Any]) -> None:
     )
     print(
         f"{'server':<14}{'size':>7}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-        f"{'errors':>8}{'peak RSS MB':>13}"
+        f"{'errors':>8}{'peak RSS MB':>13}{'CPU µs/req':>12}"
     )
     for name, sizes in result["summary"].items():
         for size, s in sizes.items():
             print(
                 f"{name:<14}{size:>7}{s['rps']:>10.0f}{s['p50_ms']:>9.2f}{s['p90_ms']:>9.2f}"
                 f"{s['p99_ms']:>9.2f}{s['errors']:>8.0f}{s['peak_rss_mb']:>13.1f}"
+                f"{s['cpu_us_per_request']:>12.0f}"
             )
     for mine, table in result["ratios"].items():
         for size, r in table.items():
             print(
-                f"{mine} ÷ go-bbr {size:>6}: throughput x{r['throughput']:.2f}, p99 x{r['p99']:.2f}"
+                f"{mine} ÷ go-bbr {size:>6}: throughput x{r['throughput']:.2f}, "
+                f"p99 x{r['p99']:.2f}, CPU per request x{r['cpu_per_request']:.2f}"
             )
     for m in result.get("memory", []):
         print(
@@ -194,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warning-run", action="store_true", help="bbr at defaults only")
     parser.add_argument("--memory-streams", type=int, default=100, help="0 to skip")
     parser.add_argument("--workers", type=int, default=1, help="bbr --workers")
+    parser.add_argument("--connections", type=int, default=1, help="ghz HTTP/2 connections")
+    parser.add_argument(
+        "--experiment",
+        type=Path,
+        action="append",
+        default=[],
+        help="also run bbr from this source tree (e.g. a git worktree with a change), "
+        "alternating with the others; repeatable",
+    )
     parser.add_argument(
         "--kube",
         choices=("auto", "real", "fake"),
@@ -223,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "rounds": args.rounds,
             "concurrency": args.concurrency,
-            "connections": 1,
+            "connections": args.connections,
             "workers": args.workers,
             "sizes": {s: bodies.SIZES[s] for s in sizes},
             "model": bodies.MODEL,
@@ -240,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(
                 common.bbr_server("bbr-warning", log_level="warning", workers=args.workers)
             )
+        for i, tree in enumerate(args.experiment):
+            name = "bbr-exp" if len(args.experiment) == 1 else f"bbr-exp{i + 1}"
+            servers.append(common.bbr_server(name, workers=args.workers, cwd=tree))
+            result["settings"][name] = str(tree)
         if go_bbr is not None:
             kubeconfig, api_kind = stack.enter_context(kube_api(work, args.kube))
             result["tools"]["kube_api"] = api_kind
@@ -260,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                     data[size],
                     concurrency=args.concurrency,
                     duration=min(2.0, args.duration),
+                    connections=args.connections,
                 )
             for round_ in range(args.rounds):
                 for server in servers:
@@ -269,13 +301,15 @@ def main(argv: list[str] | None = None) -> int:
                         data[size],
                         concurrency=args.concurrency,
                         duration=args.duration,
+                        connections=args.connections,
                     )
                     run.update(server=server.name, size=size, round=round_)
                     runs.append(run)
                     print(
                         f"{server.name:<12} {size:>6} round {round_}: {run['rps']:8.0f} req/s "
                         f"p50 {run['p50_ms']:.2f} p99 {run['p99_ms']:.2f} ms "
-                        f"errors {run['errors']} peak RSS {run['peak_rss_mb']} MB",
+                        f"errors {run['errors']} peak RSS {run['peak_rss_mb']} MB "
+                        f"CPU {run['cpu_us_per_request']} µs/request",
                         file=sys.stderr,
                     )
         memory = []
