@@ -16,35 +16,27 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.envoy_config import BbrTLS
-
-from .harness import (
-    LLAMA,
-    REPO_ROOT,
-    STARTUP_TIMEOUT,
+from demo.envoy_config import BbrTLS, render
+from demo.processes import (
     Child,
-    ModelServers,
-    Reply,
     StartupError,
     envoy_binary,
     free_port,
     grpc_health_ready,
     http_ready,
-    render,
-    send,
     tcp_ready,
     wait_until,
 )
 
-BASE_HEADER = "x-gateway-base-model-name"
-MODEL_HEADER = "x-gateway-model-name"
+from .harness import LLAMA, REPO_ROOT, STARTUP_TIMEOUT, ModelServers, Reply, send
+
 PATIENCE = 60.0
 """Seconds any wait may take: the machine is shared and busy; nothing here is a benchmark."""
 
@@ -193,7 +185,6 @@ class Live:
     bbr: Bbr | None = None
     envoy: Envoy | None = None
     generation: int = 0
-    _dead: list[Child] = field(default_factory=list)
 
     # --- bbr ---
 
@@ -384,12 +375,3 @@ class HeldRequest:
             with contextlib.suppress(OSError):
                 self.sock.close()
             self.sock = None
-
-
-@contextlib.contextmanager
-def held(requests: list[HeldRequest]) -> Iterator[list[HeldRequest]]:
-    try:
-        yield [r.open() for r in requests]
-    finally:
-        for r in requests:
-            r.close()

@@ -277,19 +277,20 @@ def test_model_map_fault_keeps_the_last_good_map(
     mapped_live: Live, model_servers: ModelServers, fault: str
 ) -> None:
     live = mapped_live
-    assert live.bbr is not None
+    bbr = live.bbr
+    assert bbr is not None
     path = live.model_map
     live.wait_routing()
-    errors_before = live.bbr.metric(RELOAD_ERRORS)
+    errors_before = bbr.metric(RELOAD_ERRORS)
 
     FAULTS[fault](path)
     # bbr noticed (it counts the failed reload) ...
-    poll("a failed reload counted", lambda: live.bbr.metric(RELOAD_ERRORS) > errors_before)  # type: ignore[union-attr]
+    poll("a failed reload counted", lambda: bbr.metric(RELOAD_ERRORS) > errors_before)
     # ... and goes on routing with the map it had, for as long as the file stays bad.
     assert_routes_everything(live, model_servers)
     time.sleep(1.5)  # several more polls of the bad file
     assert_routes_everything(live, model_servers)
-    assert live.bbr.metric('bbr_model_map_models{kind="base"}') == 2
+    assert bbr.metric('bbr_model_map_models{kind="base"}') == 2
 
     # A good file again: a new adapter shows that it was read.
     probe = f"probe-{fault}"
@@ -297,7 +298,7 @@ def test_model_map_fault_keeps_the_last_good_map(
     replace_atomically(path, good_map_text(probe))
     live.wait_routing(probe, DEEPSEEK)
     assert_routes_everything(live, model_servers)
-    assert live.bbr.child.exited() is None
+    assert bbr.child.exited() is None
 
 
 # --- SIGTERM under load -----------------------------------------------------------------------
