@@ -57,6 +57,7 @@ def live_stack(
     workdir.mkdir(parents=True, exist_ok=True)
     model_map = workdir / "model-map.yaml"
     shutil.copyfile(MODEL_MAP, model_map)
+    model_map.chmod(0o644)  # readable by a bbr running unprivileged (mapped_live)
     live = Live(
         workdir,
         model_servers,
@@ -225,7 +226,6 @@ def mapped_live(model_servers: ModelServers) -> Iterator[Live]:
         prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     try:
         live = live_stack(workdir, model_servers, prefix=prefix)
-        (workdir / "model-map.yaml").chmod(0o644)
         with running(live):
             yield live
     finally:
