@@ -1,0 +1,399 @@
+"""`bbr serve --kubernetes` (SPEC §3) against a real kube-apiserver and etcd.
+
+Every edit is made through the API and must be in force within DEADLINE (2 s + slack).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bbr.modelmap import MapHolder
+from bbr.sources import kubernetes
+from bbr.sources.kubernetes import KubeClient, KubeConfigError, KubernetesSource
+from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
+from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api
+from tests.k8s.proxy import CuttableProxy
+
+pytestmark = pytest.mark.k8s
+
+Start = Callable[..., Watch]
+
+
+def test_create_edit_delete(kube: Kube, namespace: str, watch: Start) -> None:
+    w = watch([namespace])
+    assert w.table() == {}
+    kube.apply(namespace, "llama", base="llama-8b", adapters=["food-review", "movie"])
+    w.wait_for({"llama-8b": "llama-8b", "food-review": "llama-8b", "movie": "llama-8b"})
+    # adapter added
+    kube.apply(namespace, "llama", base="llama-8b", adapters=["food-review", "movie", "sql"])
+    w.wait_for(
+        {"llama-8b": "llama-8b", "food-review": "llama-8b", "movie": "llama-8b", "sql": "llama-8b"}
+    )
+    # adapter removed
+    kube.apply(namespace, "llama", base="llama-8b", adapters=["sql"])
+    w.wait_for({"llama-8b": "llama-8b", "sql": "llama-8b"})
+    kube.delete(namespace, "llama")
+    w.wait_for({})
+
+
+def test_first_list_before_ready(kube: Kube, namespace: str, watch: Start) -> None:
+    kube.apply(namespace, "a", base="base-a", adapters=["x"])
+    kube.apply(namespace, "b", base="base-b", labels={LLMD_LABEL: "true"})
+    w = watch([namespace], wait_loaded=False)
+    assert w.holder.loaded.wait(10)
+    # The first map published is the full list: ready never means "empty so far".
+    assert w.table() == {"base-a": "base-a", "x": "base-a", "base-b": "base-b"}
+
+
+def test_base_model_changed(kube: Kube, namespace: str, watch: Start) -> None:
+    w = watch([namespace])
+    kube.apply(namespace, "one", base="old-base", adapters=["a1"])
+    kube.apply(namespace, "two", base="old-base", adapters=["a2"])
+    w.wait_for({"old-base": "old-base", "a1": "old-base", "a2": "old-base"})
+    # Another ConfigMap still declares old-base: it stays.
+    kube.apply(namespace, "one", base="new-base", adapters=["a1"])
+    w.wait_for({"old-base": "old-base", "a2": "old-base", "new-base": "new-base", "a1": "new-base"})
+    # Nobody declares it any more: gone.
+    kube.apply(namespace, "two", base="new-base", adapters=["a2"])
+    w.wait_for({"new-base": "new-base", "a1": "new-base", "a2": "new-base"})
+
+
+def test_label_removed_and_restored(kube: Kube, namespace: str, watch: Start) -> None:
+    w = watch([namespace])
+    kube.apply(namespace, "m", base="b1", adapters=["x1"])
+    w.wait_for({"b1": "b1", "x1": "b1"})
+    kube.labels(namespace, "m", {BBR_LABEL: None})
+    w.wait_for({})
+    kube.labels(namespace, "m", {BBR_LABEL: "true"})
+    w.wait_for({"b1": "b1", "x1": "b1"})
+    kube.labels(namespace, "m", {BBR_LABEL: "false"})
+    w.wait_for({})
+
+
+def test_llmd_label_and_both_labels(kube: Kube, namespace: str, watch: Start) -> None:
+    w = watch([namespace])
+    kube.apply(namespace, "llmd", base="b-llmd", labels={LLMD_LABEL: "true"})
+    kube.apply(namespace, "both", base="b-both", labels={LLMD_LABEL: "true", BBR_LABEL: "true"})
+    w.wait_for({"b-llmd": "b-llmd", "b-both": "b-both"})
+    # Edits of a ConfigMap seen by both watches apply (the newest copy wins).
+    kube.apply(
+        namespace,
+        "both",
+        base="b-both",
+        adapters=["z"],
+        labels={LLMD_LABEL: "true", BBR_LABEL: "true"},
+    )
+    w.wait_for({"b-llmd": "b-llmd", "b-both": "b-both", "z": "b-both"})
+    kube.labels(namespace, "both", {BBR_LABEL: None})  # still carries llm-d's
+    w.steady({"b-llmd": "b-llmd", "b-both": "b-both", "z": "b-both"}, 0.5)
+    kube.labels(namespace, "both", {LLMD_LABEL: None})
+    w.wait_for({"b-llmd": "b-llmd"})
+
+
+def test_unlabelled_ignored(kube: Kube, namespace: str, watch: Start) -> None:
+    w = watch([namespace])
+    kube.apply(namespace, "plain", base="nope", labels={})
+    kube.apply(namespace, "other", base="nope2", labels={"app": "x", BBR_LABEL: "no"})
+    kube.apply(namespace, "marker", base="yes")
+    w.wait_for({"yes": "yes"})
+    w.steady({"yes": "yes"}, 0.3)
+
+
+def test_invalid_keeps_last_good(
+    kube: Kube, namespace: str, watch: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="bbr.sources.kubernetes")
+    w = watch([namespace])
+    kube.apply(namespace, "m", base="good", adapters=["a"])
+    w.wait_for({"good": "good", "a": "good"})
+    kube.apply(namespace, "m", data={"baseModel": "good", "adapters": "not: [a, list"})
+    kube.apply(namespace, "marker", base="after-bad")  # proves the bad event was processed
+    w.wait_for({"good": "good", "a": "good", "after-bad": "after-bad"})
+    assert any(r.errors and "adapters" in r.errors[0].key for r in w.reports), w.reports
+    assert any(f"{namespace}/m" in str(r.__dict__) for r in caplog.records), caplog.text
+    # Another invalid version: still the last good one.
+    kube.apply(namespace, "m", data={"adapters": "- b"})
+    w.steady({"good": "good", "a": "good", "after-bad": "after-bad"}, 0.5)
+    # Valid again: the new version applies.
+    kube.apply(namespace, "m", base="better", adapters=["b"])
+    w.wait_for({"better": "better", "b": "better", "after-bad": "after-bad"})
+    # Invalid, then deleted: its entries go.
+    kube.apply(namespace, "m", data={"baseModel": "bad\tname"})
+    kube.delete(namespace, "m")
+    w.wait_for({"after-bad": "after-bad"})
+    # Invalid from the start: nothing, and reported.
+    kube.apply(namespace, "fresh", data={"baseModel": ""})
+    kube.apply(namespace, "marker", base="after-bad", adapters=["m2"])
+    w.wait_for({"after-bad": "after-bad", "m2": "after-bad"})
+    assert any(e.ref and e.ref.name == "fresh" for r in w.reports for e in r.errors)
+
+
+def test_conflict_oldest_wins(kube: Kube, namespace: str, watch: Start) -> None:
+    w = watch([namespace])
+    # Name order is the reverse of age order: creationTimestamp must decide.
+    kube.apply(namespace, "z-old", base="base-old", adapters=["shared"])
+    time.sleep(1.1)  # creationTimestamp has whole seconds
+    kube.apply(namespace, "a-new", base="base-new", adapters=["shared", "mine"])
+    w.wait_for(
+        {"base-old": "base-old", "shared": "base-old", "base-new": "base-new", "mine": "base-new"}
+    )
+    w.steady(
+        {"base-old": "base-old", "shared": "base-old", "base-new": "base-new", "mine": "base-new"},
+        0.2,
+    )
+    assert [c.name for c in w.holder.current.conflicts] == ["shared"]
+    kube.delete(namespace, "z-old")
+    w.wait_for({"base-new": "base-new", "shared": "base-new", "mine": "base-new"})
+
+
+def test_namespaces(kube: Kube, watch: Start) -> None:
+    suffix = os.urandom(3).hex()
+    ns_a, ns_b = f"ns-a-{suffix}", f"ns-b-{suffix}"
+    for ns in (ns_a, ns_b):
+        kube.create_namespace(ns)
+        kube.apply(ns, "m", base=f"base-{ns}")
+    only_a = watch([ns_a])
+    assert only_a.table() == {f"base-{ns_a}": f"base-{ns_a}"}
+    both = watch([ns_a, ns_b])
+    assert both.table() == {f"base-{ns_a}": f"base-{ns_a}", f"base-{ns_b}": f"base-{ns_b}"}
+    everywhere = watch(["*"])
+    assert {f"base-{ns_a}", f"base-{ns_b}"} <= set(everywhere.table())
+    kube.apply(ns_b, "m2", base=f"late-{ns_b}")
+    everywhere.wait(lambda t: f"late-{ns_b}" in t)
+    both.wait(lambda t: f"late-{ns_b}" in t)
+    only_a.steady({f"base-{ns_a}": f"base-{ns_a}"}, 0.3)
+
+
+def test_api_server_restarted_mid_watch(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    w = watch([namespace])
+    kube.apply(namespace, "m", base="before")
+    w.wait_for({"before": "before"})
+    api.restart()  # SIGKILL, then the same port and etcd data
+    assert w.table() == {"before": "before"}  # the map stays while the API is away
+    kube.apply(namespace, "m", base="after", adapters=["x"])
+    w.wait_for({"after": "after", "x": "after"})
+    kube.apply(namespace, "n", base="second")
+    w.wait_for({"after": "after", "x": "after", "second": "second"})
+
+
+def test_api_unreachable_keeps_map_then_resumes(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    proxy = CuttableProxy(api.port)
+    try:
+        w = watch([namespace], kubeconfig=api.kubeconfig(server=proxy.url))
+        kube.apply(namespace, "m", base="kept", adapters=["a"])
+        w.wait_for({"kept": "kept", "a": "kept"})
+        watches = w.source.stats["watches"]
+        proxy.cut()
+        kube.apply(namespace, "m", base="changed-while-away")
+        w.steady({"kept": "kept", "a": "kept"}, 2.5)
+        assert w.source.stats["errors"] > 0
+        assert w.holder.loaded.is_set()
+        proxy.restore()
+        # Reconnects within the backoff cap (1 s), then resumes from its resourceVersion.
+        w.wait_for({"changed-while-away": "changed-while-away"}, DEADLINE + 1)
+        assert w.source.stats["watches"] > watches
+        kube.apply(namespace, "m", base="after-restore")
+        w.wait_for({"after-restore": "after-restore"})
+    finally:
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def api_etcd_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """An API server without a ConfigMap watch cache: watches are served by etcd, so
+    compacting etcd makes old resourceVersions expire (410 Gone)."""
+    server = start_api(tmp_path_factory.mktemp("kube-nocache"), configmap_watch_cache=False)
+    yield server
+    server.stop()
+
+
+def test_watch_expired_relists(api_etcd_watch: ApiServer, watch: Start) -> None:
+    api = api_etcd_watch
+    kube = Kube(KubeClient.from_kubeconfig(str(api.kubeconfig())))
+    namespace = f"t-{os.urandom(3).hex()}"
+    kube.create_namespace(namespace)
+    proxy = CuttableProxy(api.port)
+    try:
+        w = watch([namespace], kubeconfig=api.kubeconfig(server=proxy.url))
+        kube.apply(namespace, "gone", base="deleted-during-gap")
+        kube.apply(namespace, "stay", base="v1")
+        w.wait_for({"deleted-during-gap": "deleted-during-gap", "v1": "v1"})
+        lists = w.source.stats["lists"]
+        proxy.cut()
+        kube.delete(namespace, "gone")
+        kube.apply(namespace, "stay", base="v2", adapters=["new"])
+        kube.apply(namespace, "added", base="added-during-gap")
+        api.compact()  # every resourceVersion the source knows is now gone
+        proxy.restore()
+        w.wait_for({"v2": "v2", "new": "v2", "added-during-gap": "added-during-gap"}, DEADLINE + 1)
+        assert w.source.stats["gone"] > 0
+        assert w.source.stats["lists"] > lists
+        # And it keeps watching after the relist.
+        kube.apply(namespace, "stay", base="v3")
+        w.wait_for({"v3": "v3", "added-during-gap": "added-during-gap"})
+    finally:
+        proxy.close()
+
+
+def test_large_configmap_and_paginated_list(
+    kube: Kube, namespace: str, watch: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kubernetes, "LIST_PAGE", 2)  # 5 ConfigMaps: 3 pages
+    for i in range(5):
+        kube.apply(namespace, f"cm{i}", base=f"page-{i}")
+    big = [f"adapter-{i:06d}-{'x' * 30}" for i in range(20000)]  # ~900 KB of data
+    w = watch([namespace])
+    assert w.table() == {f"page-{i}": f"page-{i}" for i in range(5)}
+    assert w.source.stats["lists"] == 2  # one per label, each paginated
+    kube.apply(namespace, "big", base="big-base", adapters=big)
+    w.wait(lambda t: len(t) == 5 + 1 + len(big), DEADLINE + 1)  # a ~1 MB watch event
+    assert w.holder.current.lookup(big[-1]) == "big-base"
+
+
+def test_client_certificate_kubeconfig(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    kube.apply(namespace, "m", base="by-cert")
+    w = watch([namespace], kubeconfig=api.kubeconfig(cert_auth=True))
+    assert w.table() == {"by-cert": "by-cert"}
+
+
+def test_default_namespace_from_kubeconfig(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    kube.apply(namespace, "m", base="ctx-ns")
+    w = watch([], kubeconfig=api.kubeconfig(namespace=namespace))
+    assert w.source.namespaces == [namespace]
+    assert w.table() == {"ctx-ns": "ctx-ns"}
+
+
+def test_in_cluster_config(
+    api: ApiServer,
+    kube: Kube,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(ADMIN_TOKEN + "\n")
+    (sa / "ca.crt").write_bytes((api.dir / "ca.crt").read_bytes())
+    (sa / "namespace").write_text(namespace)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+    kube.apply(namespace, "m", base="in-cluster")
+    holder = MapHolder()
+    source = KubernetesSource(holder, [], service_account_dir=str(sa))
+    assert source.client.in_cluster
+    assert source.namespaces == [namespace]  # the pod's own namespace
+    source.start()
+    try:
+        assert holder.loaded.wait(10)
+        assert dict(holder.current.items()) == {"in-cluster": "in-cluster"}
+    finally:
+        source.stop()
+
+
+def test_rbac_list_watch_is_enough(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    """The unprivileged user `bbr` needs list and watch on ConfigMaps, nothing else;
+    without them it is not ready, and it becomes ready once granted."""
+    kube.apply(namespace, "m", base="rbac")
+    w = watch([namespace], kubeconfig=api.kubeconfig("bbr"), wait_loaded=False)
+    time.sleep(1)
+    assert not w.holder.loaded.is_set()
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    kube.client.request(
+        "POST",
+        f"{rbac}/roles",
+        body={
+            "metadata": {"name": "bbr"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]}],
+        },
+    )
+    kube.client.request(
+        "POST",
+        f"{rbac}/rolebindings",
+        body={
+            "metadata": {"name": "bbr"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bbr"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bbr"}],
+        },
+    )
+    assert w.holder.loaded.wait(DEADLINE + 1)
+    assert w.table() == {"rbac": "rbac"}
+    kube.apply(namespace, "m", base="rbac2")
+    w.wait_for({"rbac2": "rbac2"})
+
+
+def test_no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(KubeConfigError, match="no Kubernetes config"):
+        KubernetesSource(MapHolder(), [], service_account_dir=str(tmp_path))
+
+
+def test_exec_credential_plugin(
+    api: ApiServer, kube: Kube, namespace: str, tmp_path: Path, watch: Start
+) -> None:
+    """kubeconfigs of managed clusters (GKE, EKS) get their token from an exec plugin."""
+    plugin = tmp_path / "plugin.sh"
+    plugin.write_text(
+        "#!/bin/sh\n"
+        'echo \'{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",'
+        f' "status": {{"token": "{ADMIN_TOKEN}"}}}}\'\n'
+    )
+    plugin.chmod(0o755)
+    config = tmp_path / "kubeconfig"
+    ca = (api.dir / "ca.crt").read_text()
+    config.write_text(
+        json.dumps(
+            {
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {
+                            "server": api.url,
+                            "certificate-authority-data": base64.b64encode(ca.encode()).decode(),
+                        },
+                    }
+                ],
+                "users": [
+                    {
+                        "name": "u",
+                        "user": {
+                            "exec": {
+                                "apiVersion": "client.authentication.k8s.io/v1",
+                                "command": str(plugin),
+                            }
+                        },
+                    }
+                ],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    kube.apply(namespace, "m", base="via-exec")
+    w = watch([namespace], kubeconfig=config)
+    assert w.table() == {"via-exec": "via-exec"}
+
+
+@pytest.mark.parametrize("bad", ["Upper", "has space", "a" * 64, "-x", "a/b"])
+def test_bad_namespace(bad: str) -> None:
+    with pytest.raises(KubeConfigError) as caught:
+        KubernetesSource(MapHolder(), [bad], kubeconfig="/nonexistent")
+    assert caught.value.flag == "--namespace"
