@@ -103,6 +103,43 @@ bench-lint: $(BENCH_STAMP)
 	$(VENV)/bin/ruff check bench scripts
 	$(VENV)/bin/ruff format --check bench scripts
 
+# --- helm -------------------------------------------------------------------------------
+# The real helm CLI for tests/test_chart.py, built from its Go module with the local Go
+# toolchain and kept outside the repo (never committed). Idempotent: rebuilt only when the
+# installed binary is missing or reports another version.
+BBR_TOOLS    ?= $(HOME)/.cache/bbr-tools
+HELM_VERSION ?= v3.22.0
+HELM         := $(BBR_TOOLS)/bin/helm
+
+.PHONY: helm chart-test
+
+## make helm: install helm $(HELM_VERSION) into $(BBR_TOOLS)/bin (needs go).
+helm:
+	@if $(HELM) version --template '{{.Version}}' 2>/dev/null | grep -qx '$(HELM_VERSION)'; then \
+		echo "helm $(HELM_VERSION): $(HELM)"; \
+	else \
+		set -e; \
+		echo "building helm $(HELM_VERSION) from its Go module (a few minutes the first time)"; \
+		gomod=$$(GOTOOLCHAIN=local go mod download -json helm.sh/helm/v3@$(HELM_VERSION) \
+			| sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$$/\1/p'); \
+		k8s_minor=$$(sed -n 's/^[[:space:]]*k8s\.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "$$gomod"); \
+		test -n "$$k8s_minor"; \
+		mkdir -p $(BBR_TOOLS)/bin; \
+		GOTOOLCHAIN=local GOBIN=$(BBR_TOOLS)/bin go install -trimpath -ldflags "-w -s \
+			-X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
+			-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+			-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$$k8s_minor \
+			-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+			-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$$k8s_minor" \
+			helm.sh/helm/v3/cmd/helm@$(HELM_VERSION); \
+		$(HELM) version --template '{{.Version}}' | grep -qx '$(HELM_VERSION)'; \
+		echo "helm $(HELM_VERSION): $(HELM)"; \
+	fi
+
+## make chart-test: helm lint/template of charts/body-based-routing, and the Dockerfile's install steps.
+chart-test: $(STAMP) helm
+	$(PY) -m pytest -q tests/test_chart.py tests/test_image.py
+
 # --- soak ---------------------------------------------------------------------------------
 ## make soak: ghz against bbr for SOAK_SECONDS (600) while the model map is rewritten every
 ## 5 s; prints RSS and open fds over time; fails on > 10 % growth after the warm-up, any
