@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,32 @@ BBR_LABEL, LLMD_LABEL = MANAGED_LABELS
 DEADLINE = 2.5
 
 
+_SERVERS: list[ApiServer] = []
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "k8s: against a real kube-apiserver and etcd")
+    # k8s tests are also e2e: `make unit` (-m 'not e2e') does not need the built tools.
+    config.addinivalue_line("markers", "e2e: end-to-end against real servers (slower)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call" and report.failed and item.get_closest_marker("k8s"):
+        for server in _SERVERS:
+            report.sections.append((f"kube-apiserver log ({server.dir})", server.log_tail("kube")))
+    return report
 
 
 def start_api(tmp: Path, **kwargs: Any) -> ApiServer:
     server = ApiServer(tmp, **kwargs)
     try:
-        return server.start()
+        server.start()
+        _SERVERS.append(server)
+        return server
     except ToolsMissing as exc:
         missing = str(exc)
     except BaseException:
@@ -43,11 +61,17 @@ def start_api(tmp: Path, **kwargs: Any) -> ApiServer:
     pytest.fail(missing, pytrace=False)  # not skipped: `make test` installs the tools
 
 
+def stop_api(server: ApiServer) -> None:
+    server.stop()
+    if server in _SERVERS:
+        _SERVERS.remove(server)
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     server = start_api(tmp_path_factory.mktemp("kube"))
     yield server
-    server.stop()
+    stop_api(server)
 
 
 class Kube:

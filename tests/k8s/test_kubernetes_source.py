@@ -19,10 +19,10 @@ from bbr.modelmap import MapHolder
 from bbr.sources import kubernetes
 from bbr.sources.kubernetes import KubeClient, KubeConfigError, KubernetesSource
 from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
-from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api
+from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
 from tests.k8s.proxy import CuttableProxy
 
-pytestmark = pytest.mark.k8s
+pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 
 Start = Callable[..., Watch]
 
@@ -216,7 +216,7 @@ def api_etcd_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServ
     compacting etcd makes old resourceVersions expire (410 Gone)."""
     server = start_api(tmp_path_factory.mktemp("kube-nocache"), configmap_watch_cache=False)
     yield server
-    server.stop()
+    stop_api(server)
 
 
 def test_watch_expired_relists(api_etcd_watch: ApiServer, watch: Start) -> None:
