@@ -1,0 +1,873 @@
+"""charts/body-based-routing, rendered by the real `helm` (`make helm` installs it).
+
+`helm lint` (plain and `--strict`) and `helm template` for every provider and several value
+combinations; the rendered objects are then checked for what an operator would notice: bbr
+first in the gateway's filter chain and pointing at the bbr Service's ext_proc port, scoped
+to the inference Gateway alone; Envoy sending request headers and body only, in the mode
+bbr runs in; ConfigMap-only RBAC; probes on the health port; a locked-down pod; model
+ConfigMaps that bbr's own parser accepts; container args that bbr's own CLI accepts.
+
+`render()` and `rendered_manifests()` return plain dicts, one per object, so that a
+server-side dry run against a real API server can reuse exactly these renders.
+
+Not checked here: that the objects are accepted by an API server with the providers' CRDs
+(that is the dry run's job), nor what each gateway implementation does with them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+
+from bbr import modelmap
+from bbr.cli import build_parser
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHART = REPO_ROOT / "charts" / "body-based-routing"
+RELEASE = "bbr"
+NAMESPACE = "bbr-system"
+GATEWAY = "inference-gateway"
+BASE_HEADER = "x-gateway-base-model-name"
+MANAGED_LABEL = "inference.networking.k8s.io/bbr-managed"
+PROVIDERS = ("none", "istio", "gke", "envoy-gateway", "kgateway")
+# protobuf ships no type stubs here; only ParseDict is used.
+json_format: Any = importlib.import_module("google.protobuf.json_format")
+
+Manifest = dict[str, Any]
+
+# Models with names that YAML would misread if the chart did not quote them.
+MODELS: list[dict[str, Any]] = [
+    {
+        "baseModel": "meta-llama/Llama-3.1-8B-Instruct",
+        "adapters": ["food-review-1", "movie-critique", "yes", "null", "1e3", 'a"b: c', "modèle"],
+        "inferencePool": "vllm-llama3-8b-instruct",
+    },
+    {"name": "deepseek", "baseModel": "deepseek/vllm-deepseek-r1", "adapters": ["ski-resorts"]},
+    {"name": "phi", "baseModel": "microsoft/Phi-4-mini-instruct"},
+]
+
+# Value combinations every provider is rendered with.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "models-and-routes": {"models": MODELS, "httpRoute": {"enabled": True}},
+    "streaming": {"bbr": {"streaming": True}, "models": MODELS[:1]},
+    "gateway-elsewhere": {
+        "inferenceGateway": {"name": "llm-gw", "namespace": "gateways"},
+        "bbr": {"watchNamespaces": ["team-a", "team-b"]},
+        "models": MODELS,
+        "httpRoute": {"enabled": True},
+    },
+    "everything": {
+        "bbr": {
+            "replicas": 3,
+            "image": {"registry": "registry.example/ml", "digest": "sha256:" + "ab" * 32},
+            "multiNamespace": True,
+            "secureServing": True,
+            "tls": {"secretName": "bbr-tls", "clientCA": True},
+            "unknownModel": "reject",
+            "maxBodyBytes": 33554432,
+            "modelsEndpoint": True,
+            "workers": 2,
+            "logLevel": "debug",
+            "logFormat": "text",
+            "flags": {"models-endpoint": "true"},
+            "autoscaling": {"enabled": True},
+            "podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None},
+            "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        },
+        "provider": {
+            "supportedEvents": ["RequestHeaders", "RequestBody", "ResponseHeaders", "ResponseBody"],
+            "envoyGateway": {"clientTrafficPolicy": {"bufferLimit": "20Mi"}},
+        },
+        "models": MODELS,
+        "httpRoute": {"enabled": True, "hostnames": ["llm.example.com"], "requestTimeout": ""},
+    },
+}
+
+
+# Combinations the chart refuses, with the reason it gives.
+UNSUPPORTED = {
+    ("gke", "gateway-elsewhere"): "install this release in the Gateway's namespace",
+}
+COMBINATIONS = [(p, s) for p in PROVIDERS for s in SCENARIOS if (p, s) not in UNSUPPORTED]
+
+
+# --- helm -------------------------------------------------------------------------------
+
+
+def helm_binary() -> str:
+    """The helm that `make helm` installed (or $BBR_HELM); fails the test without one."""
+    explicit = os.environ.get("BBR_HELM")
+    if explicit:
+        return explicit
+    tools = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
+    installed = tools / "bin" / "helm"
+    if installed.is_file() and os.access(installed, os.X_OK):
+        return str(installed)
+    found = shutil.which("helm")
+    if found:
+        return found
+    pytest.fail(f"helm not found ({installed}, $BBR_HELM or PATH): run `make helm`")
+
+
+def run_helm(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm_binary(), *args, str(chart)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of value layers (later wins), as helm merges -f files."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+@functools.cache
+def _template(values_json: str, namespace: str, show_only: str | None) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        handle.write(values_json)
+    try:
+        args = ["template", RELEASE, "--namespace", namespace, "--values", handle.name]
+        if show_only:
+            args += ["--show-only", show_only]
+        result = run_helm(*args)
+    finally:
+        os.unlink(handle.name)
+    if result.returncode != 0:
+        raise HelmError(result.stderr.strip())
+    return result.stdout
+
+
+class HelmError(Exception):
+    pass
+
+
+def template_text(
+    values: Mapping[str, Any] | None = None,
+    *,
+    namespace: str = NAMESPACE,
+    show_only: str | None = None,
+) -> str:
+    """`helm template` output, as text (raises HelmError with helm's stderr)."""
+    return _template(json.dumps(values or {}, sort_keys=True), namespace, show_only)
+
+
+def render(
+    values: Mapping[str, Any] | None = None, *, namespace: str = NAMESPACE
+) -> list[Manifest]:
+    """Every object `helm template` renders for `values`, as dicts."""
+    text = template_text(values, namespace=namespace)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def provider_values(provider: str, scenario: str) -> dict[str, Any]:
+    return merge(SCENARIOS[scenario], {"provider": {"name": provider}})
+
+
+def rendered_manifests() -> Iterator[tuple[str, str, list[Manifest]]]:
+    """(provider, scenario, objects) for every supported provider and scenario."""
+    for provider, scenario in COMBINATIONS:
+        yield provider, scenario, render(provider_values(provider, scenario))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _render_in_parallel() -> None:
+    """Fill render()'s cache for every combination, a few helm processes at a time."""
+    helm_binary()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda c: render(provider_values(*c)), COMBINATIONS))
+
+
+# --- reading rendered objects -------------------------------------------------------------
+
+
+def of_kind(manifests: Sequence[Manifest], kind: str) -> list[Manifest]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def one(manifests: Sequence[Manifest], kind: str) -> Manifest:
+    found = of_kind(manifests, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(manifests: Sequence[Manifest]) -> dict[str, Any]:
+    containers = one(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["bbr"]
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def serve_args(manifests: Sequence[Manifest]) -> Any:
+    """The container args, parsed by bbr's own CLI parser (the image runs `bbr serve`)."""
+    args = container(manifests)["args"]
+    assert all(isinstance(a, str) for a in args), args
+    parser, _ = build_parser()
+    try:
+        return parser.parse_args(["serve", *args])
+    except SystemExit:
+        pytest.fail(f"bbr serve rejects the chart's args: {args}")
+
+
+def gateway_namespace(values: Mapping[str, Any]) -> str:
+    return str(values.get("inferenceGateway", {}).get("namespace") or NAMESPACE)
+
+
+def gateway_name(values: Mapping[str, Any]) -> str:
+    return str(values.get("inferenceGateway", {}).get("name") or GATEWAY)
+
+
+def service_port(manifests: Sequence[Manifest], port: int) -> dict[str, Any]:
+    """The Service port `port`, checked to reach the container's ext_proc port."""
+    service = one(manifests, "Service")
+    ports = {p["port"]: p for p in service["spec"]["ports"]}
+    assert port in ports, f"the bbr Service has no port {port}"
+    entry: dict[str, Any] = ports[port]
+    named = {p["name"]: p["containerPort"] for p in container(manifests)["ports"]}
+    assert named[entry["targetPort"]] == serve_args(manifests).grpc_port
+    return entry
+
+
+def envoy_modes(provider: str, manifests: Sequence[Manifest]) -> dict[str, str]:
+    """The provider objects' processing mode, in Envoy's ProcessingMode terms."""
+    if provider == "istio":
+        typed = one(manifests, "EnvoyFilter")["spec"]["configPatches"][0]["patch"]["value"]
+        return dict(typed["typed_config"]["processing_mode"])
+    if provider == "kgateway":
+        policy_mode = one(manifests, "TrafficPolicy")["spec"]["extProc"]["processingMode"]
+        extension = one(manifests, "GatewayExtension")["spec"]["extProc"]["processingMode"]
+        assert policy_mode == extension
+        return {
+            "request_header_mode": policy_mode["requestHeaderMode"],
+            "response_header_mode": policy_mode["responseHeaderMode"],
+            "request_body_mode": policy_mode["requestBodyMode"],
+            "response_body_mode": policy_mode["responseBodyMode"],
+            "request_trailer_mode": policy_mode["requestTrailerMode"],
+            "response_trailer_mode": policy_mode["responseTrailerMode"],
+        }
+    body = {
+        None: "NONE",
+        "Buffered": "BUFFERED",
+        "Streamed": "STREAMED",
+        "FullDuplexStreamed": "FULL_DUPLEX_STREAMED",
+    }
+    if provider == "envoy-gateway":
+        # Envoy Gateway: headers are sent when request/response is present; a
+        # FullDuplexStreamed body brings its trailers.
+        (ext_proc,) = one(manifests, "EnvoyExtensionPolicy")["spec"]["extProc"]
+        mode = ext_proc.get("processingMode", {})
+        request, response = mode.get("request"), mode.get("response")
+        request_body = body[(request or {}).get("body")]
+        response_body = body[(response or {}).get("body")]
+        return {
+            "request_header_mode": "SEND" if request is not None else "SKIP",
+            "response_header_mode": "SEND" if response is not None else "SKIP",
+            "request_body_mode": request_body,
+            "response_body_mode": response_body,
+            "request_trailer_mode": "SEND" if request_body == "FULL_DUPLEX_STREAMED" else "SKIP",
+            "response_trailer_mode": "SEND" if response_body == "FULL_DUPLEX_STREAMED" else "SKIP",
+        }
+    if provider == "gke":
+        (chain,) = one(manifests, "GCPRoutingExtension")["spec"]["extensionChains"]
+        (extension,) = chain["extensions"]
+        events = extension["supportedEvents"]
+        streamed = body[extension.get("requestBodySendMode", "Streamed")]
+        return {
+            "request_header_mode": "SEND" if "RequestHeaders" in events else "SKIP",
+            "response_header_mode": "SEND" if "ResponseHeaders" in events else "SKIP",
+            "request_body_mode": streamed if "RequestBody" in events else "NONE",
+            "response_body_mode": "STREAMED" if "ResponseBody" in events else "NONE",
+            "request_trailer_mode": "SEND" if "RequestTrailers" in events else "SKIP",
+            "response_trailer_mode": "SEND" if "ResponseTrailers" in events else "SKIP",
+        }
+    raise AssertionError(f"no ext_proc objects for provider {provider}")
+
+
+ONLY_REQUEST_BUFFERED = {
+    "request_header_mode": "SEND",
+    "response_header_mode": "SKIP",
+    "request_body_mode": "BUFFERED",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP",
+}
+ONLY_REQUEST_STREAMED = {
+    **ONLY_REQUEST_BUFFERED,
+    "request_body_mode": "FULL_DUPLEX_STREAMED",
+    "request_trailer_mode": "SEND",
+}
+PROVIDER_KINDS = {
+    "none": set(),
+    "istio": {"EnvoyFilter"},
+    "gke": {"GCPRoutingExtension", "HealthCheckPolicy"},
+    "envoy-gateway": {"EnvoyExtensionPolicy"},
+    "kgateway": {"GatewayExtension", "TrafficPolicy"},
+}
+ALL_PROVIDER_KINDS = set().union(*PROVIDER_KINDS.values()) | {
+    "DestinationRule",
+    "ClientTrafficPolicy",
+    "ReferenceGrant",
+}
+
+
+# --- lint and the values schema ------------------------------------------------------------
+
+
+def test_helm_lint_clean() -> None:
+    result = run_helm("lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_helm_lint_strict_clean(provider: str) -> None:
+    result = run_helm("lint", "--strict", "--set", f"provider.name={provider}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"provider": {"name": "nginx"}}, "/provider/name"),
+        ({"provider": {"supportedEvents": ["RequestHeaders"]}}, "/provider/supportedEvents"),
+        ({"bbr": {"port": 0}}, "/bbr/port"),
+        ({"bbr": {"unknownModel": "drop"}}, "/bbr/unknownModel"),
+        ({"bbr": {"watchNamespaces": ["Team_A"]}}, "/bbr/watchNamespaces"),
+        ({"bbr": {"watchNamespace": ["x"]}}, "watchNamespace"),
+        ({"models": [{"adapters": ["a"]}]}, "baseModel"),
+        ({"models": [{"name": "Llama", "baseModel": "llama"}]}, "/models/0/name"),
+        ({"provider": {"messageTimeout": "10 seconds"}}, "/provider/messageTimeout"),
+    ],
+)
+def test_schema_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(HelmError) as failure:
+        render(values)
+    assert complaint in str(failure.value)
+
+
+def test_duplicate_model_names_fail_with_a_reason() -> None:
+    models = [{"baseModel": "Llama 3"}, {"baseModel": "llama-3"}]
+    with pytest.raises(HelmError, match=r"models\[1\]: name \"llama-3\" is used twice"):
+        render({"models": models})
+
+
+@pytest.mark.parametrize(("provider", "scenario"), sorted(UNSUPPORTED))
+def test_unsupported_combinations_fail_with_a_reason(provider: str, scenario: str) -> None:
+    with pytest.raises(HelmError, match=UNSUPPORTED[provider, scenario]):
+        render(provider_values(provider, scenario))
+
+
+def test_http_routes_need_models() -> None:
+    with pytest.raises(HelmError, match=r"httpRoute\.enabled needs at least one entry in models"):
+        render({"httpRoute": {"enabled": True}})
+
+
+# --- every provider, every scenario -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("provider", "scenario"), COMBINATIONS)
+def test_renders_well_formed_objects(provider: str, scenario: str) -> None:
+    values = provider_values(provider, scenario)
+    manifests = render(values)
+    keys = [(m["kind"], m["metadata"].get("namespace"), m["metadata"]["name"]) for m in manifests]
+    assert len(keys) == len(set(keys)), "two objects share kind, namespace and name"
+    for manifest in manifests:
+        assert manifest["apiVersion"] and manifest["kind"]
+        if manifest["kind"] not in {"ClusterRole", "ClusterRoleBinding"}:
+            assert manifest["metadata"].get("namespace"), manifest["metadata"]["name"]
+        assert manifest["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+
+    kinds = {m["kind"] for m in manifests}
+    assert {"Deployment", "Service", "ServiceAccount"} <= kinds
+    assert kinds & ALL_PROVIDER_KINDS >= PROVIDER_KINDS[provider]
+    others = set().union(*(v for k, v in PROVIDER_KINDS.items() if k != provider))
+    assert not kinds & others, f"{provider} renders another provider's objects"
+
+
+@pytest.mark.parametrize(("provider", "scenario"), [c for c in COMBINATIONS if c[0] != "none"])
+def test_ext_proc_points_at_bbr_and_only_the_inference_gateway(
+    provider: str, scenario: str
+) -> None:
+    values = provider_values(provider, scenario)
+    manifests = render(values)
+    gw_ns, gw_name = gateway_namespace(values), gateway_name(values)
+    service_host = f"{one(manifests, 'Service')['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    args = serve_args(manifests)
+
+    attached = [m for m in manifests if m["kind"] in PROVIDER_KINDS[provider]]
+    for manifest in attached:
+        if manifest["kind"] != "HealthCheckPolicy":
+            assert manifest["metadata"]["namespace"] == gw_ns, manifest["kind"]
+
+    if provider == "istio":
+        envoy_filter = one(manifests, "EnvoyFilter")
+        spec = envoy_filter["spec"]
+        # Only the inference Gateway's pods, never sidecars or other gateways.
+        assert spec["workloadSelector"] == {
+            "labels": {"gateway.networking.k8s.io/gateway-name": gw_name}
+        }
+        assert "targetRefs" not in spec
+        (patch,) = spec["configPatches"]
+        assert patch["applyTo"] == "HTTP_FILTER"
+        assert patch["match"]["context"] == "GATEWAY"
+        hcm = patch["match"]["listener"]["filterChain"]["filter"]
+        assert hcm == {"name": "envoy.filters.network.http_connection_manager"}
+        assert patch["patch"]["operation"] == "INSERT_FIRST"
+        value = patch["patch"]["value"]
+        assert value["name"].startswith("envoy.filters.http.ext_proc")
+        typed = dict(value["typed_config"])
+        assert typed.pop("@type").endswith(
+            "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+        )
+        # Every field is Envoy's own: parse it with Envoy's protos.
+        processor = json_format.ParseDict(typed, ext_proc_pb2.ExternalProcessor())
+        assert processor.failure_mode_allow is False
+        cluster = processor.grpc_service.envoy_grpc.cluster_name
+        assert cluster == f"outbound|{args.grpc_port}||{service_host}"
+        service_port(manifests, args.grpc_port)
+        return
+
+    target = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gw_name}
+    if provider == "envoy-gateway":
+        policy = one(manifests, "EnvoyExtensionPolicy")
+        assert policy["spec"]["targetRefs"] == [target]
+        (ext_proc,) = policy["spec"]["extProc"]
+        assert ext_proc["failOpen"] is False
+        (ref,) = ext_proc["backendRefs"]
+    elif provider == "kgateway":
+        extension = one(manifests, "GatewayExtension")
+        policy = one(manifests, "TrafficPolicy")
+        assert policy["spec"]["targetRefs"] == [target]
+        assert policy["spec"]["extProc"]["extensionRef"] == {"name": extension["metadata"]["name"]}
+        assert extension["spec"]["extProc"]["failOpen"] is False  # kgateway's default is true
+        ref = extension["spec"]["extProc"]["grpcService"]["backendRef"]
+    else:
+        routing = one(manifests, "GCPRoutingExtension")
+        assert routing["spec"]["targetRefs"] == [target]
+        (chain,) = routing["spec"]["extensionChains"]
+        (extension,) = chain["extensions"]
+        assert extension["failOpen"] is False
+        ref = extension["backendRef"]
+        health = one(manifests, "HealthCheckPolicy")
+        assert health["spec"]["targetRef"]["name"] == one(manifests, "Service")["metadata"]["name"]
+        grpc_check = health["spec"]["default"]["config"]["grpcHealthCheck"]
+        assert grpc_check["port"] == args.grpc_health_port
+
+    assert ref.get("group", "") == "" and ref.get("kind", "Service") == "Service"
+    assert ref["name"] == one(manifests, "Service")["metadata"]["name"]
+    assert ref.get("namespace", gw_ns) == NAMESPACE
+    service_port(manifests, ref["port"])
+
+    grants = of_kind(manifests, "ReferenceGrant")
+    if gw_ns == NAMESPACE:
+        assert not grants
+    else:
+        (grant,) = grants
+        assert grant["metadata"]["namespace"] == NAMESPACE
+        assert grant["spec"]["from"][0]["namespace"] == gw_ns
+        assert grant["spec"]["to"] == [{"group": "", "kind": "Service", "name": ref["name"]}]
+
+
+@pytest.mark.parametrize(("provider", "scenario"), [c for c in COMBINATIONS if c[0] != "none"])
+def test_envoy_sends_request_events_in_the_mode_bbr_runs(provider: str, scenario: str) -> None:
+    values = provider_values(provider, scenario)
+    manifests = render(values)
+    modes = envoy_modes(provider, manifests)
+    streaming = serve_args(manifests).streaming
+    # Envoy's body mode and bbr's --streaming must agree, or no request routes.
+    assert (modes["request_body_mode"] == "FULL_DUPLEX_STREAMED") == bool(streaming)
+    if "supportedEvents" in values.get("provider", {}):
+        return
+    assert modes == (ONLY_REQUEST_STREAMED if streaming else ONLY_REQUEST_BUFFERED)
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "none"])
+def test_streaming_switches_the_processing_mode(provider: str) -> None:
+    buffered = render({"provider": {"name": provider}})
+    streamed = render({"provider": {"name": provider}, "bbr": {"streaming": True}})
+    assert envoy_modes(provider, streamed) == ONLY_REQUEST_STREAMED
+    assert serve_args(streamed).streaming is True
+    if provider == "gke":  # Google's load balancers only stream: always on
+        assert envoy_modes(provider, buffered) == ONLY_REQUEST_STREAMED
+        assert serve_args(buffered).streaming is True
+    else:
+        assert envoy_modes(provider, buffered) == ONLY_REQUEST_BUFFERED
+        assert not serve_args(buffered).streaming
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "none"])
+def test_response_events_only_when_asked(provider: str) -> None:
+    events = ["RequestHeaders", "RequestBody", "ResponseHeaders", "ResponseBody"]
+    manifests = render({"provider": {"name": provider, "supportedEvents": events}})
+    modes = envoy_modes(provider, manifests)
+    assert modes["response_header_mode"] == "SEND"
+    assert modes["response_body_mode"] == "STREAMED"
+    headers_only = render(
+        {"provider": {"name": provider, "supportedEvents": events[:3]}, "bbr": {"streaming": True}}
+    )
+    modes = envoy_modes(provider, headers_only)
+    assert modes["response_header_mode"] == "SEND"
+    assert modes["response_body_mode"] == "NONE"
+    # Streaming needs the request trailers, asked for or not.
+    assert modes["request_trailer_mode"] == "SEND"
+
+
+def test_istio_secure_serving_originates_tls_to_bbr() -> None:
+    plain = render({"provider": {"name": "istio"}})
+    assert not of_kind(plain, "DestinationRule")
+    secure = render({"provider": {"name": "istio"}, "bbr": {"secureServing": True}})
+    rule = one(secure, "DestinationRule")
+    assert (
+        rule["spec"]["host"]
+        == f"{one(secure, 'Service')['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    )
+    (port,) = rule["spec"]["trafficPolicy"]["portLevelSettings"]
+    assert port["port"]["number"] == serve_args(secure).grpc_port
+    assert port["tls"]["mode"] == "SIMPLE"
+    assert serve_args(secure).secure_serving is True
+
+
+def test_istio_envoy_filter_anchor_options() -> None:
+    manifests = render(
+        {
+            "provider": {
+                "name": "istio",
+                "istio": {
+                    "envoyFilter": {
+                        "operation": "INSERT_BEFORE",
+                        "anchorSubFilter": "envoy.filters.http.ext_proc",
+                    }
+                },
+            }
+        }
+    )
+    (patch,) = one(manifests, "EnvoyFilter")["spec"]["configPatches"]
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    sub = patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]
+    assert sub == {"name": "envoy.filters.http.ext_proc"}
+
+
+def test_gke_serves_tls_over_http2() -> None:
+    manifests = render({"provider": {"name": "gke"}})
+    assert serve_args(manifests).secure_serving is True
+    grpc = service_port(manifests, 9004)
+    assert grpc["appProtocol"] == "HTTP2"
+
+
+def test_envoy_gateway_buffer_limit_is_opt_in() -> None:
+    plain = render({"provider": {"name": "envoy-gateway"}})
+    assert not of_kind(plain, "ClientTrafficPolicy")
+    raised = render(
+        {
+            "provider": {
+                "name": "envoy-gateway",
+                "envoyGateway": {"clientTrafficPolicy": {"bufferLimit": "20Mi"}},
+            }
+        }
+    )
+    policy = one(raised, "ClientTrafficPolicy")
+    assert policy["spec"]["connection"] == {"bufferLimit": "20Mi"}
+    assert policy["spec"]["targetRefs"][0]["name"] == GATEWAY
+
+
+# --- the bbr Deployment -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_container_args_are_bbr_flags(scenario: str) -> None:
+    values = provider_values("none", scenario)
+    manifests = render(values)
+    args = serve_args(manifests)
+    bbr = values.get("bbr", {})
+    assert args.kubernetes is True
+    assert args.model_map is None
+    assert args.grpc_port == bbr.get("port", 9004)
+    assert args.grpc_health_port == bbr.get("healthCheckPort", 9005)
+    assert args.metrics_port == bbr.get("metricsPort", 9090)
+    assert len({args.grpc_port, args.grpc_health_port, args.metrics_port}) == 3
+    assert args.unknown_model == bbr.get("unknownModel", "pass")
+    assert args.max_body_bytes == bbr.get("maxBodyBytes", 16 * 1024 * 1024)
+    assert args.workers == bbr.get("workers", 1)
+    assert args.log_level == bbr.get("logLevel", "info")
+    assert args.log_format == bbr.get("logFormat", "json")
+    assert bool(args.streaming) == bbr.get("streaming", False)
+    assert bool(args.models_endpoint) == bbr.get("modelsEndpoint", False)
+    # What `bbr serve` checks after parsing.
+    if args.client_ca:
+        assert args.secure_serving
+    if args.cert_path or args.client_ca:
+        mounts = {m["mountPath"] for m in container(manifests)["volumeMounts"]}
+        assert "/etc/bbr/tls" in mounts
+    env = {e["name"]: e for e in container(manifests)["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_image_reference() -> None:
+    default = container(render())
+    assert (
+        default["image"]
+        == f"bbr:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+    )
+    pinned = container(render(provider_values("none", "everything")))
+    assert pinned["image"] == "registry.example/ml/bbr@sha256:" + "ab" * 32
+    tagged = container(render({"bbr": {"image": {"registry": "ghcr.io/x/", "tag": "1.2.3"}}}))
+    assert tagged["image"] == "ghcr.io/x/bbr:1.2.3"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes_on_the_health_port(scenario: str) -> None:
+    manifests = render(provider_values("none", scenario))
+    bbr = container(manifests)
+    health_port = serve_args(manifests).grpc_health_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert bbr[probe]["grpc"] == {"port": health_port}, probe
+    assert {"name": "grpc-health", "containerPort": health_port, "protocol": "TCP"} in bbr["ports"]
+    service = {p["name"]: p for p in one(manifests, "Service")["spec"]["ports"]}
+    assert service["grpc-health"]["port"] == health_port
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_locked_down_pod(scenario: str) -> None:
+    manifests = render(provider_values("none", scenario))
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532  # the image's user
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    bbr = container(manifests)
+    context = bbr["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in context
+    requests = bbr["resources"]["requests"]
+    assert requests["cpu"] and requests["memory"] and bbr["resources"]["limits"]["memory"]
+    # The read-only root filesystem leaves /tmp to an emptyDir (--workers keeps metrics there).
+    tmp = [m for m in bbr["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert tmp and any(v["name"] == tmp[0]["name"] and "emptyDir" in v for v in pod["volumes"])
+    assert pod["serviceAccountName"] == one(manifests, "ServiceAccount")["metadata"]["name"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rbac_reads_configmaps_in_the_watched_namespaces_only(scenario: str) -> None:
+    values = provider_values("none", scenario)
+    manifests = render(values)
+    args = serve_args(manifests)
+    account = one(manifests, "ServiceAccount")["metadata"]["name"]
+    roles = of_kind(manifests, "Role") + of_kind(manifests, "ClusterRole")
+    bindings = of_kind(manifests, "RoleBinding") + of_kind(manifests, "ClusterRoleBinding")
+    assert roles and len(roles) == len(bindings)
+    for role in roles:
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}
+        ]
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+        ]
+        kind = "ClusterRole" if binding["kind"] == "ClusterRoleBinding" else "Role"
+        (role,) = [
+            r
+            for r in roles
+            if r["kind"] == kind
+            and r["metadata"]["name"] == binding["roleRef"]["name"]
+            and r["metadata"].get("namespace") == binding["metadata"].get("namespace")
+        ]
+        assert binding["roleRef"]["apiGroup"] == "rbac.authorization.k8s.io"
+
+    wanted = values.get("bbr", {}).get("watchNamespaces") or [NAMESPACE]
+    if values.get("bbr", {}).get("multiNamespace"):
+        wanted = ["*"]
+    assert args.namespace == wanted
+    if wanted == ["*"]:
+        assert {r["kind"] for r in roles} == {"ClusterRole"}
+    else:
+        assert {r["kind"] for r in roles} == {"Role"}
+        assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(wanted)
+
+
+def test_watch_everywhere_with_a_star() -> None:
+    manifests = render({"bbr": {"watchNamespaces": ["team-a", "*"]}})
+    assert serve_args(manifests).namespace == ["*"]
+    assert {m["kind"] for m in manifests} >= {"ClusterRole", "ClusterRoleBinding"}
+    assert not of_kind(manifests, "Role")
+
+
+# --- model ConfigMaps and HTTPRoutes -------------------------------------------------------------
+
+
+def test_model_configmaps_are_valid_bbr_maps() -> None:
+    text = template_text({"models": MODELS}, show_only="templates/configmaps.yaml")
+    parsed = modelmap.parse_file_text(text, path="chart")
+    assert parsed.errors == []
+    got = {c.base_model: list(c.adapters) for c in parsed.configs}
+    assert got == {m["baseModel"]: m.get("adapters", []) for m in MODELS}
+    assert {c.ref.namespace for c in parsed.configs} == {NAMESPACE}
+    for configmap in (doc for doc in yaml.safe_load_all(text) if doc):
+        assert modelmap.is_managed(configmap["metadata"]["labels"])
+        assert configmap["metadata"]["labels"][MANAGED_LABEL] == "true"
+        assert all(isinstance(v, str) for v in configmap["data"].values())
+    names = sorted(c.ref.name for c in parsed.configs)
+    assert names == [
+        "body-based-router-deepseek",
+        "body-based-router-meta-llama-llama-3-1-8b-instruct",
+        "body-based-router-phi",
+    ]
+
+
+def test_no_models_no_configmaps() -> None:
+    assert not of_kind(render(), "ConfigMap")
+
+
+@pytest.mark.parametrize("scenario", ["models-and-routes", "gateway-elsewhere", "everything"])
+def test_http_routes_send_each_base_model_to_its_pool(scenario: str) -> None:
+    values = provider_values("none", scenario)
+    manifests = render(values)
+    routes = of_kind(manifests, "HTTPRoute")
+    assert len(routes) == len(values["models"])
+    parent = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway_name(values)}
+    if gateway_namespace(values) != NAMESPACE:
+        parent["namespace"] = gateway_namespace(values)
+    pools = {}
+    for route in routes:
+        assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+        assert route["spec"]["parentRefs"] == [parent]
+        (rule,) = route["spec"]["rules"]
+        (match,) = rule["matches"]
+        assert match["path"] == {"type": "PathPrefix", "value": "/"}
+        (header,) = match["headers"]
+        assert header["type"] == "Exact" and header["name"] == BASE_HEADER
+        (backend,) = rule["backendRefs"]
+        assert backend["group"] == "inference.networking.k8s.io"
+        assert backend["kind"] == "InferencePool"
+        pools[header["value"]] = backend["name"]
+    assert pools == {
+        "meta-llama/Llama-3.1-8B-Instruct": "vllm-llama3-8b-instruct",
+        "deepseek/vllm-deepseek-r1": "deepseek",
+        "microsoft/Phi-4-mini-instruct": "phi",
+    }
+
+
+def test_no_http_routes_unless_enabled() -> None:
+    assert not of_kind(render({"models": MODELS}), "HTTPRoute")
+
+
+# --- availability and monitoring ----------------------------------------------------------------
+
+
+def test_pdb_hpa_and_monitoring() -> None:
+    defaults = render(provider_values("none", "defaults"))
+    pod_labels = one(defaults, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pdb = one(defaults, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert not of_kind(defaults, "HorizontalPodAutoscaler")
+    assert not of_kind(defaults, "ServiceMonitor")
+    annotations = one(defaults, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(serve_args(defaults).metrics_port)
+
+    everything = render(provider_values("none", "everything"))
+    deployment = one(everything, "Deployment")
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    hpa = one(everything, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert one(everything, "PodDisruptionBudget")["spec"] == {
+        "minAvailable": 1,
+        "selector": pdb["spec"]["selector"],
+    }
+    monitor = one(everything, "ServiceMonitor")
+    service = one(everything, "Service")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports[endpoint["port"]] == serve_args(everything).metrics_port
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+
+
+def test_service_speaks_http2_to_the_gateway() -> None:
+    service = one(render(), "Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert ports["grpc-health"]["appProtocol"] == "kubernetes.io/h2c"
+    assert ports["http-metrics"]["port"] == 9090
+
+
+# --- NOTES.txt ---------------------------------------------------------------------------------
+
+
+def render_notes(values: Mapping[str, Any]) -> str:
+    """NOTES.txt as `helm install` would print it (helm template skips it, so a copy of the
+    chart renders it through tpl)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = Path(tmp) / "chart"
+        shutil.copytree(CHART, chart)
+        (chart / "templates" / "NOTES.txt").rename(chart / "notes-under-test.txt")
+        (chart / "templates" / "zz-notes.yaml").write_text(
+            'notes: {{ tpl (.Files.Get "notes-under-test.txt") . | toJson }}\n'
+        )
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            json.dump(values, handle)
+        try:
+            result = run_helm(
+                "template",
+                RELEASE,
+                "--namespace",
+                NAMESPACE,
+                "--values",
+                handle.name,
+                "--show-only",
+                "templates/zz-notes.yaml",
+                chart=chart,
+            )
+        finally:
+            os.unlink(handle.name)
+    assert result.returncode == 0, result.stderr
+    notes: str = yaml.safe_load(result.stdout)["notes"]
+    return notes
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_notes_say_what_to_do_next(provider: str) -> None:
+    notes = render_notes({"provider": {"name": provider}})
+    assert f"kubectl -n {NAMESPACE} rollout status deployment/body-based-router" in notes
+    assert MANAGED_LABEL in notes and BASE_HEADER in notes
+    expected = {
+        "none": "nothing attaches bbr to a gateway",
+        "istio": "EnvoyFilter",
+        "gke": "GCPRoutingExtension",
+        "envoy-gateway": "EnvoyExtensionPolicy",
+        "kgateway": "TrafficPolicy",
+    }[provider]
+    assert expected in notes
+    assert ("WARNING: Envoy Gateway buffers 32 KiB" in notes) == (provider == "envoy-gateway")
