@@ -253,13 +253,16 @@ def test_large_configmap_and_paginated_list(
     monkeypatch.setattr(kubernetes, "LIST_PAGE", 2)  # 5 ConfigMaps: 3 pages
     for i in range(5):
         kube.apply(namespace, f"cm{i}", base=f"page-{i}")
-    big = [f"adapter-{i:06d}-{'x' * 30}" for i in range(20000)]  # ~900 KB of data
     w = watch([namespace])
     assert w.table() == {f"page-{i}": f"page-{i}" for i in range(5)}
     assert w.source.stats["lists"] == 2  # one per label, each paginated
-    kube.apply(namespace, "big", base="big-base", adapters=big)
-    w.wait(lambda t: len(t) == 5 + 1 + len(big), DEADLINE + 1)  # a ~1 MB watch event
-    assert w.holder.current.lookup(big[-1]) == "big-base"
+    # A ~1 MB watch event (a ConfigMap's limit), read across many HTTP chunks.
+    readme = "".join(f"line {i} of a long readme\n" for i in range(30000))  # ~0.8 MB
+    kube.apply(
+        namespace, "big", data={"baseModel": "big-base", "adapters": "[a1]", "notes": readme}
+    )
+    w.wait(lambda t: t.get("a1") == "big-base")
+    assert len(w.table()) == 7
 
 
 def test_client_certificate_kubeconfig(
