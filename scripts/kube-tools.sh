@@ -28,9 +28,11 @@ mkdir -p "$BIN" "$TOOLS/src"
 
 # The `replace` lines for the staging modules: k8s.io/foo vX.Y.Z -> v0.Y.Z.
 staging_replaces() {
-  local minor_patch="${KUBE_VERSION#v1.}"
-  curl -fsSL "${GOPROXY_URL:-https://proxy.golang.org}/k8s.io/kubernetes/@v/${KUBE_VERSION}.mod" \
-    | sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\1#p' \
+  local minor_patch="${KUBE_VERSION#v1.}" gomod
+  # Through the go command, so GOPROXY and the checksum database apply.
+  gomod="$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')"
+  [[ -f "$gomod" ]] || { echo "kube-tools: cannot download k8s.io/kubernetes@$KUBE_VERSION" >&2; exit 1; }
+  sed -n 's#^\s*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\1#p' "$gomod" \
     | while read -r mod; do echo "replace $mod => $mod v0.${minor_patch}"; done
 }
 
@@ -86,7 +88,6 @@ replace go.etcd.io/etcd/client/pkg/v3 => go.etcd.io/etcd/client/pkg/v3 $ETCD_VER
 replace go.etcd.io/etcd/client/v3 => go.etcd.io/etcd/client/v3 $ETCD_VERSION
 replace go.etcd.io/etcd/pkg/v3 => go.etcd.io/etcd/pkg/v3 $ETCD_VERSION
 MOD
-  local v=go.etcd.io/etcd/api/v3/version
   (
     cd "$dir"
     go build -trimpath -o "$BIN/etcd.tmp" -ldflags "-s -w" go.etcd.io/etcd/server/v3
