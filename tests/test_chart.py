@@ -85,7 +85,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "logFormat": "text",
             "flags": {"models-endpoint": "true"},
             "autoscaling": {"enabled": True},
-            "podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None},
+            "podDisruptionBudget": {"minAvailable": 1},
             "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         },
         "provider": {
