@@ -383,9 +383,9 @@ class KubeClient:
         timeout: float = REQUEST_TIMEOUT,
     ) -> Any:
         """One JSON request; returns the decoded answer, raises ApiError or OSError."""
+        headers = self._headers()  # first: an exec plugin may change the TLS context
         conn = self.connect(timeout)
         try:
-            headers = self._headers()
             payload = None
             if body is not None:
                 payload = json.dumps(body).encode()
@@ -410,12 +410,13 @@ class KubeClient:
         """A watch: yields an iterator of decoded events. `on_connect(conn)` lets the
         caller keep the connection to abort it from another thread (and gets None
         when it is closed)."""
+        headers = self._headers()  # first: an exec plugin may change the TLS context
         conn = self.connect(timeout)
         on_connect(conn)
         try:
             conn.connect()
             _keepalive(conn.sock)
-            conn.request("GET", self.url(path, query), headers=self._headers())
+            conn.request("GET", self.url(path, query), headers=headers)
             response = conn.getresponse()
             if response.status != 200:
                 _raise_for_status(response.status, response.read())
