@@ -61,7 +61,7 @@ kube-tools:
 	scripts/kube-tools.sh
 
 # `make test` runs tests/k8s, which need them.
-test: kube-tools
+test: kube-tools helm
 
 ## make kube-test: only the Kubernetes ConfigMap source tests, against a real API server.
 kube-test: $(STAMP) kube-tools

@@ -101,7 +101,7 @@ def name_problem(name: str) -> str | None:
         return "empty name"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"longer than {MAX_NAME_BYTES} bytes"
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+    if not name.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
         return "contains a control character"
     return None
 
@@ -172,15 +172,14 @@ def parse_configmap(
         raw_adapters = []
     if not isinstance(raw_adapters, list):
         raise fail("data.adapters", "must be a YAML list of strings")
-    adapters: list[str] = []
+    adapters: dict[str, None] = {}  # ordered and de-duplicated in one pass
     for i, item in enumerate(raw_adapters):
         if not isinstance(item, str):
             raise fail(f"data.adapters[{i}]", "must be a string")
         item = item.strip()
         if problem := name_problem(item):
             raise fail(f"data.adapters[{i}]", problem)
-        if item not in adapters:
-            adapters.append(item)
+        adapters[item] = None
 
     if rank is None:
         rank = (1, created if created is not None else 2**62, ref.namespace, ref.name)

@@ -27,6 +27,7 @@ from bbr.logs import fields
 from bbr.modelmap import MapFileError, MapHolder, ModelMap
 from bbr.protocol import Finished, ProtocolError, Stream
 from bbr.sources.files import FileSource, LoadReport
+from bbr.sources.kubernetes import KubeConfigError, KubernetesSource
 
 log = logging.getLogger("bbr")
 request_log = logging.getLogger("bbr.request")
@@ -165,6 +166,11 @@ def report_reload(report: LoadReport) -> None:
         metrics.RELOAD_ERROR.inc()
 
 
+def count_reload(report: LoadReport) -> None:
+    """on_reload for the Kubernetes source, which logs its own errors."""
+    (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
+
+
 def describe_map(snapshot: ModelMap) -> None:
     metrics.observe_map(snapshot)
     log.info(
@@ -181,15 +187,16 @@ def describe_map(snapshot: ModelMap) -> None:
 
 def build_sources(
     config: ServeConfig, holder: MapHolder, *, announce: bool = True
-) -> list[FileSource]:
-    """Load every map source once; a file that cannot be used stops the start."""
+) -> list[FileSource | KubernetesSource]:
+    """Load every map source once; a file that cannot be used stops the start.
+
+    The Kubernetes source lists on start(); health waits for its first full list.
+    """
     if not config.model_maps and not config.kubernetes:
         raise StartupError("no model map: give --model-map PATH or --kubernetes")
-    if config.kubernetes:
-        raise StartupError("--kubernetes: the Kubernetes ConfigMap watch is not in this build yet")
     if announce:
         holder.subscribe(describe_map)
-    sources = []
+    sources: list[FileSource | KubernetesSource] = []
     if config.model_maps:
         source = FileSource(config.model_maps, holder, on_reload=report_reload)
         try:
@@ -209,6 +216,14 @@ def build_sources(
         if announce:
             (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
         sources.append(source)
+    if config.kubernetes:
+        try:
+            kube = KubernetesSource(
+                holder, config.namespaces, on_reload=count_reload if announce else None
+            )
+        except KubeConfigError as exc:
+            raise StartupError(f"{exc.flag}: {exc}") from None
+        sources.append(kube)
     return sources
 
 
