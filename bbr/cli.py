@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import sys
@@ -131,6 +132,34 @@ def _add_serve(sub: Any) -> None:
             serve.add_argument(flag, dest=dest, type=kind, action="append", help=label)
         else:
             serve.add_argument(flag, dest=dest, type=kind, default=None, help=label)
+    _add_go_compat(serve)
+
+
+# The Go BBR's flags with no meaning here (flag -> dest): accepted, so a Go BBR
+# Deployment's args keep working, and named in a warning at start.
+_GO_BBR_FLAGS = {
+    "--v": "go_v",
+    "--tracing": "go_tracing",
+    "--enable-pprof": "go_enable_pprof",
+    "--metrics-endpoint-auth": "go_metrics_endpoint_auth",
+    "--zap-log-level": "go_zap_log_level",
+}
+
+
+def _add_go_compat(serve: argparse.ArgumentParser) -> None:
+    for flag, dest in _GO_BBR_FLAGS.items():
+        names = ("-v", flag) if flag == "--v" else (flag,)
+        serve.add_argument(*names, dest=dest, nargs="?", const="true", help=argparse.SUPPRESS)
+    serve.add_argument("--plugin", dest="go_plugin", action="append", help=argparse.SUPPRESS)
+
+
+def go_compat_warnings(args: argparse.Namespace) -> list[str]:
+    """One warning for each Go BBR flag given that bbr ignores."""
+    return [
+        f"{flag} is a Go BBR flag with no effect in bbr; ignored"
+        for flag, dest in _GO_BBR_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    ]
 
 
 def _apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -200,6 +229,11 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         if port in seen:
             parser.error(f"argument {flag}: port {port} is also {seen[port]}")
         seen[port] = flag
+    if args.go_plugin:
+        parser.error(
+            "argument --plugin: bbr has no plugins; it reads `model` and routes on the "
+            "model map (see README, 'Moving from the Go BBR')"
+        )
     if args.client_ca and not args.secure_serving:
         parser.error("argument --client-ca: needs --secure-serving")
     if args.namespace and not args.kubernetes:
@@ -209,6 +243,8 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
             parser.error(f"argument {flag}: {path}: no such file or directory")
 
     logs.configure(args.log_level, args.log_format)
+    for warning in go_compat_warnings(args):
+        logging.getLogger("bbr").warning(warning)
     ready_fd = os.environ.pop("BBR_WORKER_READY_FD", None)
     config = ServeConfig(
         model_maps=args.model_map,

@@ -562,3 +562,34 @@ def test_version() -> None:
     assert result.returncode == 0
     assert bbr.__version__ in result.stdout + result.stderr
     assert re.fullmatch(r"bbr \S+\s*", result.stdout), result.stdout
+
+
+def test_go_bbr_flags_are_accepted_and_named_in_warnings() -> None:
+    from bbr.cli import build_parser, go_compat_warnings
+
+    parser, _ = build_parser()
+    args = parser.parse_args(
+        [
+            "serve",
+            "--model-map",
+            "m.yaml",
+            "--streaming",
+            "--v",
+            "3",
+            "--tracing=false",
+            "--enable-pprof",
+            "--metrics-endpoint-auth=false",
+            "--zap-log-level",
+            "debug",
+        ]
+    )
+    assert args.streaming is True and args.model_map == ["m.yaml"]
+    warnings = go_compat_warnings(args)
+    assert len(warnings) == 5 and all("Go BBR flag" in w for w in warnings)
+    assert go_compat_warnings(parser.parse_args(["serve", "--model-map", "m.yaml"])) == []
+
+
+def test_go_bbr_plugin_flag_is_refused_with_a_reason(map_file: Path) -> None:
+    result = run_bbr("serve", "--model-map", str(map_file), "--plugin", "body-field:model")
+    assert result.returncode == 2
+    assert "--plugin" in result.stderr.strip().splitlines()[-1]
