@@ -148,3 +148,22 @@ SOAK_SECONDS ?= 600
 .PHONY: soak
 soak: $(STAMP)
 	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
+
+# --- CRDs for the chart's server-side dry run (tests/k8s/test_chart_dry_run.py) ------------
+# Gateway API, Inference Extension, Istio, Envoy Gateway and prometheus-operator CRDs,
+# fetched from their Go modules by scripts/crds.sh into $(BBR_TOOLS)/crds (never committed);
+# a second run fetches nothing.
+BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
+export BBR_TOOLS
+.PHONY: crds chart-dry-run
+
+## make crds: fetch the providers' CRDs into $(BBR_TOOLS)/crds (needs go).
+crds:
+	scripts/crds.sh
+
+# `make test` runs the dry run, which needs them.
+test: crds
+
+## make chart-dry-run: the rendered chart, server-side dry run against a real API server.
+chart-dry-run: $(STAMP) kube-tools helm crds
+	$(PY) -m pytest -q tests/k8s/test_chart_dry_run.py
