@@ -161,8 +161,9 @@ export BBR_TOOLS
 crds:
 	scripts/crds.sh
 
-# `make test` runs the dry run, which needs them.
+# `make test` and `make kube-test` run the dry run (tests/k8s), which needs them and helm.
 test: crds
+kube-test: crds helm
 
 ## make chart-dry-run: the rendered chart, server-side dry run against a real API server.
 chart-dry-run: $(STAMP) kube-tools helm crds
