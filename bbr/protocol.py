@@ -223,8 +223,8 @@ class Stream:
             return [CONTINUE_RESPONSE_HEADERS]
         if kind == "response_body":
             if self._response_streaming:
-                b = request.response_body
-                return [streamed_chunk(b.body, b.end_of_stream, response=True)]
+                chunk = request.response_body
+                return [streamed_chunk(chunk.body, chunk.end_of_stream, response=True)]
             return [CONTINUE_RESPONSE_BODY]
         if kind == "response_trailers":
             return [CONTINUE_RESPONSE_TRAILERS]
@@ -277,24 +277,25 @@ class Stream:
             # Header mode SKIP: Envoy routed already; treat as headers without a type.
             self._skipped_headers = True
             self._begin({}, False)
-        self._body_done = message.end_of_stream
+        end = self._body_done = message.end_of_stream
         if self._replied:
             return []
+        data = message.body  # each read of a bytes field is a copy: read it once
         if self._finished:  # a body we pass through untouched
             if self._streaming:
-                return [streamed_chunk(message.body, message.end_of_stream)]
+                return [streamed_chunk(data, end)]
             return [CONTINUE_REQUEST_BODY]
         if not self._streaming:
-            if not message.end_of_stream and self._partial:
+            if not end and self._partial:
                 # Envoy's buffer filled before the end: bbr cannot see the whole body.
                 return [self._finish(decision.too_large(self._options.max_body_bytes), None)]
-            return [self._decide(message.body)]
-        self._size += len(message.body)
+            return [self._decide(data)]
+        self._size += len(data)
         if self._size > self._options.max_body_bytes:
             self._chunks = []
             return [self._finish(decision.too_large(self._options.max_body_bytes), self._size)]
-        self._chunks.append((message.body, message.end_of_stream))
-        if message.end_of_stream:
+        self._chunks.append((data, end))
+        if end:
             return self._flush()
         return []
 
