@@ -109,21 +109,36 @@ def measure(
     return result
 
 
-def memory_check(ghz: str, server: Server, data: Path, *, streams: int) -> dict[str, Any]:
-    """`streams` concurrent 1 MiB streams: RSS growth against bytes in flight, and after."""
-    time.sleep(2)
-    baseline = rss_bytes(server.pid)
-    with RssSampler(server.pid, interval=0.01) as sampler:
-        report = common.run_ghz(ghz, server.port, data, concurrency=streams, requests=streams * 10)
-    summary = common.summarise_ghz(report)
-    after = []
-    for _ in range(10):
+def memory_check(
+    ghz: str, server: Server, data: dict[str, Path], *, streams: int, logs: Path
+) -> dict[str, Any]:
+    """A fresh server: `streams` concurrent 1 MiB streams, RSS growth against bytes in
+    flight, and RSS 1 s and 10 s after the load against the baseline before it.
+
+    Baseline: after start and 200 small requests (imports, caches and gRPC's buffers
+    warmed), before any large body.
+    """
+    server.start(logs)
+    try:
+        common.run_ghz(ghz, server.port, data["1KB"], concurrency=10, requests=200)
         time.sleep(1)
-        after.append(rss_bytes(server.pid))
+        baseline = rss_bytes(server.pid)
+        with RssSampler(server.pid, interval=0.01) as sampler:
+            report = common.run_ghz(
+                ghz, server.port, data["1MB"], concurrency=streams, requests=streams * 10
+            )
+        summary = common.summarise_ghz(report)
+        after = []
+        for _ in range(10):
+            time.sleep(1)
+            after.append(rss_bytes(server.pid))
+    finally:
+        server.stop()
     in_flight = streams * bodies.SIZES["1MB"]
     growth = sampler.peak - baseline
     return {
         "server": server.name,
+        "env": server.env,
         "streams": streams,
         "bytes_in_flight_mb": round(in_flight / MiB, 1),
         "baseline_rss_mb": round(baseline / MiB, 1),
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "loadtest",
         "machine_before": common.machine(),
         "tools": {
-            "ghz": common.ghz_version(ghz),
+            "ghz": f"{common.GHZ_VERSION} (binary reports {common.ghz_version(ghz)!r})",
             "go_bbr": common.GO_BBR_VERSION if go_bbr else None,
         },
         "settings": {
@@ -313,11 +328,32 @@ def main(argv: list[str] | None = None) -> int:
                         file=sys.stderr,
                     )
         memory = []
-        if args.memory_streams and "1MB" in data:
-            for server in servers:
-                if server.name == "bbr-warning":
-                    continue
-                memory.append(memory_check(ghz, server, data["1MB"], streams=args.memory_streams))
+        if args.memory_streams and "1MB" in data and "1KB" in data:
+            fresh = [common.bbr_server("bbr")]
+            # glibc raises its mmap threshold after freeing a large block; then 1 MiB bodies
+            # come from the heap, which fragments and is not given back. A fixed threshold
+            # keeps them in mmap, returned to the kernel on free.
+            tuned = common.bbr_server("bbr-mmap-threshold")
+            tuned.env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+            fresh.append(tuned)
+            for tree in args.experiment[:1]:
+                fresh.append(common.bbr_server("bbr-exp", cwd=tree))
+            if go_bbr is not None:
+                go = common.go_bbr_server(go_bbr, kubeconfig)
+                go.env["KUBE_FEATURE_WatchListClient"] = "false"
+                fresh.append(go)
+            for server in fresh:
+                memory.append(
+                    memory_check(
+                        ghz, server, data, streams=args.memory_streams, logs=work / "logs-memory"
+                    )
+                )
+                m = memory[-1]
+                print(
+                    f"memory {m['server']}: {m['baseline_rss_mb']} -> peak {m['peak_rss_mb']} "
+                    f"-> {m['rss_after_10s_mb']} MB",
+                    file=sys.stderr,
+                )
         result["machine_after"] = common.machine()
         result["runs"] = runs
         result["summary"] = summarise(runs)

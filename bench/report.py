@@ -35,20 +35,28 @@ def loadtest_table(doc: dict[str, Any]) -> list[str]:
         f"gRPC (ghz, concurrency {s['concurrency']}, {s['rounds']} alternating rounds of "
         f"{s['duration_s']:.0f} s, medians) — {_load_note(doc)}",
         "",
-        "| server | body | req/s | p50 ms | p90 ms | p99 ms | errors | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | body | req/s | p50 ms | p90 ms | p99 ms | errors | peak RSS MB | CPU µs/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sizes in doc["summary"].items():
         for size, r in sizes.items():
             lines.append(
                 f"| {name} | {size} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {r['errors']:.0f} | {r['peak_rss_mb']:.0f} |"
+                f"{r['p99_ms']:.2f} | {r['errors']:.0f} | {r['peak_rss_mb']:.0f} | "
+                f"{r.get('cpu_us_per_request', float('nan')):.0f} |"
             )
     if doc.get("ratios"):
-        lines += ["", "| ratio to go-bbr | body | throughput | p99 |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| ÷ go-bbr | body | throughput | p99 | CPU per request |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, sizes in doc["ratios"].items():
             for size, r in sizes.items():
-                lines.append(f"| {name} | {size} | {r['throughput']:.2f} | {r['p99']:.2f} |")
+                lines.append(
+                    f"| {name} | {size} | {r['throughput']:.2f} | {r['p99']:.2f} | "
+                    f"{r.get('cpu_per_request', float('nan')):.2f} |"
+                )
     if doc.get("memory"):
         lines += [
             "",
@@ -97,12 +105,16 @@ def plot(loadtest: dict[str, Any] | None, e2e: dict[str, Any] | None, png: Path)
     styles = {
         "bbr": ("tab:blue", "o", "-"),
         "bbr-warning": ("tab:cyan", "o", "--"),
+        "bbr-exp": ("tab:green", "o", "-."),
         "go-bbr": ("tab:red", "s", "-"),
         "ceiling": ("tab:gray", "^", "-"),
     }
     series: list[tuple[str, str, dict[str, dict[str, float]]]] = []
     for name, sizes in (loadtest or {}).get("summary", {}).items():
-        label = {"bbr-warning": "bbr, --log-level warning"}.get(name, name)
+        label = {
+            "bbr-warning": "bbr, --log-level warning",
+            "bbr-exp": "bbr + proposed top-level walk (experiment)",
+        }.get(name, name)
         series.append((f"gRPC: {label}", name, sizes))
     for name, sizes in (e2e or {}).get("summary", {}).items():
         label = "Envoy alone (ceiling)" if name == "ceiling" else f"Envoy + {name}"
