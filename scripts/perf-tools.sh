@@ -37,6 +37,6 @@ if ! command -v h2load >/dev/null 2>&1; then
   fi
 fi
 
-"$BIN/ghz" --help >/dev/null && echo "ghz:    $BIN/ghz ($GHZ_VERSION)"
+"$BIN/ghz" --help >/dev/null 2>&1 && echo "ghz:    $BIN/ghz ($GHZ_VERSION)"
 [ -x "$BIN/go-bbr" ] && echo "go-bbr: $BIN/go-bbr ($GO_BBR_MODULE $GO_BBR_VERSION)"
 command -v h2load >/dev/null && echo "h2load: $(h2load --version | head -n1)"
