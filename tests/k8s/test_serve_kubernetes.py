@@ -9,6 +9,7 @@ a little slack. Health (SPEC §5) is SERVING only once the first list is in.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -381,12 +382,13 @@ def wait_metric_max(bbr: BbrProcess) -> None:
 # --- no config, API outage -----------------------------------------------------------------
 
 
-def test_no_kubeconfig_is_a_usage_error(tmp_path: Path) -> None:
+def serve_exits(kubeconfig: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """`bbr serve --kubernetes` with KUBECONFIG=`kubeconfig`, outside any pod."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BBR_", "KUBERNETES_"))}
-    env |= {"KUBECONFIG": str(tmp_path / "missing"), "HOME": str(tmp_path)}
+    env |= {"KUBECONFIG": str(kubeconfig), "HOME": str(home), "PYTHONUNBUFFERED": "1"}
     ports = [str(p) for p in free_ports(3)]
     flags = ["--grpc-port", ports[0], "--grpc-health-port", ports[1], "--metrics-port", ports[2]]
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "bbr", "serve", "--kubernetes", *flags],
         cwd=REPO_ROOT,
         env=env,
@@ -395,11 +397,94 @@ def test_no_kubeconfig_is_a_usage_error(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """SPEC §2: exit 2, one line naming the flag, no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert "--kubernetes" in last_line(result.stderr)
+    for word in ("--kubernetes", *words):
+        assert word in last_line(result.stderr), result.stderr
+
+
+def test_no_kubeconfig_is_a_usage_error(tmp_path: Path) -> None:
+    assert_usage_error(serve_exits(tmp_path / "missing", tmp_path), "missing")
+
+
+def kubeconfig_text(cluster: object, user: object) -> str:
+    return json.dumps(
+        {
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": "u", "user": user}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "x",
+        }
+    )
+
+
+SERVER = "https://127.0.0.1:1"
+YAML_BUG = (
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line ~264) puts str(yaml.YAMLError) "
+    "in the message; it spans several lines, so stderr's last line is a caret, not the flag"
+)
+BYTES_BUG = (
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line ~261) read_text() raises "
+    "UnicodeDecodeError (a ValueError), not caught: traceback, exit 1"
+)
+BASE64_BUG = (
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig.data (line ~290) base64.b64decode "
+    "raises binascii.Error on bad *-data, not caught: traceback, exit 1"
+)
+PEM_BUG = (
+    "bbr bug: bbr/sources/kubernetes.py KubeClient._context (line ~330) "
+    "ssl.create_default_context(cadata=...) raises ssl.SSLError for data that is not a PEM "
+    "certificate, not caught: traceback, exit 1"
+)
+SHAPE_BUG = (
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line ~274) dict(entry.get(key)) "
+    "raises ValueError/TypeError when a cluster/user/context entry is not a mapping: "
+    "traceback, exit 1"
+)
+
+
+def bug(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+CA_FILE = {"server": SERVER, "certificate-authority": "/nonexistent/ca.crt"}
+CA_NOT_BASE64 = {"server": SERVER, "certificate-authority-data": "!!!"}
+CA_NOT_PEM = {"server": SERVER, "certificate-authority-data": "aGVsbG8="}  # "hello"
+BAD_KUBECONFIGS = [
+    pytest.param(b"clusters: [oops", ["kubeconfig"], id="not-yaml", marks=bug(YAML_BUG)),
+    pytest.param(b"\xff\xfe\x00", ["kubeconfig"], id="not-utf8", marks=bug(BYTES_BUG)),
+    pytest.param(b"[]", ["kubeconfig"], id="not-a-mapping"),
+    pytest.param(b"apiVersion: v1\nkind: Config\n", ["current-context"], id="no-context"),
+    pytest.param(kubeconfig_text(CA_FILE, {}), [CA_FILE["certificate-authority"]], id="no-ca-file"),
+    pytest.param(
+        kubeconfig_text(CA_NOT_BASE64, {}), ["certificate-authority"], id="ca-data-not-base64",
+        marks=bug(BASE64_BUG),
+    ),
+    pytest.param(
+        kubeconfig_text(CA_NOT_PEM, {}), ["certificate-authority"], id="ca-data-not-pem",
+        marks=bug(PEM_BUG),
+    ),
+    pytest.param(
+        kubeconfig_text({"server": SERVER}, "a-string"), ["kubeconfig"], id="user-not-a-mapping",
+        marks=bug(SHAPE_BUG),
+    ),
+    pytest.param(kubeconfig_text({"server": "not a url"}, {}), ["not a url"], id="bad-server"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("content", "words"), BAD_KUBECONFIGS)
+def test_bad_kubeconfig_is_a_usage_error(
+    tmp_path: Path, content: bytes | str, words: list[str]
+) -> None:
+    config = tmp_path / "kubeconfig"
+    config.write_bytes(content.encode() if isinstance(content, str) else content)
+    assert_usage_error(serve_exits(config, tmp_path), *words)
 
 
 def test_api_server_down_keeps_the_map_then_edits_arrive(
