@@ -426,24 +426,24 @@ def kubeconfig_text(cluster: object, user: object) -> str:
 
 SERVER = "https://127.0.0.1:1"
 YAML_BUG = (
-    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line ~264) puts str(yaml.YAMLError) "
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line 265) puts str(yaml.YAMLError) "
     "in the message; it spans several lines, so stderr's last line is a caret, not the flag"
 )
 BYTES_BUG = (
-    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line ~261) read_text() raises "
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line 261) read_text() raises "
     "UnicodeDecodeError (a ValueError), not caught: traceback, exit 1"
 )
 BASE64_BUG = (
-    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig.data (line ~290) base64.b64decode "
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig.data (line 290) base64.b64decode "
     "raises binascii.Error on bad *-data, not caught: traceback, exit 1"
 )
 PEM_BUG = (
-    "bbr bug: bbr/sources/kubernetes.py KubeClient._context (line ~330) "
+    "bbr bug: bbr/sources/kubernetes.py KubeClient._context (line 330) "
     "ssl.create_default_context(cadata=...) raises ssl.SSLError for data that is not a PEM "
     "certificate, not caught: traceback, exit 1"
 )
 SHAPE_BUG = (
-    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line ~274) dict(entry.get(key)) "
+    "bbr bug: bbr/sources/kubernetes.py from_kubeconfig (line 274) dict(entry.get(key)) "
     "raises ValueError/TypeError when a cluster/user/context entry is not a mapping: "
     "traceback, exit 1"
 )
