@@ -46,6 +46,7 @@ certificates and CAs given as files or inline `-data`, `insecure-skip-tls-verify
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import http.client
 import json
@@ -99,6 +100,15 @@ READ_GRACE = 30.0
 KEEPALIVE = (30, 10, 3)  # idle seconds, interval, probes
 REQUEST_TIMEOUT = 30.0
 LIST_PAGE = 500
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (YAML errors span several)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"not valid YAML: {problem} (line {mark.line + 1})"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class KubeConfigError(Exception):
@@ -261,17 +271,27 @@ class KubeClient:
                 doc = yaml.safe_load(Path(candidate).read_text())
             except FileNotFoundError:
                 continue
-            except (OSError, yaml.YAMLError) as exc:
-                raise KubeConfigError(f"kubeconfig {candidate}: {exc}") from None
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise KubeConfigError(f"kubeconfig {candidate}: {_one_line(exc)}") from None
             if not isinstance(doc, dict):
                 raise KubeConfigError(f"kubeconfig {candidate}: not a mapping")
             found.append(candidate)
             base_dir = os.path.dirname(os.path.abspath(candidate))
             current = current or doc.get("current-context")
             for kind, key in (("clusters", "cluster"), ("users", "user"), ("contexts", "context")):
-                for entry in doc.get(kind) or []:
-                    if isinstance(entry, dict) and entry.get("name") not in merged[kind]:
-                        merged[kind][entry.get("name")] = (dict(entry.get(key) or {}), base_dir)
+                entries = doc.get(kind) or []
+                if not isinstance(entries, list):
+                    raise KubeConfigError(f"kubeconfig {candidate}: {kind} is not a list")
+                for entry in entries:
+                    if not isinstance(entry, dict) or entry.get("name") in merged[kind]:
+                        continue
+                    section = entry.get(key) or {}
+                    if not isinstance(section, dict):
+                        raise KubeConfigError(
+                            f"kubeconfig {candidate}: {kind} {entry.get('name')!r}: "
+                            f"{key} is not a mapping"
+                        )
+                    merged[kind][entry.get("name")] = (dict(section), base_dir)
         if not found:
             raise KubeConfigError(
                 "no Kubernetes config: not in a pod and no kubeconfig at " + ", ".join(paths)
@@ -287,7 +307,10 @@ class KubeClient:
 
         def data(section: dict[str, Any], base_dir: str, key: str) -> bytes | None:
             if section.get(f"{key}-data"):
-                return base64.b64decode(section[f"{key}-data"])
+                try:
+                    return base64.b64decode(section[f"{key}-data"], validate=True)
+                except (binascii.Error, TypeError, ValueError):
+                    raise KubeConfigError(f"kubeconfig {where}: {key}-data: not base64") from None
             if section.get(key):
                 file = os.path.join(base_dir, os.path.expanduser(section[key]))
                 try:
@@ -327,7 +350,14 @@ class KubeClient:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         elif self._ca_data:
-            context = ssl.create_default_context(cadata=self._ca_data.decode("ascii", "replace"))
+            try:
+                context = ssl.create_default_context(
+                    cadata=self._ca_data.decode("ascii", "replace")
+                )
+            except ssl.SSLError as exc:
+                raise KubeConfigError(
+                    f"certificate-authority: not a PEM certificate ({exc.reason})"
+                ) from None
         if client_cert is not None:
             # load_cert_chain only takes paths: a private temp dir, removed at once.
             with tempfile.TemporaryDirectory(prefix="bbr-kube-") as tmp:
