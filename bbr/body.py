@@ -26,12 +26,6 @@ class TooLarge(ValueError):
     """The decompressed body is over the limit (answered 413)."""
 
 
-class _ModelOnly(msgspec.Struct):
-    # Raw keeps `model` undecoded: a non-string of any size costs nothing.
-    model: msgspec.Raw = msgspec.Raw(b"")
-
-
-_MODEL_DECODER = msgspec.json.Decoder(_ModelOnly)
 _STR_DECODER = msgspec.json.Decoder(str)
 _MODEL_KEY = b'"model"'
 # \u escapes of the letters of "model" (d e l m o): the only way to spell the key
@@ -42,6 +36,15 @@ _COLON = re.compile(rb"[ \t\r\n]*:")
 _LONGEST_MODEL_KEY = 2 + 5 * 6  # "model" with every letter escaped
 
 
+# Top-level members with their values undecoded (Raw views into the body): `model` is
+# decoded alone, and the raw lengths let _model_keys step over the rest.
+_TOP_DECODER = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_KEY = re.compile(rb'[ \t\r\n]*("[^"\\]*(?:\\.[^"\\]*)*")[ \t\r\n]*:[ \t\r\n]*')
+_AFTER_VALUE = re.compile(rb"[ \t\r\n]*([,}])")
+# Below this size the whole-body screen is cheaper than walking the top level.
+_WALK_FROM = 16 * 1024
+
+
 def json_model(body: bytes) -> str | None:
     """The top-level `model` of a JSON object body; None when it has none."""
     if not body.isascii():
@@ -50,23 +53,60 @@ def json_model(body: bytes) -> str | None:
         except UnicodeDecodeError:
             raise BodyError("request body is not valid UTF-8") from None
     try:
-        doc = _MODEL_DECODER.decode(body)
+        doc = _TOP_DECODER.decode(body)
     except RecursionError:
         raise BodyError("request body is nested too deeply") from None
     except msgspec.ValidationError:
         raise BodyError("request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BodyError(f"request body is not valid JSON: {_reason(exc)}") from None
-    raw = bytes(doc.model)
-    if not raw:
+    model = doc.get("model")
+    if model is None:
         return None
-    if _may_repeat_model(body) and _top_level_model_keys(body) > 1:
+    if len(body) < _WALK_FROM:
+        repeated = _may_repeat_model(body) and _top_level_model_keys(body) > 1
+    else:
+        repeated = _model_keys(body, doc) > 1
+    if repeated:
         raise BodyError("request body has more than one 'model' key")
+    raw = bytes(model)
     if raw[0] != 0x22:  # '"'
         if raw == b"null":
             raise ModelError("'model' must be a string, not null")
         raise ModelError("'model' must be a string")
     return _STR_DECODER.decode(raw)
+
+
+def _model_keys(body: bytes, doc: dict[str, msgspec.Raw]) -> int:
+    """How many top-level keys decode to "model" (body already valid JSON).
+
+    Walks the top level only: each member's value is skipped by the length of its raw
+    value in `doc`, checked in place (a memcmp), so the body's bulk is never scanned.
+    A repeated key whose first value differs from its last breaks the walk; then the
+    whole-body screen and, if need be, the tokenising count decide.
+    """
+    pos = body.index(b"{") + 1
+    count = 0
+    while (key := _KEY.match(body, pos)) is not None:
+        token = key.group(1)
+        name = _STR_DECODER.decode(token) if b"\\" in token else token[1:-1].decode()
+        if name == "model":
+            count += 1
+        value = doc.get(name)
+        start = key.end()
+        if value is None or not body.startswith(value, start):
+            return _screened_count(body)
+        after = _AFTER_VALUE.match(body, start + len(value))
+        if after is None:
+            return _screened_count(body)
+        if after.group(1) == b"}":
+            break
+        pos = after.end()
+    return count
+
+
+def _screened_count(body: bytes) -> int:
+    return _top_level_model_keys(body) if _may_repeat_model(body) else 1
 
 
 def _reason(exc: msgspec.DecodeError) -> str:

@@ -165,3 +165,47 @@ def test_decision_never_raises_and_answers_a_spec_outcome(
     if outcome.status in (400, 404, 413):
         payload = json.loads(outcome.body)
         assert payload["error"]["type"] == "invalid_request_error"
+
+
+# Bodies of 16 KiB and more take the top-level walk (bbr/body.py _model_keys): the same
+# answers must come out of it, whatever the layout of the top level.
+member_keys = st.sampled_from(
+    ["model", '"m\\u006fdel"', "messages", "pad", "x", "\\u0078", "temperature"]
+)
+member_values = st.sampled_from(
+    [
+        '"base"',
+        '"lora"',
+        '"other"',
+        "null",
+        "7",
+        '{"model": "x"}',
+        '["model"]',
+        '"model"',
+        '"' + "p" * 20_000 + '"',
+        "[" + ",".join(['{"role": "model"}'] * 800) + "]",
+    ]
+)
+spaces = st.sampled_from(["", " ", "\n  ", "\t"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(member_keys, member_values, spaces), min_size=1, max_size=6))
+def test_large_bodies_agree_with_python_json(members: list[tuple[str, str, str]]) -> None:
+    parts = []
+    for key, value, space in members:
+        token = key if key.startswith('"') else f'"{key}"'
+        parts.append(f"{space}{token}{space}:{space}{value}{space}")
+    body = ("{" + ",".join(parts) + ', "bulk": "' + "b" * 17_000 + '"}').encode()
+    assert len(body) >= 16 * 1024
+    kind, model = reference(body)
+    try:
+        found = bodies.json_model(body)
+    except bodies.BodyError:
+        assert kind == "duplicate"
+        return
+    except bodies.ModelError:
+        assert kind == "ok" and not isinstance(model, str)
+        return
+    assert kind == "ok"
+    assert found == model
