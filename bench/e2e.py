@@ -33,13 +33,7 @@ import yaml
 from bench import bodies, common
 from bench.common import RssSampler, Server
 from bench.loadtest import kube_api
-from demo.envoy_config import (
-    EXT_PROC_TYPE,
-    HCM_TYPE,
-    HTTP_OPTIONS_KEY,
-    HTTP_OPTIONS_TYPE,
-    ROUTER_TYPE,
-)
+from demo.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
 from demo.processes import Child, free_port, http_ready, stop_all, tcp_ready, wait_until
 
 BUFFER_LIMIT = 32 * 1024 * 1024
@@ -47,36 +41,7 @@ PATH = "/v1/chat/completions"
 
 
 def _cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": port}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            HTTP_OPTIONS_KEY: {
-                "@type": HTTP_OPTIONS_TYPE,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
+    return static_cluster(name, port, buffer_limit=BUFFER_LIMIT, http2=http2)
 
 
 def _listener(name: str, port: int, routes: list[dict[str, Any]], filters: list[Any]) -> Any:

@@ -109,7 +109,7 @@ def cluster_name(base_model: str) -> str:
     return f"model_{slug}_{digest}"
 
 
-def _static_cluster(
+def static_cluster(
     name: str, port: int, *, buffer_limit: int, http2: bool = False
 ) -> dict[str, Any]:
     cluster: dict[str, Any] = {
@@ -234,12 +234,12 @@ def render(
             }
         ]
 
-    bbr_cluster = _static_cluster("bbr", bbr_port, buffer_limit=buffer_limit, http2=True)
+    bbr_cluster = static_cluster("bbr", bbr_port, buffer_limit=buffer_limit, http2=True)
     if bbr_tls is not None:
         bbr_cluster["transport_socket"] = bbr_tls.transport_socket()
     clusters = [bbr_cluster]
     clusters += [
-        _static_cluster(cluster_name(base), port, buffer_limit=buffer_limit)
+        static_cluster(cluster_name(base), port, buffer_limit=buffer_limit)
         for base, port in routes.items()
     ]
 
