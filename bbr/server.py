@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -78,6 +80,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.options = options
         self.streaming = streaming
         self.idle_seconds = idle_seconds
+        self.active = 0
+        self.started = 0  # streams ever opened: tells the memory trimmer about new work
 
     async def Process(
         self,
@@ -86,6 +90,8 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     ) -> AsyncIterator[pb.ProcessingResponse]:
         stream = Stream(self.holder, self.options, streaming=self.streaming, on_finish=finished)
         metrics.ACTIVE_STREAMS.inc()
+        self.active += 1
+        self.started += 1
         requests = aiter(request_iterator)
         try:
             while True:
@@ -111,6 +117,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     yield reply
         finally:
             stream.close()
+            self.active -= 1
             metrics.ACTIVE_STREAMS.dec()
 
 
@@ -131,6 +138,27 @@ def finished(done: Finished) -> None:
                 duration_ms=round(done.seconds * 1000, 3),
             ),
         )
+
+
+TRIM_SECONDS = 2.0
+
+
+async def trim_when_idle(processor: Processor) -> None:
+    """Give freed body buffers back to the OS once traffic pauses.
+
+    glibc keeps freed memory in its arenas, so after a burst of large bodies RSS would
+    stay at its peak; malloc_trim(0) while no stream is open returns it.
+    """
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return
+    trimmed_at = 0
+    while True:
+        await asyncio.sleep(TRIM_SECONDS)
+        if processor.active == 0 and processor.started != trimmed_at:
+            trimmed_at = processor.started
+            trim(0)
 
 
 def check_port(port: int, flag: str) -> None:
@@ -257,15 +285,13 @@ async def serve(config: ServeConfig) -> int:
             ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
     )
-    pb_grpc.add_ExternalProcessorServicer_to_server(
-        Processor(
-            holder,
-            config.options,
-            streaming=config.streaming,
-            idle_seconds=config.stream_idle_seconds,
-        ),
-        server,
+    processor = Processor(
+        holder,
+        config.options,
+        streaming=config.streaming,
+        idle_seconds=config.stream_idle_seconds,
     )
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -316,6 +342,7 @@ async def serve(config: ServeConfig) -> int:
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     ready = asyncio.create_task(mark_serving())
+    trimmer = asyncio.create_task(trim_when_idle(processor))
     log.info(
         "bbr starting",
         extra=fields(
@@ -331,6 +358,7 @@ async def serve(config: ServeConfig) -> int:
 
     log.info("draining", extra=fields(grace_seconds=config.drain_seconds))
     ready.cancel()
+    trimmer.cancel()
     holder.loaded.set()  # release the waiter thread
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -12,85 +12,24 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from bbr.tls import CertificateReloader, Material, TLSError, server_credentials, server_tls
+from tests.pki import Authority, Pair, SecretVolume
 
 FAST = 0.1  # reload interval in tests: a look at the files every 100 ms
 WAIT = 5.0  # how long a reload may take to show before a test fails
 
 # --- certificates -----------------------------------------------------------------------
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-@dataclass
-class Pair:
-    cert: bytes
-    key: bytes
-
-    @property
-    def der(self) -> bytes:
-        return x509.load_pem_x509_certificate(self.cert).public_bytes(serialization.Encoding.DER)
-
-
-class Authority:
-    """A throwaway CA issuing server and client certificates."""
-
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.certificate.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, cn: str, *, client: bool = False) -> Pair:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if not client:
-            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
-        return Pair(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
 
 
 @pytest.fixture(scope="module")
@@ -114,29 +53,6 @@ def put_pair(directory: Path, pair: Pair) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / "tls.crt", pair.cert)
     write_atomic(directory / "tls.key", pair.key)
-
-
-class SecretVolume:
-    """A Kubernetes Secret volume: files are links through `..data` to a timestamped dir."""
-
-    def __init__(self, root: Path, pair: Pair) -> None:
-        self.root = root
-        self.generation = 0
-        root.mkdir(parents=True, exist_ok=True)
-        self.update(pair)
-        for name in ("tls.crt", "tls.key"):
-            (root / name).symlink_to(f"..data/{name}")
-
-    def update(self, pair: Pair) -> None:
-        """The kubelet's swap: write a new dir, then atomically repoint `..data`."""
-        self.generation += 1
-        version = self.root / f"..2025_01_01_00_00_0{self.generation}"
-        version.mkdir()
-        (version / "tls.crt").write_bytes(pair.cert)
-        (version / "tls.key").write_bytes(pair.key)
-        link = self.root / "..data_tmp"
-        link.symlink_to(version.name)
-        os.replace(link, self.root / "..data")
 
 
 # --- a grpc.aio server in its own thread, real clients in the test's ---------------------

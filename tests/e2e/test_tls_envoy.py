@@ -9,9 +9,6 @@ bbr, the client gets Envoy's 500 and no model server sees the request.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
 import shutil
 import socket
 import ssl
@@ -21,11 +18,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from demo.envoy_config import BbrTLS
+from tests.pki import Authority, SecretVolume
 
 from .harness import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 from .live import Live, poll, served_by
@@ -37,118 +32,6 @@ SERVER_NAME = "localhost"
 
 
 # --- certificates --------------------------------------------------------------------------
-
-
-@dataclass
-class Issued:
-    certificate: x509.Certificate
-    cert_pem: bytes
-    key_pem: bytes
-
-    @property
-    def der(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
-
-
-class Authority:
-    """A throwaway CA (ECDSA P-256) that issues server and client certificates."""
-
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.certificate.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, cn: str, *, client: bool = False) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
-                ),
-                critical=False,
-            )
-        )
-        if not client:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName(SERVER_NAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        certificate = builder.sign(self.key, hashes.SHA256())
-        return Issued(
-            certificate,
-            certificate.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-
-
-class SecretMount:
-    """A directory laid out as the kubelet mounts a TLS Secret; `rotate` swaps ``..data``."""
-
-    def __init__(self, root: Path, pair: Issued) -> None:
-        self.root = root
-        self.generation = 0
-        root.mkdir(parents=True, exist_ok=True)
-        self.rotate(pair)
-        for name in ("tls.crt", "tls.key"):
-            (root / name).symlink_to(f"..data/{name}")
-
-    def rotate(self, pair: Issued) -> None:
-        self.generation += 1
-        version = self.root / f"..{self.generation}"
-        version.mkdir()
-        (version / "tls.crt").write_bytes(pair.cert_pem)
-        (version / "tls.key").write_bytes(pair.key_pem)
-        link = self.root / "..data_tmp"
-        link.symlink_to(version.name)
-        os.replace(link, self.root / "..data")
 
 
 @dataclass
@@ -170,11 +53,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     pki.write("ca.crt", pki.ca.pem)
     pki.write("other-ca.crt", pki.other_ca.pem)
     client = pki.ca.issue("envoy", client=True)
-    pki.write("envoy.crt", client.cert_pem)
-    pki.write("envoy.key", client.key_pem)
+    pki.write("envoy.crt", client.cert)
+    pki.write("envoy.key", client.key)
     stranger = pki.other_ca.issue("envoy", client=True)
-    pki.write("stranger.crt", stranger.cert_pem)
-    pki.write("stranger.key", stranger.key_pem)
+    pki.write("stranger.crt", stranger.cert)
+    pki.write("stranger.key", stranger.key)
     return pki
 
 
@@ -276,7 +159,7 @@ def test_given_certificate(
 ) -> None:
     """``--secure-serving --cert-path``: Envoy verifies bbr against the CA and routes."""
     server = pki.ca.issue("bbr")
-    SecretMount(tmp_path / "certs", server)
+    SecretVolume(tmp_path / "certs", server)
     flags = ["--secure-serving", "--cert-path", str(tmp_path / "certs")]
     live = tls_stack(tmp_path / "stack", model_servers, flags, envoy_tls(pki, client=None))
     stacks.append(live)
@@ -298,7 +181,7 @@ def test_envoy_refuses_a_bbr_certificate_it_does_not_trust(
     tmp_path: Path, pki: PKI, model_servers: ModelServers, stacks: list[Live]
 ) -> None:
     """Envoy trusts another CA: it will not talk to bbr, and nothing is routed."""
-    SecretMount(tmp_path / "certs", pki.ca.issue("bbr"))
+    SecretVolume(tmp_path / "certs", pki.ca.issue("bbr"))
     flags = ["--secure-serving", "--cert-path", str(tmp_path / "certs")]
     bbr_tls = envoy_tls(pki, client=None, ca="other-ca")
     live = tls_stack(tmp_path / "stack", model_servers, flags, bbr_tls)
@@ -311,7 +194,7 @@ def test_envoy_refuses_a_bbr_certificate_it_does_not_trust(
 def test_plaintext_envoy_cannot_reach_a_tls_bbr(
     tmp_path: Path, pki: PKI, model_servers: ModelServers, stacks: list[Live]
 ) -> None:
-    SecretMount(tmp_path / "certs", pki.ca.issue("bbr"))
+    SecretVolume(tmp_path / "certs", pki.ca.issue("bbr"))
     flags = ["--secure-serving", "--cert-path", str(tmp_path / "certs")]
     live = tls_stack(tmp_path / "stack", model_servers, flags, None)
     stacks.append(live)
@@ -320,8 +203,8 @@ def test_plaintext_envoy_cannot_reach_a_tls_bbr(
 
 
 @pytest.fixture
-def mtls_flags(tmp_path: Path, pki: PKI) -> tuple[list[str], SecretMount]:
-    mount = SecretMount(tmp_path / "certs", pki.ca.issue("bbr"))
+def mtls_flags(tmp_path: Path, pki: PKI) -> tuple[list[str], SecretVolume]:
+    mount = SecretVolume(tmp_path / "certs", pki.ca.issue("bbr"))
     flags = [
         "--secure-serving",
         "--cert-path",
@@ -337,7 +220,7 @@ def test_mutual_tls_routes(
     pki: PKI,
     model_servers: ModelServers,
     stacks: list[Live],
-    mtls_flags: tuple[list[str], SecretMount],
+    mtls_flags: tuple[list[str], SecretVolume],
 ) -> None:
     flags, _ = mtls_flags
     live = tls_stack(tmp_path / "stack", model_servers, flags, envoy_tls(pki))
@@ -354,7 +237,7 @@ def test_mutual_tls_without_a_trusted_client_certificate_is_not_routed(
     pki: PKI,
     model_servers: ModelServers,
     stacks: list[Live],
-    mtls_flags: tuple[list[str], SecretMount],
+    mtls_flags: tuple[list[str], SecretVolume],
     client: str | None,
 ) -> None:
     """bbr requires a client certificate from its CA: without one the handshake fails, the
@@ -375,7 +258,7 @@ def test_certificate_rotation_is_picked_up(
     pki: PKI,
     model_servers: ModelServers,
     stacks: list[Live],
-    mtls_flags: tuple[list[str], SecretMount],
+    mtls_flags: tuple[list[str], SecretVolume],
 ) -> None:
     """The Secret is rotated (same CA, new key and serial) while bbr and Envoy run.
 
@@ -391,7 +274,7 @@ def test_certificate_rotation_is_picked_up(
 
     second = pki.ca.issue("bbr")
     assert second.certificate.serial_number != x509.load_der_x509_certificate(first).serial_number
-    mount.rotate(second)
+    mount.update(second)
     poll(
         "bbr serves the rotated certificate",
         lambda: served_certificate(live.grpc_port, pki, client=True) == second.der,
