@@ -255,7 +255,7 @@ def write_ghz_data(directory: Path) -> dict[str, Path]:
     return files
 
 
-def run_ghz(
+def ghz_argv(
     ghz: str,
     port: int,
     data: Path,
@@ -264,8 +264,8 @@ def run_ghz(
     duration: float | None = None,
     requests: int | None = None,
     connections: int = 1,
-) -> dict[str, Any]:
-    """One ghz run; returns ghz's JSON report."""
+) -> list[str]:
+    """ghz's command line for one run of the ext_proc stream in `data` (JSON to stdout)."""
     argv = [
         ghz,
         "--insecure",
@@ -287,10 +287,32 @@ def run_ghz(
         "0",
     ]
     if duration is not None:
-        argv += ["--duration", f"{duration}s", "--duration-stop", "ignore", "--total", "0"]
+        argv += ["--duration", f"{duration:g}s", "--duration-stop", "ignore", "--total", "0"]
     else:
         argv += ["--total", str(requests or 1000)]
-    argv.append(f"127.0.0.1:{port}")
+    return [*argv, f"127.0.0.1:{port}"]
+
+
+def run_ghz(
+    ghz: str,
+    port: int,
+    data: Path,
+    *,
+    concurrency: int,
+    duration: float | None = None,
+    requests: int | None = None,
+    connections: int = 1,
+) -> dict[str, Any]:
+    """One ghz run; returns ghz's JSON report."""
+    argv = ghz_argv(
+        ghz,
+        port,
+        data,
+        concurrency=concurrency,
+        duration=duration,
+        requests=requests,
+        connections=connections,
+    )
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if not out.stdout.strip():
         raise RuntimeError(f"ghz failed ({out.returncode}): {out.stderr.strip()[-500:]}")

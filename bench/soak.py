@@ -52,6 +52,7 @@ from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
 
+from bench.common import ghz_argv  # noqa: E402
 from demo.processes import Child, free_port, grpc_health_ready, wait_until  # noqa: E402
 
 PROTOSET = REPO / "protos" / "ext_proc.protoset"
@@ -352,35 +353,8 @@ def start_ghz(
         data = work / f"ghz-{i}.json"
         data.write_text(json.dumps(ghz_stream(model, size, spoof=spoof)))
         report = work / f"ghz-{i}.report.json"
-        argv = [
-            ghz,
-            "--insecure",
-            "--protoset",
-            str(PROTOSET),
-            "--call",
-            PROCESS_METHOD,
-            "--data-file",
-            str(data),
-            "--concurrency",
-            str(concurrency),
-            "--connections",
-            "1",
-            "--timeout",
-            "60s",
-            "--duration",
-            f"{seconds:g}s",
-            "--duration-stop",
-            "ignore",
-            "--total",
-            "0",
-            "--skipFirst",
-            "0",
-            "--format",
-            "json",
-            "--output",
-            str(report),
-            f"127.0.0.1:{port}",
-        ]
+        argv = ghz_argv(ghz, port, data, concurrency=concurrency, duration=seconds)
+        argv[-1:-1] = ["--output", str(report)]
         log = (work / f"ghz-{i}.log").open("wb")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()

@@ -43,7 +43,6 @@ KNOWN = {
     "ski-resorts": DEEPSEEK,
 }
 RELOAD_ERRORS = 'bbr_model_map_reloads_total{result="error"}'
-NOBODY = 65534
 
 
 def live_stack(
@@ -210,11 +209,12 @@ def remove_any(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mapped_live(model_servers: ModelServers) -> Iterator[Live]:
-    """A stack whose bbr runs as an unprivileged user when the tests run as root.
+    """A stack whose bbr cannot read past file permissions even when the tests run as root.
 
     chmod 000 does not stop root from reading a file; bbr in a pod does not run as root
-    either, so as root the tests start it as uid/gid 65534 (``setpriv``). Its workdir is
-    made world-readable for that.
+    either. As root the tests start bbr without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
+    (``setpriv``): still uid 0, so the checkout and venv stay readable wherever CI put
+    them, but a chmod 000 file is not.
     """
     workdir = Path(tempfile.mkdtemp(prefix="bbr-faults-map-"))
     workdir.chmod(0o755)
@@ -222,8 +222,9 @@ def mapped_live(model_servers: ModelServers) -> Iterator[Live]:
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot run bbr unprivileged")
-        prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+            pytest.skip("running as root without setpriv: cannot drop bbr's DAC capabilities")
+        drop = "-dac_override,-dac_read_search"
+        prefix = [setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"]
     try:
         live = live_stack(workdir, model_servers, prefix=prefix)
         with running(live):
