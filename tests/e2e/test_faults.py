@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from bbr.logs import FLUSH_SECONDS
+
 from .harness import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 from .live import PATIENCE, HeldRequest, Live, chat_body, poll, served_by
 
@@ -358,6 +360,7 @@ def test_sigterm_under_load_drops_no_started_request(
         assert bbr is not None
         live.wait_routing()
         idle(live)
+        time.sleep(3 * FLUSH_SECONDS)  # log lines are written in batches, at most this late
         routed_before = routed_count(live)
 
         held = [
