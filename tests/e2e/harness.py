@@ -23,6 +23,7 @@ from demo.model_server import ModelServer  # noqa: E402
 from demo.processes import (  # noqa: E402
     Child,
     StartupError,
+    bbr_argv,
     envoy_binary,
     free_port,
     grpc_health_ready,
@@ -182,26 +183,18 @@ def start_stack(
         ),
         encoding="utf-8",
     )
-    bbr_argv = [
-        sys.executable,
-        "-m",
-        "bbr",
-        "serve",
-        "--model-map",
-        str(model_map),
-        "--grpc-port",
-        str(stack.grpc_port),
-        "--grpc-health-port",
-        str(stack.health_port),
-        "--metrics-port",
-        str(stack.metrics_port),
-        *(["--streaming"] if streaming else []),
-        *bbr_flags,
-    ]
+    bbr_command = bbr_argv(
+        model_map,
+        grpc_port=stack.grpc_port,
+        health_port=stack.health_port,
+        metrics_port=stack.metrics_port,
+        streaming=streaming,
+        flags=bbr_flags,
+    )
     try:
         bbr_log = stack.logs["bbr"].open("wb")
         stack.files.append(bbr_log)
-        bbr = Child(f"bbr ({name})", bbr_argv, cwd=REPO_ROOT, stdout=bbr_log, stderr=bbr_log)
+        bbr = Child(f"bbr ({name})", bbr_command, cwd=REPO_ROOT, stdout=bbr_log, stderr=bbr_log)
         stack.children.append(bbr)
         envoy_log = stack.logs["envoy"].open("wb")
         stack.files.append(envoy_log)

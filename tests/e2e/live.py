@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import struct
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from demo.envoy_config import BbrTLS, render
 from demo.processes import (
     Child,
     StartupError,
+    bbr_argv,
     envoy_binary,
     free_port,
     grpc_health_ready,
@@ -194,20 +194,14 @@ class Live:
         log_file = log.open("wb")
         argv = [
             *self.bbr_prefix,
-            sys.executable,
-            "-m",
-            "bbr",
-            "serve",
-            "--model-map",
-            str(self.model_map),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--grpc-health-port",
-            str(self.health_port),
-            "--metrics-port",
-            str(self.metrics_port),
-            *(["--streaming"] if self.streaming else []),
-            *self.bbr_flags,
+            *bbr_argv(
+                self.model_map,
+                grpc_port=self.grpc_port,
+                health_port=self.health_port,
+                metrics_port=self.metrics_port,
+                streaming=self.streaming,
+                flags=self.bbr_flags,
+            ),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BBR_")}
         env["PYTHONUNBUFFERED"] = "1"
