@@ -27,6 +27,7 @@ from demo.processes import (
     Child,
     StartupError,
     bbr_argv,
+    envoy_argv,
     envoy_binary,
     grpc_health_ready,
     http_ready,
@@ -203,16 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         children.append(bbr)
         proxy = Child(
             "envoy",
-            [
-                envoy,
-                "-c",
-                str(envoy_yaml),
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-                "--file-flush-interval-msec",
-                "200",
-            ],
+            envoy_argv(envoy_yaml, binary=envoy),
             cwd=REPO_ROOT,
         )
         children.append(proxy)

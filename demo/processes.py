@@ -64,6 +64,22 @@ def envoy_binary() -> str:
     )
 
 
+def envoy_argv(
+    config: Path | str, *, log_level: str = "warning", binary: str | None = None
+) -> list[str]:
+    """Envoy on a bootstrap file; access logs flushed every 200 ms, not every 10 s."""
+    return [
+        binary or envoy_binary(),
+        "-c",
+        str(config),
+        "-l",
+        log_level,
+        "--disable-hot-restart",  # several Envoys may run at once
+        "--file-flush-interval-msec",
+        "200",
+    ]
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1 (bind to port 0 and let the kernel choose)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

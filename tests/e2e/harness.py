@@ -24,6 +24,7 @@ from demo.processes import (  # noqa: E402
     Child,
     StartupError,
     bbr_argv,
+    envoy_argv,
     envoy_binary,
     free_port,
     grpc_health_ready,
@@ -200,16 +201,7 @@ def start_stack(
         stack.files.append(envoy_log)
         proxy = Child(
             f"envoy ({name})",
-            [
-                envoy,
-                "-c",
-                str(envoy_yaml),
-                "-l",
-                "warning",
-                "--disable-hot-restart",
-                "--file-flush-interval-msec",
-                "200",
-            ],
+            envoy_argv(envoy_yaml, binary=envoy),
             cwd=workdir,
             stdout=envoy_log,
             stderr=envoy_log,

@@ -27,7 +27,7 @@ from demo.processes import (
     Child,
     StartupError,
     bbr_argv,
-    envoy_binary,
+    envoy_argv,
     free_port,
     grpc_health_ready,
     http_ready,
@@ -240,16 +240,7 @@ class Live:
         )
         log = self.workdir / f"envoy-{self.generation}.log"
         log_file = log.open("wb")
-        argv = [
-            envoy_binary(),
-            "-c",
-            str(config),
-            "-l",
-            "info",
-            "--disable-hot-restart",
-            "--file-flush-interval-msec",
-            "200",
-        ]
+        argv = envoy_argv(config, log_level="info")
         child = Child("envoy", argv, cwd=self.workdir, stdout=log_file, stderr=log_file)
         self.envoy = Envoy(child, self.port, self.admin_port, log, log_file)
         if wait:
