@@ -103,8 +103,7 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         request = await anext(requests)
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    stream.close()
+                except TimeoutError:  # the finally below frees what the stream held
                     await context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"no request body message for {self.idle_seconds:g} s; stream dropped",
