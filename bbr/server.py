@@ -18,12 +18,13 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
-from bbr import __version__, metrics
+from bbr import __version__, h2grpc, metrics
 from bbr.decision import Options
 from bbr.logs import fields
 from bbr.modelmap import MapFileError, MapHolder, ModelMap
@@ -66,7 +67,7 @@ class ServeConfig:
 
 
 class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """The ext_proc service: one `Stream` per call."""
+    """The ext_proc service: one `Stream` per call, over grpc.aio or `bbr.h2grpc`."""
 
     def __init__(
         self,
@@ -118,6 +119,146 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             stream.close()
             self.active -= 1
             metrics.ACTIVE_STREAMS.dec()
+
+    def call(
+        self, conn: h2grpc.Connection, stream_id: int, headers: list[tuple[bytes, bytes]]
+    ) -> ProcessCall:
+        return ProcessCall(conn, stream_id, self)
+
+
+class ProcessCall(h2grpc.Call):
+    """One ext_proc stream on `bbr.h2grpc`: each message answered as it arrives."""
+
+    __slots__ = ("_processor", "_stream", "_timer")
+
+    def __init__(self, conn: h2grpc.Connection, stream_id: int, processor: Processor) -> None:
+        super().__init__(conn, stream_id)
+        self._processor = processor
+        self._stream = Stream(
+            processor.holder, processor.options, streaming=processor.streaming, on_finish=finished
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        metrics.ACTIVE_STREAMS.inc()
+        processor.active += 1
+        processor.started += 1
+
+    def message(self, data: bytes) -> None:
+        try:
+            request = pb.ProcessingRequest.FromString(data)
+        except DecodeError:
+            self.finish(h2grpc.INVALID_ARGUMENT, "malformed ProcessingRequest")
+            return
+        try:
+            replies = self._stream.handle(request)
+        except ProtocolError as exc:
+            self.finish(h2grpc.INVALID_ARGUMENT, str(exc))
+            return
+        for reply in replies:
+            self.send(reply.SerializeToString())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stream.holding and not self.done:  # a held body must not be held forever
+            self._timer = asyncio.get_running_loop().call_later(
+                self._processor.idle_seconds, self._expire
+            )
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.finish(
+            h2grpc.DEADLINE_EXCEEDED,
+            f"no request body message for {self._processor.idle_seconds:g} s; stream dropped",
+        )
+
+    def closed(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._stream.close()
+        self._processor.active -= 1
+        metrics.ACTIVE_STREAMS.dec()
+
+
+class Health:
+    """Health status for both ports: grpc.aio's servicer (health port) and a table for
+    `Check` on the ext_proc port."""
+
+    def __init__(self) -> None:
+        self.servicer = HealthServicer()
+        self.status: dict[str, int] = {}
+
+    async def set(self, service: str, status: int) -> None:
+        self.status[service] = status
+        await self.servicer.set(service, status)
+
+    def check(
+        self, conn: h2grpc.Connection, stream_id: int, headers: list[tuple[bytes, bytes]]
+    ) -> h2grpc.Call:
+        return HealthCheckCall(conn, stream_id, self.status)
+
+
+class HealthCheckCall(h2grpc.Call):
+    __slots__ = ("_status",)
+
+    def __init__(self, conn: h2grpc.Connection, stream_id: int, status: dict[str, int]) -> None:
+        super().__init__(conn, stream_id)
+        self._status = status
+
+    def message(self, data: bytes) -> None:
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(data).service
+        except DecodeError:
+            self.finish(h2grpc.INVALID_ARGUMENT, "malformed HealthCheckRequest")
+            return
+        status = self._status.get(service)
+        if status is None:
+            self.finish(h2grpc.NOT_FOUND, "unknown service")
+            return
+        self.send(health_pb2.HealthCheckResponse(status=status).SerializeToString())
+        self.finish()
+
+
+class ReflectionCall(h2grpc.Call):
+    """grpc.reflection.v1alpha on `bbr.h2grpc`: grpcio-reflection answers each request."""
+
+    __slots__ = ("_servicer",)
+
+    def __init__(
+        self, conn: h2grpc.Connection, stream_id: int, servicer: reflection.ReflectionServicer
+    ) -> None:
+        super().__init__(conn, stream_id)
+        self._servicer = servicer
+
+    def message(self, data: bytes) -> None:
+        try:
+            request = reflection_pb2.ServerReflectionRequest.FromString(data)
+        except DecodeError:
+            self.finish(h2grpc.INVALID_ARGUMENT, "malformed ServerReflectionRequest")
+            return
+        for reply in self._servicer.ServerReflectionInfo(iter([request]), None):
+            self.send(reply.SerializeToString())
+
+
+REFLECTED_SERVICES = (
+    SERVICE_NAME,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server:
+    """The ext_proc port on `bbr.h2grpc`: Process, health Check and reflection."""
+    servicer = reflection.ReflectionServicer(REFLECTED_SERVICES)
+    return h2grpc.Server(
+        {
+            f"/{SERVICE_NAME}/Process": processor.call,
+            "/grpc.health.v1.Health/Check": health.check,
+            f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": (
+                lambda conn, stream_id, headers: ReflectionCall(conn, stream_id, servicer)
+            ),
+        },
+        max_message=limit,
+    )
 
 
 def finished(done: Finished) -> None:
@@ -277,47 +418,34 @@ async def serve(config: ServeConfig) -> int:
     sources = build_sources(config, holder)
 
     limit = config.options.max_body_bytes + MESSAGE_OVERHEAD
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
-        ]
-    )
     processor = Processor(
         holder,
         config.options,
         streaming=config.streaming,
         idle_seconds=config.stream_idle_seconds,
     )
-    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    credentials = None
+    health = Health()
+    server: grpc.aio.Server | h2grpc.Server
     if config.secure_serving:
-        from bbr.tls import TLSError, server_tls
-
+        server = tls_server(config, processor, health, limit)
+    else:
+        server = h2_server(processor, health, limit)
         try:
-            credentials = server_tls(config.cert_path, config.client_ca).credentials
-        except TLSError as exc:
-            raise StartupError(str(exc)) from None
-    _listen(server, config.grpc_port, "--grpc-port", credentials)
+            await server.listen("0.0.0.0", config.grpc_port, reuse_port=config.workers > 1)
+        except OSError as exc:
+            raise StartupError(
+                f"--grpc-port {config.grpc_port}: cannot listen on port {config.grpc_port}"
+                f" ({exc.strerror})"
+            ) from None
     health_server = None
     if not worker:  # a multi-worker supervisor serves health and metrics itself
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
         _listen(health_server, config.grpc_health_port, "--grpc-health-port")
         start_metrics(config.metrics_port)
 
-    await server.start()
+    if isinstance(server, grpc.aio.Server):
+        await server.start()
     if health_server is not None:
         await health_server.start()
     for source in sources:
@@ -370,6 +498,31 @@ async def serve(config: ServeConfig) -> int:
         await ready
     log.info("stopped")
     return 0
+
+
+def tls_server(
+    config: ServeConfig, processor: Processor, health: Health, limit: int
+) -> grpc.aio.Server:
+    """With --secure-serving the ext_proc port stays on grpc.aio, whose TLS reloads
+    certificates at each handshake (`bbr.tls`)."""
+    from bbr.tls import TLSError, server_tls
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        ]
+    )
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
+    try:
+        credentials = server_tls(config.cert_path, config.client_ca).credentials
+    except TLSError as exc:
+        raise StartupError(str(exc)) from None
+    _listen(server, config.grpc_port, "--grpc-port", credentials)
+    return server
 
 
 def start_metrics(port: int, registry: Any = None) -> None:
