@@ -58,7 +58,7 @@ STREAM_WINDOW = 8 * 1024 * 1024  # what one stream may send before we acknowledg
 CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_STREAMS = 1024
 HEADER_LIST_LIMIT = 64 * 1024
-MESSAGE_DETAIL_LIMIT = 512  # bytes of grpc-message we send
+MESSAGE_DETAIL_LIMIT = 512  # characters of grpc-message we send (before percent-encoding)
 
 _FRAME = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
 _SETTING = struct.Struct(">HL")
@@ -104,8 +104,10 @@ def trailers_block(code: int, message: str = "") -> bytes:
     block = literal(b"grpc-status", str(code).encode())
     if message:
         # gRPC's percent-encoding: printable ASCII except '%' goes as is.
-        encoded = urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
-        block += literal(b"grpc-message", encoded.encode()[:MESSAGE_DETAIL_LIMIT])
+        encoded = urllib.parse.quote(
+            message[:MESSAGE_DETAIL_LIMIT], safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"
+        )
+        block += literal(b"grpc-message", encoded.encode())
     return block
 
 
@@ -115,20 +117,28 @@ class HeaderDecoder:
     A gRPC client sends the same headers on every call, and after the first they are
     all references to the table (a few bytes). Decoding such a block changes nothing, so
     its result only depends on the table: while the table is unchanged, the same bytes
-    give the same headers. Any change to the table empties the cache.
+    give the same headers. Every insertion and resize is counted, and any change empties
+    the cache; a block whose decoding changed the table is never cached.
     """
 
-    __slots__ = ("_cache", "_decoder", "_state")
+    __slots__ = ("_cache", "_changes", "_decoder", "_state")
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=HEADER_LIST_LIMIT)
         self._cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._changes = 0
+        table = self._decoder.header_table
+        add = table.add
+
+        def counted_add(name: bytes, value: bytes) -> None:
+            self._changes += 1
+            add(name, value)
+
+        table.add = counted_add  # type: ignore[method-assign]
         self._state = self._table_state()
 
     def _table_state(self) -> tuple[int, int]:
-        table = self._decoder.header_table
-        entries = table.dynamic_entries
-        return (id(entries[0]) if entries else 0, table.maxsize)
+        return (self._changes, self._decoder.header_table.maxsize)
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         found = self._cache.get(block)
@@ -526,10 +536,10 @@ class Connection(asyncio.BufferedProtocol):
             self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
             self.recv_unacked = 0
         call = self.calls.get(stream_id)
-        if call is None or call.remote_closed:
+        if call is None or call.remote_closed or call.done:
             if stream_id > self.last_stream_id:
                 raise H2Error(PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream we already ended: its data goes nowhere
+            return  # a stream we ended (or are ending): its data goes nowhere
         if flags & PADDED:
             payload = _unpad(payload)
         call.unacked += length
@@ -576,6 +586,8 @@ class Connection(asyncio.BufferedProtocol):
             raise H2Error(COMPRESSION_ERROR, f"header block: {exc}") from None
         call = self.calls.get(stream_id)
         if call is not None:  # trailers from the client
+            if call.done or call.remote_closed:
+                return
             if not flags & END_STREAM:
                 self._reset(stream_id, PROTOCOL_ERROR)
                 self._forget(call)
@@ -584,7 +596,7 @@ class Connection(asyncio.BufferedProtocol):
             call.half_closed()
             return
         if stream_id <= self.last_stream_id:
-            raise H2Error(STREAM_CLOSED, "HEADERS on a closed stream")
+            return  # trailers for a stream we already ended (RFC 9113 §5.4.2: ignore)
         self.last_stream_id = stream_id
         if self.goaway_sent or len(self.calls) >= MAX_STREAMS:
             self._reset(stream_id, REFUSED_STREAM)

@@ -11,13 +11,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -66,8 +64,8 @@ class ServeConfig:
     ready_fd: int | None = None
 
 
-class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """The ext_proc service: one `Stream` per call, over grpc.aio or `bbr.h2grpc`."""
+class Processor:
+    """The ext_proc service: one `Stream` per call (`ProcessCall`)."""
 
     def __init__(
         self,
@@ -83,42 +81,6 @@ class Processor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.idle_seconds = idle_seconds
         self.active = 0
         self.started = 0  # streams ever opened: tells the memory trimmer about new work
-
-    async def Process(
-        self,
-        request_iterator: AsyncIterator[pb.ProcessingRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = Stream(self.holder, self.options, streaming=self.streaming, on_finish=finished)
-        metrics.ACTIVE_STREAMS.inc()
-        self.active += 1
-        self.started += 1
-        requests = aiter(request_iterator)
-        try:
-            while True:
-                try:
-                    if stream.holding:  # a held body must not be held forever
-                        async with asyncio.timeout(self.idle_seconds):
-                            request = await anext(requests)
-                    else:
-                        request = await anext(requests)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:  # the finally below frees what the stream held
-                    await context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"no request body message for {self.idle_seconds:g} s; stream dropped",
-                    )
-                try:
-                    replies = stream.handle(request)
-                except ProtocolError as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                for reply in replies:
-                    yield reply
-        finally:
-            stream.close()
-            self.active -= 1
-            metrics.ACTIVE_STREAMS.dec()
 
     def call(
         self, conn: h2grpc.Connection, stream_id: int, headers: list[tuple[bytes, bytes]]
@@ -425,18 +387,24 @@ async def serve(config: ServeConfig) -> int:
         idle_seconds=config.stream_idle_seconds,
     )
     health = Health()
-    server: grpc.aio.Server | h2grpc.Server
+    ssl_context = None
     if config.secure_serving:
-        server = tls_server(config, processor, health, limit)
-    else:
-        server = h2_server(processor, health, limit)
+        from bbr.tls import TLSError, server_tls
+
         try:
-            await server.listen("0.0.0.0", config.grpc_port, reuse_port=config.workers > 1)
-        except OSError as exc:
-            raise StartupError(
-                f"--grpc-port {config.grpc_port}: cannot listen on port {config.grpc_port}"
-                f" ({exc.strerror})"
-            ) from None
+            ssl_context = server_tls(config.cert_path, config.client_ca).context
+        except TLSError as exc:
+            raise StartupError(str(exc)) from None
+    server = h2_server(processor, health, limit)
+    try:
+        await server.listen(
+            "0.0.0.0", config.grpc_port, reuse_port=config.workers > 1, ssl_context=ssl_context
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"--grpc-port {config.grpc_port}: cannot listen on port {config.grpc_port}"
+            f" ({exc.strerror})"
+        ) from None
     health_server = None
     if not worker:  # a multi-worker supervisor serves health and metrics itself
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -444,8 +412,6 @@ async def serve(config: ServeConfig) -> int:
         _listen(health_server, config.grpc_health_port, "--grpc-health-port")
         start_metrics(config.metrics_port)
 
-    if isinstance(server, grpc.aio.Server):
-        await server.start()
     if health_server is not None:
         await health_server.start()
     for source in sources:
@@ -500,31 +466,6 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-def tls_server(
-    config: ServeConfig, processor: Processor, health: Health, limit: int
-) -> grpc.aio.Server:
-    """With --secure-serving the ext_proc port stays on grpc.aio, whose TLS reloads
-    certificates at each handshake (`bbr.tls`)."""
-    from bbr.tls import TLSError, server_tls
-
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
-        ]
-    )
-    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
-    try:
-        credentials = server_tls(config.cert_path, config.client_ca).credentials
-    except TLSError as exc:
-        raise StartupError(str(exc)) from None
-    _listen(server, config.grpc_port, "--grpc-port", credentials)
-    return server
-
-
 def start_metrics(port: int, registry: Any = None) -> None:
     try:
         if registry is None:
@@ -535,18 +476,9 @@ def start_metrics(port: int, registry: Any = None) -> None:
         raise StartupError(f"--metrics-port {port}: {exc.strerror}") from None
 
 
-def _listen(
-    server: grpc.aio.Server,
-    port: int,
-    flag: str,
-    credentials: grpc.ServerCredentials | None = None,
-) -> None:
-    address = f"0.0.0.0:{port}"
+def _listen(server: grpc.aio.Server, port: int, flag: str) -> None:
     try:
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, credentials)
+        bound = server.add_insecure_port(f"0.0.0.0:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:

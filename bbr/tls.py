@@ -4,9 +4,10 @@ Same conventions as the Go BBR of the Gateway API Inference Extension: `--cert-p
 directory holding `tls.crt` and `tls.key` (a Kubernetes TLS Secret mount); without it a
 self-signed certificate is made at start. `--client-ca` turns on mutual TLS.
 
-Reloading rides on gRPC's dynamic SSL credentials: gRPC calls our fetcher at every TLS
-handshake, and the fetcher hands back a new configuration only when the files' bytes changed
-and the new pair is valid, so a half-written Secret never replaces a working certificate.
+Reloading happens at handshakes: the listening `ssl.SSLContext` asks the reloader at each
+one (the reloader looks at the files at most once a second) and, when the files' bytes
+changed and the new pair is valid, hands the connection a context built from them; a
+half-written Secret never replaces a working certificate. Open connections keep theirs.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import hashlib
 import ipaddress
 import logging
 import os
+import ssl
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,7 +38,7 @@ log = logging.getLogger("bbr.tls")
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 RELOAD_INTERVAL = 1.0
-"""Seconds between looks at the files; gRPC asks at every handshake, the disk needs less."""
+"""Seconds between looks at the files; every handshake asks, the disk needs less."""
 
 SELF_SIGNED_DAYS = 365
 SELF_SIGNED_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -55,34 +58,61 @@ class TLSError(Exception):
 
 @dataclass(frozen=True)
 class Material:
-    """The bytes gRPC serves: certificate chain, its private key and the client CA bundle."""
+    """What is served: certificate chain, its private key and the client CA bundle (PEM)."""
 
     certificate_chain: bytes
     private_key: bytes
     client_ca: bytes | None
 
-    def configuration(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(self.private_key, self.certificate_chain)], root_certificates=self.client_ca
-        )
+    def context(self) -> ssl.SSLContext:
+        """A server context for HTTP/2 (ALPN h2, TLS 1.2+), mutual when a CA is given."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["h2"])
+        with _in_memory(self.certificate_chain) as chain, _in_memory(self.private_key) as key:
+            context.load_cert_chain(chain, key)
+        if self.client_ca is not None:
+            context.load_verify_locations(cadata=self.client_ca.decode("ascii", "replace"))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+@contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path to `data` for OpenSSL, which loads certificates and keys from files only.
+
+    A memfd where there is one (the key never touches a disk), else a private temp file.
+    """
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("bbr-tls", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    fd, path = tempfile.mkstemp(prefix="bbr-tls-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        yield path
+    finally:
+        os.unlink(path)
 
 
 @dataclass(frozen=True)
 class ServerTLS:
-    """Credentials for `add_secure_port`, plus the certificate served at start.
+    """The listening context for the ext_proc port, plus the certificate served at start.
 
     `certificate_pem` lets a client (or a test) trust a self-signed certificate.
     """
 
-    credentials: grpc.ServerCredentials
+    context: ssl.SSLContext
     certificate_pem: bytes
     mutual: bool
     reloader: CertificateReloader
-
-
-def server_credentials(cert_path: str | None, client_ca: str | None) -> grpc.ServerCredentials:
-    """Credentials for the ext_proc port; see `server_tls`. Raises `TLSError`."""
-    return server_tls(cert_path, client_ca).credentials
 
 
 def server_tls(
@@ -91,13 +121,10 @@ def server_tls(
     *,
     reload_interval: float = RELOAD_INTERVAL,
 ) -> ServerTLS:
-    """Load (or make) the server certificate and build hot-reloading credentials.
+    """Load (or make) the server certificate and build a hot-reloading server context.
 
     Raises `TLSError` when a file is missing, unreadable or invalid, so that a bad
     Secret fails the start instead of every handshake.
-
-    Use one `ServerTLS` per port: gRPC hands the initial configuration to the first
-    port only, and a second `add_secure_port` with the same credentials fails to bind.
     """
     if cert_path is None:
         chain, key = self_signed_certificate()
@@ -111,17 +138,35 @@ def server_tls(
             _check_ca(_read(client_ca, "--client-ca", "client CA"), client_ca),
         )
     reloader = CertificateReloader(cert_path, client_ca, material, interval=reload_interval)
+    try:
+        served = material.context()
+    except ssl.SSLError as exc:
+        raise TLSError(
+            "--cert-path" if cert_path else "--client-ca",
+            cert_path or client_ca or "",
+            f"rejected by OpenSSL: {exc.reason or exc}",
+        ) from None
+    listening = material.context()
+    current = [served]
+
+    def handshake(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        fresh = reloader()
+        if fresh is not None:
+            try:
+                current[0] = fresh.context()
+            except ssl.SSLError as exc:  # validated, yet OpenSSL refuses it: keep the old
+                log.error(
+                    "tls files rejected; previous certificate kept", extra=fields(error=str(exc))
+                )
+        connection.context = current[0]
+
+    listening.sni_callback = handshake
     _describe("tls certificate loaded", material, cert_path)
-    credentials = grpc.dynamic_ssl_server_credentials(
-        material.configuration(),
-        reloader,
-        require_client_authentication=client_ca is not None,
-    )
-    return ServerTLS(credentials, material.certificate_chain, client_ca is not None, reloader)
+    return ServerTLS(listening, material.certificate_chain, client_ca is not None, reloader)
 
 
 class CertificateReloader:
-    """The fetcher gRPC calls at every handshake: a new configuration when the files changed.
+    """Asked at every handshake: the new material when the files changed, else None.
 
     Files are compared by content, not mtime, so the kubelet's `..data` symlink swap and
     in-place rewrites are both seen. A pair that does not parse or does not match keeps
@@ -151,8 +196,8 @@ class CertificateReloader:
     def current(self) -> Material:
         return self._current
 
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by gRPC (any thread, GIL held); never raises, gRPC would only log it."""
+    def __call__(self) -> Material | None:
+        """Called at each handshake; never raises (a handshake is no place for it)."""
         if self._cert_path is None and self._client_ca is None:
             return None
         with self._lock:
@@ -166,7 +211,7 @@ class CertificateReloader:
                 log.exception("tls reload failed; previous certificate kept")
                 return None
 
-    def _check(self) -> grpc.ServerCertificateConfiguration | None:
+    def _check(self) -> Material | None:
         try:
             material = self._load()
         except TLSError as exc:
@@ -180,7 +225,7 @@ class CertificateReloader:
             return None
         self._current = material
         _describe("tls certificate reloaded", material, self._cert_path)
-        return material.configuration()
+        return material
 
     def _load(self) -> Material | None:
         """The files' content if usable, None if already rejected; raises `TLSError`.

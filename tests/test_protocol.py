@@ -1,31 +1,23 @@
-"""The ext_proc stream state machine, driven message by message and over real gRPC."""
+"""The ext_proc stream state machine, driven message by message (over gRPC: test_h2grpc.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-import time
-from collections.abc import Iterator
 
-import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bbr import metrics
 from bbr.decision import Label, Options
 from bbr.modelmap import MapHolder, parse_file_text
 from bbr.protocol import ProtocolError, Stream
-from bbr.server import Processor
 from tests.extproc import (
     body,
     clears_route_cache,
     headers,
     removed_headers,
     set_headers,
-    stub,
     trailers,
 )
 
@@ -285,106 +277,6 @@ def test_any_chunking_gives_the_same_outcome(payload: bytes, cuts: list[int]) ->
         assert echoed == payload
 
 
-# --- over real gRPC -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def channel() -> Iterator[grpc.Channel]:
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port_box: list[int] = []
-    server_box: list[grpc.aio.Server] = []
-    limit = 16 * 1024 * 1024 + 65536
-
-    async def start() -> None:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ]
-        )
-        from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            Processor(HOLDER, Options(), streaming=False), server
-        )
-        port_box.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        server_box.append(server)
-        ready.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    ready.wait(10)
-    with grpc.insecure_channel(
-        f"127.0.0.1:{port_box[0]}",
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ],
-    ) as chan:
-        yield chan
-    asyncio.run_coroutine_threadsafe(server_box[0].stop(0), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-
-
-def test_grpc_routes_a_5_mib_body(channel: grpc.Channel) -> None:
-    big = json.dumps(
-        {
-            "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}],
-            "model": "food-review-1",
-        }
-    ).encode()
-    replies = list(stub(channel).Process(iter([headers(), body(big)])))
-    assert set_headers(replies[-1])[BASE] == LLAMA
-
-
-def test_grpc_protocol_violation_is_invalid_argument(channel: grpc.Channel) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        list(stub(channel).Process(iter([headers(), headers()])))
-    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-
-
-def test_grpc_200_concurrent_streams_route_correctly(channel: grpc.Channel) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    models = ["food-review-1", LLAMA, "unknown-model", "food-review-1"]
-
-    def one(i: int) -> tuple[str, dict[str, str]]:
-        model = models[i % len(models)]
-        payload = json.dumps({"model": model, "messages": [{"content": str(i)}]}).encode()
-        replies = list(stub(channel).Process(iter([headers(), body(payload)])))
-        return model, set_headers(replies[-1])
-
-    with ThreadPoolExecutor(max_workers=50) as pool:
-        results = list(pool.map(one, range(200)))
-    for model, got in results:
-        expected = {NAME: model} if model == "unknown-model" else {BASE: LLAMA, NAME: model}
-        assert got == expected
-
-
-def test_grpc_cancelled_stream_releases_it(channel: grpc.Channel) -> None:
-    gate = threading.Event()
-
-    def requests() -> Iterator[pb.ProcessingRequest]:
-        yield headers(streaming=True)
-        yield body(b"x" * 100_000, end_of_stream=False)
-        gate.wait(5)
-
-    call = stub(channel).Process(requests())
-    deadline = time.monotonic() + 5
-    while metrics.ACTIVE_STREAMS._value.get() < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert metrics.ACTIVE_STREAMS._value.get() >= 1
-    call.cancel()
-    gate.set()
-    while metrics.ACTIVE_STREAMS._value.get() > 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert metrics.ACTIVE_STREAMS._value.get() == 0
-
-
 any_message = st.sampled_from(
     [
         headers(),
@@ -426,48 +318,3 @@ def test_any_message_order_ends_in_answers_or_a_protocol_error(
         stream.close()
     if stream.outcome is not None and stream.outcome.status:
         assert answered_request_side
-
-
-def test_idle_streamed_body_is_dropped_and_freed() -> None:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            Processor(HOLDER, Options(), streaming=True, idle_seconds=0.3), server
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    gate = threading.Event()
-
-    def requests() -> Iterator[pb.ProcessingRequest]:
-        yield headers()
-        yield body(b'{"model": "food-review-1", "pad": "', end_of_stream=False)
-        gate.wait(5)  # never send the rest
-
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
-            with pytest.raises(grpc.RpcError) as info:
-                list(stub(chan).Process(requests(), timeout=5))
-            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            assert "no request body message" in (info.value.details() or "")
-
-            # A decided stream is not bounded: it stays open while the upstream answers.
-            def decided_then_quiet() -> Iterator[pb.ProcessingRequest]:
-                yield headers()
-                yield body(CHAT)
-                time.sleep(0.8)
-
-            done = list(stub(chan).Process(decided_then_quiet(), timeout=5))
-            assert set_headers(done[0])[BASE] == LLAMA
-    finally:
-        gate.set()
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)

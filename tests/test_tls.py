@@ -21,9 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
-from bbr.tls import CertificateReloader, Material, TLSError, server_credentials, server_tls
+from bbr import h2grpc
+from bbr.server import Health
+from bbr.tls import CertificateReloader, Material, TLSError, server_tls
 from tests.pki import Authority, Pair, SecretVolume
 
 FAST = 0.1  # reload interval in tests: a look at the files every 100 ms
@@ -55,50 +56,42 @@ def put_pair(directory: Path, pair: Pair) -> None:
     write_atomic(directory / "tls.key", pair.key)
 
 
-# --- a grpc.aio server in its own thread, real clients in the test's ---------------------
+# --- bbr's TLS server in its own thread, real gRPC clients in the test's ---------------------
 
 
-class AioServer:
-    """A grpc.aio server (health service only) on 127.0.0.1 with the given credentials."""
+class TLSServer:
+    """bbr's ext_proc port (health Check only) on 127.0.0.1 with the given TLS context."""
 
-    def __init__(self, credentials: grpc.ServerCredentials) -> None:
+    def __init__(self, context: ssl.SSLContext) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server: grpc.aio.Server | None = None
-        self.port: int = self._run(self._start(credentials))
+        health = Health()
+        health.status[""] = health_pb2.HealthCheckResponse.SERVING
+        self.server = h2grpc.Server(
+            {"/grpc.health.v1.Health/Check": health.check}, max_message=1024 * 1024
+        )
+        self.port: int = self._run(self.server.listen("127.0.0.1", 0, ssl_context=context))
 
-    def _run(self, coro: Coroutine[Any, Any, int]) -> int:
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
-    async def _start(self, credentials: grpc.ServerCredentials) -> int:
-        self.server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), self.server)
-        port: int = self.server.add_secure_port("127.0.0.1:0", credentials)
-        await self.server.start()
-        return port
-
-    async def _stop(self) -> int:
-        assert self.server is not None
-        await self.server.stop(0)
-        return 0
-
     def close(self) -> None:
-        self._run(self._stop())
+        self._run(self.server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
 
 
-Serve = Callable[[grpc.ServerCredentials], AioServer]
+Serve = Callable[[ssl.SSLContext], TLSServer]
 
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
-    servers: list[AioServer] = []
+    servers: list[TLSServer] = []
 
-    def start(credentials: grpc.ServerCredentials) -> AioServer:
-        servers.append(AioServer(credentials))
+    def start(context: ssl.SSLContext) -> TLSServer:
+        servers.append(TLSServer(context))
         return servers[-1]
 
     yield start
@@ -169,24 +162,16 @@ def test_given_certificate_is_served(
     put_pair(tmp_path / "certs", pair)
     tls = server_tls(str(tmp_path / "certs"), None)
     assert tls.certificate_pem == pair.cert and not tls.mutual
-    server = serve(tls.credentials)
+    server = serve(tls.context)
 
     assert served_certificate(server.port) == pair.der
     assert rpc(server.port, ca.pem) == grpc.StatusCode.OK
     assert rpc(server.port, other_ca.pem) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_server_credentials_is_accepted_by_add_secure_port(
-    tmp_path: Path, ca: Authority, serve: Serve
-) -> None:
-    put_pair(tmp_path, ca.issue("bbr"))
-    server = serve(server_credentials(str(tmp_path), None))
-    assert rpc(server.port, ca.pem) == grpc.StatusCode.OK
-
-
 def test_self_signed_when_no_certificate_given(serve: Serve) -> None:
     tls = server_tls(None, None)
-    server = serve(tls.credentials)
+    server = serve(tls.context)
     # The client verifies the chain and the SAN 127.0.0.1 against the generated certificate.
     assert rpc(server.port, tls.certificate_pem) == grpc.StatusCode.OK
 
@@ -203,7 +188,7 @@ def test_self_signed_when_no_certificate_given(serve: Serve) -> None:
 
 
 def test_plaintext_client_is_refused(serve: Serve) -> None:
-    server = serve(server_tls(None, None).credentials)
+    server = serve(server_tls(None, None).context)
     assert rpc(server.port, None, secure=False) == grpc.StatusCode.UNAVAILABLE
 
 
@@ -212,7 +197,7 @@ def test_mutual_tls(tmp_path: Path, ca: Authority, other_ca: Authority, serve: S
     (tmp_path / "ca.crt").write_bytes(ca.pem)
     tls = server_tls(str(tmp_path / "certs"), str(tmp_path / "ca.crt"))
     assert tls.mutual
-    server = serve(tls.credentials)
+    server = serve(tls.context)
 
     assert rpc(server.port, ca.pem) == grpc.StatusCode.UNAVAILABLE  # no client certificate
     assert rpc(server.port, ca.pem, ca.issue("envoy", client=True)) == grpc.StatusCode.OK
@@ -225,7 +210,7 @@ def test_mutual_tls_with_self_signed_server_certificate(
 ) -> None:
     (tmp_path / "ca.crt").write_bytes(ca.pem)
     tls = server_tls(None, str(tmp_path / "ca.crt"))
-    server = serve(tls.credentials)
+    server = serve(tls.context)
     assert rpc(server.port, tls.certificate_pem) == grpc.StatusCode.UNAVAILABLE
     client = ca.issue("envoy", client=True)
     assert rpc(server.port, tls.certificate_pem, client) == grpc.StatusCode.OK
@@ -239,7 +224,7 @@ def test_reload_after_atomic_replace(
 ) -> None:
     first, second = ca.issue("bbr-1"), other_ca.issue("bbr-2")
     put_pair(tmp_path, first)
-    server = serve(server_tls(str(tmp_path), None, reload_interval=FAST).credentials)
+    server = serve(server_tls(str(tmp_path), None, reload_interval=FAST).context)
     assert served_certificate(server.port) == first.der
 
     put_pair(tmp_path, second)
@@ -251,7 +236,7 @@ def test_reload_after_atomic_replace(
 def test_reload_after_kubelet_symlink_swap(tmp_path: Path, ca: Authority, serve: Serve) -> None:
     first, second = ca.issue("bbr-1"), ca.issue("bbr-2")
     volume = SecretVolume(tmp_path / "secret", first)
-    server = serve(server_tls(str(volume.root), None, reload_interval=FAST).credentials)
+    server = serve(server_tls(str(volume.root), None, reload_interval=FAST).context)
     assert served_certificate(server.port) == first.der
 
     volume.update(second)
@@ -262,7 +247,7 @@ def test_reload_after_kubelet_symlink_swap(tmp_path: Path, ca: Authority, serve:
 def test_reload_with_default_interval(tmp_path: Path, ca: Authority, serve: Serve) -> None:
     first, second = ca.issue("bbr-1"), ca.issue("bbr-2")
     put_pair(tmp_path, first)
-    server = serve(server_credentials(str(tmp_path), None))
+    server = serve(server_tls(str(tmp_path), None).context)
     put_pair(tmp_path, second)
     assert wait_for_certificate(server.port, second.der) < 3
 
@@ -273,7 +258,7 @@ def test_broken_replacement_keeps_previous_certificate(
     caplog.set_level(logging.INFO, logger="bbr.tls")
     first, second, third = ca.issue("bbr-1"), ca.issue("bbr-2"), ca.issue("bbr-3")
     put_pair(tmp_path, first)
-    server = serve(server_tls(str(tmp_path), None, reload_interval=FAST).credentials)
+    server = serve(server_tls(str(tmp_path), None, reload_interval=FAST).context)
 
     def still_first() -> None:
         for _ in range(6):  # several handshakes over several reload intervals
@@ -312,7 +297,7 @@ def test_client_ca_is_reloaded(
     ca_file = tmp_path / "ca.crt"
     ca_file.write_bytes(ca.pem)
     tls = server_tls(str(tmp_path / "certs"), str(ca_file), reload_interval=FAST)
-    server = serve(tls.credentials)
+    server = serve(tls.context)
     ours, theirs = ca.issue("envoy", client=True), other_ca.issue("envoy", client=True)
     assert rpc(server.port, ca.pem, theirs) == grpc.StatusCode.UNAVAILABLE
 
@@ -338,12 +323,12 @@ def test_reloader_reads_files_at_most_once_per_interval(tmp_path: Path, ca: Auth
     put_pair(tmp_path, second)
     assert reloader() is None  # within the interval: not even looked at
     now[0] += 1.0
-    assert isinstance(reloader(), grpc.ServerCertificateConfiguration)
+    assert reloader() == Material(second.cert, second.key, None)
     assert reloader.current == Material(second.cert, second.key, None)
     now[0] += 0.5
     assert reloader() is None
     now[0] += 1.0
-    assert reloader() is None  # unchanged content: nothing new for gRPC
+    assert reloader() is None  # unchanged content: nothing new to serve
 
 
 def test_reloader_retries_a_pair_read_mid_swap(tmp_path: Path, ca: Authority) -> None:
@@ -364,7 +349,7 @@ def test_reloader_retries_a_pair_read_mid_swap(tmp_path: Path, ca: Authority) ->
         return material
 
     reloader._read = read_then_finish_swap  # type: ignore[method-assign]
-    assert isinstance(reloader(), grpc.ServerCertificateConfiguration)
+    assert reloader() == Material(second.cert, second.key, None)
     assert len(reads) == 2 and reloader.current.private_key == second.key
 
 
@@ -430,20 +415,3 @@ def test_unusable_files_at_start(
     assert message.startswith(f"{flag} {tmp_path / named}: ")
     assert reason in message
     assert caught.value.flag == flag and caught.value.path == str(tmp_path / named)
-
-
-def test_one_credentials_object_serves_one_port(tmp_path: Path, ca: Authority) -> None:
-    """gRPC gives the initial configuration to the first port only: a second port with the
-    same credentials fails to bind. Each port needs its own `server_tls`."""
-    put_pair(tmp_path, ca.issue("bbr"))
-    tls = server_tls(str(tmp_path), None)
-
-    async def two_ports() -> None:
-        server = grpc.aio.server()
-        assert server.add_secure_port("127.0.0.1:0", tls.credentials) > 0
-        with pytest.raises(RuntimeError):
-            server.add_secure_port("127.0.0.1:0", tls.credentials)
-        assert server.add_secure_port("127.0.0.1:0", server_tls(str(tmp_path), None).credentials)
-        await server.stop(0)
-
-    asyncio.run(two_ports())

@@ -1,0 +1,954 @@
+"""bbr.h2grpc, the ext_proc port's own HTTP/2 server, against two real clients.
+
+grpcio (what Envoy-like gRPC clients do) drives the ext_proc, health and reflection
+services end to end; the `h2` library (an independent HTTP/2 implementation) and
+hand-built frames drive the protocol's edge cases: flow control, frame sizes, PING,
+CONTINUATION, padding, HPACK, GOAWAY and draining, stream resets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hpack
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+
+from bbr import h2grpc, metrics
+from bbr.decision import Options
+from bbr.modelmap import MapHolder, parse_file_text
+from bbr.server import SERVICE_NAME, Health, Processor, h2_server
+from tests.extproc import body, headers, set_headers, stub
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+BASE = "x-gateway-base-model-name"
+NAME = "x-gateway-model-name"
+MAP = """
+kind: ConfigMap
+metadata: {name: llama}
+data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
+"""
+ROUTED = {BASE: LLAMA, NAME: "food-review-1"}
+CHAT = json.dumps(
+    {"messages": [{"role": "user", "content": "hi" * 50}], "model": "food-review-1"}
+).encode()
+LIMIT = 16 * 1024 * 1024 + 65536
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+]
+PROCESS = f"/{SERVICE_NAME}/Process".encode()
+HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def holder_with(text: str = MAP) -> MapHolder:
+    holder = MapHolder()
+    holder.publish("test", parse_file_text(text, path="m.yaml").configs)
+    return holder
+
+
+HOLDER = holder_with()
+
+
+def active_streams() -> float:
+    value: float = metrics.ACTIVE_STREAMS._value.get()
+    return value
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def chunked(payload: bytes, size: int) -> list[pb.ProcessingRequest]:
+    pieces = [payload[i : i + size] for i in range(0, len(payload), size)]
+    return [body(p, end_of_stream=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+
+
+def big_chat(size: int) -> bytes:
+    return json.dumps(
+        {"model": "food-review-1", "messages": [{"role": "user", "content": "x" * size}]}
+    ).encode()
+
+
+# --- the server, on an event loop in a background thread --------------------------------
+
+
+@dataclass
+class Running:
+    server: h2grpc.Server
+    port: int
+    processor: Processor
+    health: Health
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    event_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=event_loop.run_forever, daemon=True)
+    thread.start()
+    yield event_loop
+    event_loop.call_soon_threadsafe(event_loop.stop)
+    thread.join(5)
+    event_loop.close()
+
+
+Serve = Callable[..., Running]
+
+
+@pytest.fixture
+def serve(loop: asyncio.AbstractEventLoop) -> Iterator[Serve]:
+    """Start `h2_server(...)` on 127.0.0.1:0; every server started is stopped after."""
+    started: list[Running] = []
+
+    def start(
+        *, streaming: bool = False, idle_seconds: float = 60.0, limit: int = LIMIT
+    ) -> Running:
+        async def go() -> Running:
+            processor = Processor(HOLDER, Options(), streaming=streaming, idle_seconds=idle_seconds)
+            health = Health()
+            for service in ("", SERVICE_NAME):
+                await health.set(service, SERVING)
+            server = h2_server(processor, health, limit)
+            port = await server.listen("127.0.0.1", 0)
+            return Running(server, port, processor, health)
+
+        running = asyncio.run_coroutine_threadsafe(go(), loop).result(10)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        asyncio.run_coroutine_threadsafe(running.server.stop(0), loop).result(10)
+    assert wait_until(lambda: active_streams() == 0), "a stream was never freed"
+
+
+@pytest.fixture
+def channel(serve: Serve) -> Iterator[grpc.Channel]:
+    running = serve()
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=CHANNEL_OPTIONS) as chan:
+        yield chan
+
+
+def open_channel(running: Running) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{running.port}", options=CHANNEL_OPTIONS)
+
+
+# --- grpcio against h2_server ------------------------------------------------------------
+
+
+def test_grpc_routes_a_small_body(channel: grpc.Channel) -> None:
+    replies = list(stub(channel).Process(iter([headers(), body(CHAT)]), timeout=5))
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
+    assert set_headers(replies[1]) == ROUTED
+    assert replies[1].request_body.response.clear_route_cache
+
+
+def test_grpc_routes_a_5_mib_body(channel: grpc.Channel) -> None:
+    big = big_chat(5 * 1024 * 1024)
+    replies = list(stub(channel).Process(iter([headers(), body(big)]), timeout=10))
+    assert set_headers(replies[-1]) == ROUTED
+    assert not replies[-1].request_body.response.HasField("body_mutation")
+
+
+def test_grpc_message_over_the_limit_is_resource_exhausted(serve: Serve) -> None:
+    running = serve(limit=64 * 1024)
+    with open_channel(running) as chan:
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub(chan).Process(iter([headers(), body(big_chat(100_000))]), timeout=5))
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in (info.value.details() or "")
+        # The connection is not hurt: the next call on the channel is answered.
+        replies = list(stub(chan).Process(iter([headers(), body(CHAT)]), timeout=5))
+        assert set_headers(replies[-1]) == ROUTED
+
+
+def test_grpc_protocol_violation_is_invalid_argument(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(channel).Process(iter([headers(), headers()]), timeout=5))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "second request_headers" in (info.value.details() or "")
+
+
+def test_grpc_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
+    method = channel.unary_unary("/no.such.Service/Method")
+    with pytest.raises(grpc.RpcError) as info:
+        method(b"", timeout=5)
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "/no.such.Service/Method" in (info.value.details() or "")
+
+
+def test_grpc_health_check(serve: Serve, loop: asyncio.AbstractEventLoop) -> None:
+    running = serve()
+    with open_channel(running) as chan:
+        health = health_pb2_grpc.HealthStub(chan)
+        for service in ("", SERVICE_NAME):
+            request = health_pb2.HealthCheckRequest(service=service)
+            assert health.Check(request, timeout=5).status == SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        # Check answers the status in force now, not the one at start.
+        change = running.health.set(SERVICE_NAME, NOT_SERVING)
+        asyncio.run_coroutine_threadsafe(change, loop).result(5)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        assert health.Check(request, timeout=5).status == NOT_SERVING
+
+
+def test_grpc_reflection_lists_the_ext_proc_service(channel: grpc.Channel) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+    ]
+    replies = list(reflection.ServerReflectionInfo(iter(requests), timeout=5))
+    assert len(replies) == 2  # one answer per request on the stream
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert "envoy.service.ext_proc.v3.ExternalProcessor" in names
+    assert "grpc.health.v1.Health" in names
+    assert replies[1].file_descriptor_response.file_descriptor_proto
+
+
+def test_grpc_200_concurrent_streams_on_one_channel(serve: Serve) -> None:
+    running = serve()
+    models = ["food-review-1", LLAMA, "unknown-model", "food-review-1"]
+    release = threading.Event()
+
+    with open_channel(running) as chan:
+        ext_proc = stub(chan)
+
+        def one(i: int) -> tuple[str, dict[str, str]]:
+            model = models[i % len(models)]
+            payload = json.dumps({"model": model, "messages": [{"content": str(i)}]}).encode()
+
+            def requests() -> Iterator[pb.ProcessingRequest]:
+                yield headers()
+                release.wait(10)  # every stream is open before any body goes
+                yield body(payload)
+
+            replies = list(ext_proc.Process(requests(), timeout=20))
+            return model, set_headers(replies[-1])
+
+        with ThreadPoolExecutor(max_workers=200) as pool:
+            futures = [pool.submit(one, i) for i in range(200)]
+            all_open = wait_until(lambda: running.processor.active == 200, timeout=10)
+            release.set()
+            results = [f.result(20) for f in futures]
+    assert all_open, f"only {running.processor.active} streams were open at once"
+    assert len(results) == 200
+    for model, got in results:
+        expected = {NAME: model} if model == "unknown-model" else {BASE: LLAMA, NAME: model}
+        assert got == expected
+
+
+def test_grpc_cancelled_stream_releases_it(serve: Serve) -> None:
+    running = serve()
+    assert wait_until(lambda: active_streams() == 0)
+    gate = threading.Event()
+
+    def requests() -> Iterator[pb.ProcessingRequest]:
+        yield headers(streaming=True)
+        yield body(b"x" * 100_000, end_of_stream=False)
+        gate.wait(5)
+
+    with open_channel(running) as chan:
+        call = stub(chan).Process(requests())
+        assert wait_until(lambda: active_streams() == 1)
+        call.cancel()
+        gate.set()
+        assert wait_until(lambda: active_streams() == 0)
+        assert running.processor.active == 0
+
+
+def test_grpc_streaming_returns_chunks_unchanged_and_in_order(serve: Serve) -> None:
+    running = serve(streaming=True)
+    payload = big_chat(5000)
+    messages = chunked(payload, 97)
+    assert len(messages) > 50
+    with open_channel(running) as chan:
+        replies = list(stub(chan).Process(iter([headers(), *messages]), timeout=5))
+    assert replies[0].WhichOneof("response") == "request_headers"
+    assert set_headers(replies[0]) == ROUTED
+    echoed = [r.request_body.response.body_mutation.streamed_response for r in replies[1:]]
+    assert [e.body for e in echoed] == [m.request_body.body for m in messages]
+    assert [e.end_of_stream for e in echoed] == [False] * (len(messages) - 1) + [True]
+
+
+def test_grpc_idle_streamed_body_is_deadline_exceeded(serve: Serve) -> None:
+    running = serve(streaming=True, idle_seconds=0.3)
+    gate = threading.Event()
+
+    def requests() -> Iterator[pb.ProcessingRequest]:
+        yield headers()
+        yield body(b'{"model": "food-review-1", "pad": "', end_of_stream=False)
+        gate.wait(5)  # never send the rest
+
+    started = time.monotonic()
+    try:
+        with open_channel(running) as chan, pytest.raises(grpc.RpcError) as info:
+            list(stub(chan).Process(requests(), timeout=5))
+    finally:
+        gate.set()
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no request body message" in (info.value.details() or "")
+    assert time.monotonic() - started < 3
+    assert wait_until(lambda: running.processor.active == 0)
+
+
+# --- HTTP/2 framing helpers --------------------------------------------------------------
+
+
+def grpc_frame(message: bytes, *, compressed: bool = False) -> bytes:
+    return bytes((1 if compressed else 0,)) + struct.pack(">I", len(message)) + message
+
+
+def grpc_messages(data: bytes) -> list[bytes]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        assert data[pos] == 0, "the server sent a compressed message"
+        (length,) = struct.unpack_from(">I", data, pos + 1)
+        assert pos + 5 + length <= len(data), "truncated gRPC message"
+        out.append(data[pos + 5 : pos + 5 + length])
+        pos += 5 + length
+    return out
+
+
+def process_request(*messages: pb.ProcessingRequest) -> bytes:
+    return b"".join(grpc_frame(m.SerializeToString()) for m in messages)
+
+
+def responses(data: bytes) -> list[pb.ProcessingResponse]:
+    return [pb.ProcessingResponse.FromString(m) for m in grpc_messages(data)]
+
+
+def request_headers(path: bytes = PROCESS) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path),
+        (b":authority", b"127.0.0.1"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+
+
+@dataclass
+class Reply:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+    trailers: dict[bytes, bytes] = field(default_factory=dict)
+    frame_sizes: list[int] = field(default_factory=list)
+    ended: bool = False
+    reset: int | None = None
+
+    @property
+    def status(self) -> bytes | None:
+        """grpc-status, from the trailers or a trailers-only response."""
+        return self.trailers.get(b"grpc-status", self.headers.get(b"grpc-status"))
+
+
+class H2Client:
+    """A gRPC client on the `h2` library: its state machine checks the server's frames."""
+
+    def __init__(self, port: int, settings: dict[SettingCodes, int] | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.conn = h2.connection.H2Connection(config)
+        if settings:
+            self.conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
+            self.conn.max_inbound_frame_size = self.conn.local_settings.max_frame_size
+            self.conn.incoming_buffer.max_frame_size = self.conn.max_inbound_frame_size
+        self.conn.initiate_connection()
+        self.auto_ack = True
+        self.closed = False
+        self.events: list[h2.events.Event] = []
+        self.replies: dict[int, Reply] = {}
+        self.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def pump(self, timeout: float) -> bool:
+        """Read once; False when nothing came within `timeout` or the peer closed."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+            return False
+        for event in self.conn.receive_data(data):
+            self.events.append(event)
+            self._record(event)
+        self.flush()
+        return True
+
+    def _record(self, event: h2.events.Event) -> None:
+        stream_id = getattr(event, "stream_id", None)
+        if stream_id is None:
+            return
+        reply = self.replies.setdefault(stream_id, Reply())
+        if isinstance(event, h2.events.ResponseReceived):
+            reply.headers.update(event.headers or [])
+        elif isinstance(event, h2.events.TrailersReceived):
+            reply.trailers.update(event.headers or [])
+        elif isinstance(event, h2.events.DataReceived):
+            reply.data += event.data or b""
+            reply.frame_sizes.append(event.flow_controlled_length or 0)
+            if self.auto_ack and event.flow_controlled_length:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            reply.ended = True
+        elif isinstance(event, h2.events.StreamReset):
+            reply.reset = event.error_code
+
+    def wait(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out waiting for the server"
+            if not self.pump(left) and self.closed:
+                assert condition(), "the server closed the connection"
+                return
+
+    def open(self, path: bytes = PROCESS, end_stream: bool = False) -> int:
+        stream_id: int = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, request_headers(path), end_stream=end_stream)
+        self.flush()
+        return stream_id
+
+    def send(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        """Send DATA as the server's windows allow, reading its frames while blocked."""
+        view = memoryview(data)
+        while True:
+            room = min(
+                self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size
+            )
+            if room <= 0 and view:
+                assert self.pump(5), "the server never opened its window"
+                continue
+            piece, view = view[:room], view[room:]
+            last = not view
+            self.conn.send_data(stream_id, piece.tobytes(), end_stream=end_stream and last)
+            self.flush()
+            if last:
+                return
+
+    def reply(self, stream_id: int, timeout: float = 5.0) -> Reply:
+        self.wait(lambda: self._over(stream_id), timeout)
+        return self.replies[stream_id]
+
+    def _over(self, stream_id: int) -> bool:
+        reply = self.replies.get(stream_id)
+        return reply is not None and (reply.ended or reply.reset is not None)
+
+    def call(self, payload: bytes, path: bytes = PROCESS) -> Reply:
+        stream_id = self.open(path)
+        self.send(stream_id, payload, end_stream=True)
+        return self.reply(stream_id)
+
+
+@pytest.fixture
+def h2client(serve: Serve) -> Iterator[Callable[..., H2Client]]:
+    clients: list[H2Client] = []
+
+    def connect(running: Running, settings: dict[SettingCodes, int] | None = None) -> H2Client:
+        client = H2Client(running.port, settings)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+class RawClient:
+    """Hand-built frames (hyperframe, hpack) for what `h2` will not send."""
+
+    def __init__(self, port: int, *, preface: bool = True) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+        self._buffer = b""
+        if preface:
+            self.sock.sendall(PREFACE + SettingsFrame(0).serialize())
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, *frames: Frame | bytes) -> None:
+        self.sock.sendall(b"".join(f if isinstance(f, bytes) else f.serialize() for f in frames))
+
+    def block(self, path: bytes = PROCESS) -> bytes:
+        encoded: bytes = self.encoder.encode(request_headers(path))
+        return encoded
+
+    def _read(self, size: int, timeout: float) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        while len(self._buffer) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame from the server")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return None
+            self._buffer += data
+        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+    def frame(self, timeout: float = 5.0) -> Frame | None:
+        """The next frame, or None once the server closed the connection."""
+        head = self._read(9, timeout)
+        if head is None:
+            return None
+        parsed, length = Frame.parse_frame_header(memoryview(head))
+        payload = self._read(length, timeout) if length else b""
+        if payload is None:
+            return None
+        parsed.parse_body(memoryview(payload))
+        return parsed
+
+    def frames_until(self, condition: Callable[[Frame], bool], timeout: float = 5.0) -> list[Frame]:
+        seen: list[Frame] = []
+        while True:
+            got = self.frame(timeout)
+            assert got is not None, f"the server closed the connection after {seen}"
+            seen.append(got)
+            if condition(got):
+                return seen
+
+    def reply(self, stream_id: int, timeout: float = 5.0) -> Reply:
+        """Collect one stream's answer, up to its END_STREAM or RST_STREAM."""
+        reply = Reply()
+        while not (reply.ended or reply.reset is not None):
+            got = self.frame(timeout)
+            assert got is not None, "the server closed the connection mid-reply"
+            if isinstance(got, HeadersFrame):
+                decoded = dict(self.decoder.decode(got.data, raw=True))
+                if got.stream_id != stream_id:
+                    continue
+                (reply.trailers if reply.headers else reply.headers).update(decoded)
+                reply.ended = "END_STREAM" in got.flags
+            elif isinstance(got, DataFrame) and got.stream_id == stream_id:
+                reply.data += got.data
+                reply.frame_sizes.append(got.flow_controlled_length)
+                reply.ended = "END_STREAM" in got.flags
+            elif isinstance(got, RstStreamFrame) and got.stream_id == stream_id:
+                reply.reset = got.error_code
+        return reply
+
+    def closed_within(self, timeout: float) -> bool:
+        """True when the server closes the connection (frames before that are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.frame(deadline - time.monotonic()) is None:
+                    return True
+            except TimeoutError:
+                return False
+        return False
+
+
+@pytest.fixture
+def raw(serve: Serve) -> Iterator[Callable[..., RawClient]]:
+    clients: list[RawClient] = []
+
+    def connect(running: Running, *, preface: bool = True) -> RawClient:
+        client = RawClient(running.port, preface=preface)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def assert_routed(reply: Reply) -> None:
+    assert reply.headers.get(b":status") == b"200"
+    assert reply.headers.get(b"content-type") == b"application/grpc"
+    assert reply.status == b"0", reply
+    answers = responses(bytes(reply.data))
+    assert [a.WhichOneof("response") for a in answers] == ["request_headers", "request_body"]
+    assert set_headers(answers[1]) == ROUTED
+
+
+ROUTED_CALL = process_request(headers(), body(CHAT))
+
+
+# --- the h2 library against the server ---------------------------------------------------
+
+
+def test_h2_tiny_initial_window_still_gets_the_whole_streamed_response(
+    serve: Serve, h2client: Callable[..., H2Client]
+) -> None:
+    running = serve(streaming=True)
+    client = h2client(running, {SettingCodes.INITIAL_WINDOW_SIZE: 16})
+    client.auto_ack = False
+    payload = big_chat(200_000)
+    messages = chunked(payload, 16_000)
+    stream_id = client.open()
+    client.send(stream_id, process_request(headers(), *messages), end_stream=True)
+    # The server has the whole answer (~200 KB) but may send 16 bytes of it.
+    client.wait(lambda: stream_id in client.replies and len(client.replies[stream_id].data) > 0)
+    while client.pump(0.3):  # and nothing more, however long the client waits
+        pass
+    reply = client.replies[stream_id]
+    assert reply.headers.get(b":status") == b"200"
+    assert len(reply.data) == 16 and not reply.ended
+    # Open the windows: the rest follows, and h2 checks no frame overruns them.
+    client.auto_ack = True
+    client.conn.increment_flow_control_window(1 << 20, stream_id)
+    client.conn.increment_flow_control_window(1 << 20)
+    client.flush()
+    reply = client.reply(stream_id)
+    assert reply.status == b"0"
+    answers = responses(bytes(reply.data))
+    assert set_headers(answers[0]) == ROUTED
+    echoed = [a.request_body.response.body_mutation.streamed_response.body for a in answers[1:]]
+    assert echoed == [m.request_body.body for m in messages]
+    assert b"".join(echoed) == payload
+
+
+@pytest.mark.parametrize("max_frame", [16_384, 40_000])
+def test_h2_max_frame_size_is_respected(
+    serve: Serve, h2client: Callable[..., H2Client], max_frame: int
+) -> None:
+    running = serve(streaming=True)
+    client = h2client(running, {SettingCodes.MAX_FRAME_SIZE: max_frame})
+    payload = big_chat(300_000)
+    messages = chunked(payload, 100_000)  # each answer is larger than any frame
+    reply = client.call(process_request(headers(), *messages))
+    assert reply.status == b"0"
+    assert reply.frame_sizes and max(reply.frame_sizes) <= max_frame
+    echoed = [
+        a.request_body.response.body_mutation.streamed_response.body
+        for a in responses(bytes(reply.data))[1:]
+    ]
+    assert b"".join(echoed) == payload
+
+
+def test_h2_ping_is_acked_with_its_payload(serve: Serve, h2client: Callable[..., H2Client]) -> None:
+    client = h2client(serve())
+    client.conn.ping(b"bbr-ping")
+    client.flush()
+    client.wait(lambda: any(isinstance(e, h2.events.PingAckReceived) for e in client.events))
+    [ack] = [e for e in client.events if isinstance(e, h2.events.PingAckReceived)]
+    assert ack.ping_data == b"bbr-ping"
+
+
+def test_h2_messages_split_and_coalesced_across_data_frames(
+    serve: Serve, h2client: Callable[..., H2Client]
+) -> None:
+    client = h2client(serve())
+    stream_id = client.open()
+    for i in range(0, len(ROUTED_CALL), 3):  # both messages, 3 bytes per DATA frame
+        client.send(stream_id, ROUTED_CALL[i : i + 3])
+    client.send(stream_id, b"", end_stream=True)
+    assert_routed(client.reply(stream_id))
+
+
+def test_h2_rst_stream_frees_the_call(serve: Serve, h2client: Callable[..., H2Client]) -> None:
+    running = serve(streaming=True)
+    assert wait_until(lambda: active_streams() == 0)
+    client = h2client(running)
+    stream_id = client.open()
+    client.send(stream_id, process_request(headers(), body(b'{"model": ', end_of_stream=False)))
+    assert wait_until(lambda: running.processor.active == 1)
+    assert active_streams() == 1
+    client.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+    client.flush()
+    assert wait_until(lambda: running.processor.active == 0)
+    assert active_streams() == 0
+    # The connection goes on: a new stream on it is answered.
+    reply = client.call(process_request(headers(), body(CHAT)))
+    assert reply.status == b"0"
+    assert set_headers(responses(bytes(reply.data))[0]) == ROUTED
+
+
+def test_h2_compressed_message_is_unimplemented(
+    serve: Serve, h2client: Callable[..., H2Client]
+) -> None:
+    client = h2client(serve())
+    reply = client.call(grpc_frame(headers().SerializeToString(), compressed=True))
+    assert reply.headers.get(b":status") == b"200"
+    assert reply.status == b"12"
+    assert b"compressed" in reply.trailers.get(
+        b"grpc-message", reply.headers.get(b"grpc-message", b"")
+    )
+    assert not reply.data
+
+
+# --- hand-built frames -------------------------------------------------------------------
+
+
+def test_raw_header_block_split_into_continuation_frames(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    block = client.block()
+    a, b = len(block) // 3, 2 * len(block) // 3
+    client.send(
+        HeadersFrame(1, block[:a]),
+        ContinuationFrame(1, block[a:b]),
+        ContinuationFrame(1, block[b:], flags={"END_HEADERS"}),
+        DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}),
+    )
+    assert_routed(client.reply(1))
+
+
+def test_raw_preface_and_frames_trickled_in_pieces(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    """Every frame, and the preface, arrives split across several socket reads."""
+    client = raw(serve(), preface=False)
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    wire = (
+        PREFACE
+        + SettingsFrame(0).serialize()
+        + HeadersFrame(1, client.block(), flags={"END_HEADERS"}).serialize()
+        + DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}).serialize()
+    )
+    for i in range(0, len(wire), 5):
+        client.send(wire[i : i + 5])
+        time.sleep(0.0005)
+    assert_routed(client.reply(1))
+
+
+def test_raw_frame_between_headers_and_continuation_is_a_protocol_error(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    block = client.block()
+    client.send(HeadersFrame(1, block[:4]), PingFrame(0, b"12345678"))
+    [*_, goaway] = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    assert isinstance(goaway, GoAwayFrame) and goaway.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert client.closed_within(2)
+
+
+def test_raw_padded_headers_and_data(serve: Serve, raw: Callable[..., RawClient]) -> None:
+    client = raw(serve())
+    head = HeadersFrame(1, client.block(), flags={"END_HEADERS", "PADDED", "PRIORITY"})
+    head.pad_length = 40
+    head.depends_on, head.stream_weight, head.exclusive = 0, 200, False
+    half = len(ROUTED_CALL) // 2
+    first = DataFrame(1, ROUTED_CALL[:half], flags={"PADDED"})
+    first.pad_length = 255
+    last = DataFrame(1, ROUTED_CALL[half:], flags={"PADDED", "END_STREAM"})
+    last.pad_length = 7
+    client.send(head, first, last)
+    assert_routed(client.reply(1))
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [b"GET / HTTP/1.1\r\nHost: bbr\r\n\r\n", b"PRI * HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00"],
+    ids=["http1", "wrong-version", "tls-hello"],
+)
+def test_raw_bad_client_preface_closes_the_connection(
+    serve: Serve, raw: Callable[..., RawClient], greeting: bytes
+) -> None:
+    running = serve()
+    client = raw(running, preface=False)
+    client.send(greeting)
+    frames: list[Frame] = []
+    while (got := client.frame()) is not None:
+        frames.append(got)
+    goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaways and goaways[0].error_code == ErrorCodes.PROTOCOL_ERROR
+    # Other connections are unaffected.
+    good = raw(running)
+    good.send(HeadersFrame(1, good.block(), flags={"END_HEADERS"}))
+    good.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))
+    assert_routed(good.reply(1))
+
+
+def test_raw_hpack_garbage_is_a_compression_error(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    # Indexed field 70: past the static table, and the dynamic table is empty.
+    client.send(HeadersFrame(1, b"\xc6\xff\xff\xff\xff", flags={"END_HEADERS"}))
+    [*_, goaway] = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    assert isinstance(goaway, GoAwayFrame)
+    assert goaway.error_code == ErrorCodes.COMPRESSION_ERROR
+    assert client.closed_within(2)
+
+
+def _open_held_call(client: RawClient) -> None:
+    """Stream 1: a streamed body the server holds until its end."""
+    client.send(
+        HeadersFrame(1, client.block(), flags={"END_HEADERS"}),
+        DataFrame(
+            1,
+            process_request(
+                headers(streaming=True),
+                body(b'{"model": "food-review-1", ', end_of_stream=False),
+            ),
+        ),
+    )
+
+
+def _finish_held_call(client: RawClient) -> Reply:
+    client.send(
+        DataFrame(
+            1,
+            process_request(body(b'"messages": []}', end_of_stream=True)),
+            flags={"END_STREAM"},
+        )
+    )
+    return client.reply(1)
+
+
+def _assert_held_call_answered(reply: Reply) -> None:
+    assert reply.status == b"0", reply
+    answers = responses(bytes(reply.data))
+    assert set_headers(answers[0]) == ROUTED
+    echoed = [a.request_body.response.body_mutation.streamed_response.body for a in answers[1:]]
+    assert b"".join(echoed) == b'{"model": "food-review-1", "messages": []}'
+
+
+def test_raw_stop_sends_goaway_and_lets_the_open_call_finish(
+    serve: Serve, raw: Callable[..., RawClient], loop: asyncio.AbstractEventLoop
+) -> None:
+    running = serve(streaming=True)
+    client = raw(running)
+    _open_held_call(client)
+    assert wait_until(lambda: running.processor.active == 1)
+    stopping: Future[None] = asyncio.run_coroutine_threadsafe(running.server.stop(10), loop)
+    [*_, goaway] = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    assert isinstance(goaway, GoAwayFrame)
+    assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == 1
+    time.sleep(0.2)
+    assert not stopping.done(), "stop() did not wait for the open call"
+    finished_at = time.monotonic()
+    _assert_held_call_answered(_finish_held_call(client))
+    assert client.closed_within(2), "the connection stayed open after its last call"
+    stopping.result(3)
+    assert time.monotonic() - finished_at < 3  # not the 10 s grace
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", running.port), timeout=1).close()
+
+
+def test_raw_new_stream_after_goaway_is_refused(
+    serve: Serve, raw: Callable[..., RawClient], loop: asyncio.AbstractEventLoop
+) -> None:
+    running = serve(streaming=True)
+    client = raw(running)
+    _open_held_call(client)
+    assert wait_until(lambda: running.processor.active == 1)
+    stopping = asyncio.run_coroutine_threadsafe(running.server.stop(10), loop)
+    client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    client.send(
+        HeadersFrame(3, client.block(), flags={"END_HEADERS"}),
+        DataFrame(3, ROUTED_CALL, flags={"END_STREAM"}),
+    )
+    refused = client.reply(3)
+    assert refused.reset == ErrorCodes.REFUSED_STREAM and not refused.headers
+    assert running.processor.active == 1  # stream 3 never became a call
+    _assert_held_call_answered(_finish_held_call(client))
+    stopping.result(5)
+
+
+def _literal_indexed(name: bytes, value: bytes) -> bytes:
+    """HPACK 'literal with incremental indexing, new name' (short strings only)."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x40" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """HPACK 'literal without indexing, new name'."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+
+def test_raw_repeated_header_block_is_decoded_against_the_current_table(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    """The same HPACK bytes mean different headers once the dynamic table changed.
+
+    Block R refers to dynamic entry 62. It is sent once while entry 62 is the health
+    Check path, then again after a block that inserts two entries (each evicting the
+    one before, the table being 100 bytes): entry 62 is then the Process path.
+    """
+    client = raw(serve())
+    common = b"".join(
+        _literal(n, v) for n, v in request_headers() if n not in (b":path", b":authority")
+    )
+    size_update = b"\x3f\x45"  # dynamic table size update to 100
+    first = size_update + _literal_indexed(b":path", HEALTH_CHECK) + _literal(b":authority", b"h")
+    repeated = b"\xbe" + _literal(b":authority", b"h")  # indexed: dynamic entry 62
+    two_inserts = _literal_indexed(b":authority", b"x" * 30) + _literal_indexed(b":path", PROCESS)
+    blocks = [first + common, repeated + common, two_inserts + common, repeated + common]
+    # What those blocks mean, by an independent HPACK decoder.
+    reference = hpack.Decoder()
+    paths = [dict(reference.decode(b, raw=True))[b":path"] for b in blocks]
+    assert paths == [HEALTH_CHECK, HEALTH_CHECK, PROCESS, PROCESS]
+
+    health_request = grpc_frame(health_pb2.HealthCheckRequest(service="").SerializeToString())
+    for stream_id, block, path in zip((1, 3, 5, 7), blocks, paths, strict=True):
+        client.send(
+            HeadersFrame(stream_id, block, flags={"END_HEADERS"}),
+            DataFrame(
+                stream_id,
+                ROUTED_CALL if path == PROCESS else health_request,
+                flags={"END_STREAM"},
+            ),
+        )
+        reply = client.reply(stream_id)
+        if path == PROCESS:
+            stale = health_pb2.HealthCheckResponse(status=SERVING).SerializeToString()
+            assert grpc_messages(bytes(reply.data)) != [stale], (
+                f"stream {stream_id} (:path {path.decode()}) was answered by Health/Check"
+            )
+            assert_routed(reply)
+        else:
+            assert reply.status == b"0"
+            [answer] = grpc_messages(bytes(reply.data))
+            assert health_pb2.HealthCheckResponse.FromString(answer).status == SERVING
