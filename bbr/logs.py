@@ -23,11 +23,14 @@ class JsonFormatter(logging.Formatter):
         self._stamp = ""
 
     def _time(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+        return self.stamp(record.created, record.msecs)
+
+    def stamp(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:  # strftime once a second, not once a line
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._stamp}.{int(record.msecs):03d}Z"
+        return f"{self._stamp}.{int(msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -80,6 +83,11 @@ class BatchingHandler(logging.Handler):
         if record.levelno >= logging.WARNING:
             self.flush()
 
+    def append(self, line: str) -> None:
+        """A line formatted elsewhere (`log_info`), queued like the others."""
+        with self.lock:  # type: ignore[union-attr]
+            self._pending.append(line)
+
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             lines, self._pending = self._pending, []
@@ -100,13 +108,51 @@ class BatchingHandler(logging.Handler):
                 return
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    handler = BatchingHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+# The handler and formatter `configure` installed for JSON, for `log_info`'s short cut.
+_json: tuple[BatchingHandler, JsonFormatter] | None = None
+
+
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    global _json
+    handler = BatchingHandler(sys.stderr if stream is None else stream)
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(formatter)
+    _json = (handler, formatter) if isinstance(formatter, JsonFormatter) else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("grpc").setLevel(max(root.level, logging.WARNING))
+
+
+def log_info(logger: logging.Logger, message: str, values: dict[str, Any]) -> None:
+    """An info line with fields; the hot path's (one per request) way to log.
+
+    When bbr's JSON handler is the only one in play, the line is encoded straight into
+    its batch, skipping LogRecord and formatter (~15 µs of a ~60 µs small request); the
+    line is the same. Anything else — another handler (pytest's caplog), a text format,
+    filters — goes through `logging` as usual.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if (
+        _json is not None
+        and not logger.handlers
+        and not logger.filters
+        and logger.propagate
+        and logging.getLogger().handlers == [_json[0]]
+    ):
+        handler, formatter = _json
+        now = time.time()
+        entry: dict[str, Any] = {
+            "time": formatter.stamp(now, (now - int(now)) * 1000),
+            "level": "info",
+            "logger": logger.name,
+            "msg": message,
+        }
+        entry.update(values)
+        handler.append(_encode(entry).decode())
+        return
+    logger.info(message, extra={"fields": values})
 
 
 def fields(**values: Any) -> dict[str, Any]:

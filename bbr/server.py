@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 
 from bbr import __version__, h2grpc, metrics
 from bbr.decision import Options
-from bbr.logs import fields
+from bbr.logs import fields, log_info
 from bbr.modelmap import MapFileError, MapHolder, ModelMap
 from bbr.protocol import Finished, ProtocolError, Stream
 from bbr.sources.files import FileSource, LoadReport
@@ -226,20 +226,22 @@ def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server
 def finished(done: Finished) -> None:
     """Count and log one request; never the body."""
     metrics.record(done)
-    if request_log.isEnabledFor(logging.INFO):
-        outcome = done.outcome
-        request_log.info(
-            "request",
-            extra=fields(
-                outcome=outcome.label.value,
-                model=outcome.model,
-                base_model=outcome.base_model,
-                status=outcome.status or None,
-                code=outcome.code,
-                body_bytes=done.body_bytes,
-                duration_ms=round(done.seconds * 1000, 3),
-            ),
-        )
+    if not request_log.isEnabledFor(logging.INFO):
+        return
+    outcome = done.outcome
+    log_info(
+        request_log,
+        "request",
+        {
+            "outcome": outcome.label.value,
+            "model": outcome.model,
+            "base_model": outcome.base_model,
+            "status": outcome.status or None,
+            "code": outcome.code,
+            "body_bytes": done.body_bytes,
+            "duration_ms": round(done.seconds * 1000, 3),
+        },
+    )
 
 
 TRIM_SECONDS = 2.0

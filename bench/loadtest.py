@@ -217,6 +217,14 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
+def experiment(value: str) -> tuple[str, Path]:
+    """`NAME=PATH` or `PATH` (named bbr-exp): a source tree to run alongside."""
+    name, sep, path = value.partition("=")
+    if not sep:
+        name, path = "bbr-exp", value
+    return name, Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per ghz run")
@@ -230,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1, help="ghz HTTP/2 connections")
     parser.add_argument(
         "--experiment",
-        type=Path,
+        type=experiment,
         action="append",
         default=[],
-        help="also run bbr from this source tree (e.g. a git worktree with a change), "
-        "alternating with the others; repeatable",
+        help="[NAME=]PATH: also run bbr from this source tree (e.g. a git worktree with a "
+        "change, or an older commit), alternating with the others; repeatable",
     )
     parser.add_argument(
         "--kube",
@@ -282,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(
                 common.bbr_server("bbr-warning", log_level="warning", workers=args.workers)
             )
-        for i, tree in enumerate(args.experiment):
-            name = "bbr-exp" if len(args.experiment) == 1 else f"bbr-exp{i + 1}"
+        for name, tree in args.experiment:
             servers.append(common.bbr_server(name, workers=args.workers, cwd=tree))
             result["settings"][name] = str(tree)
         if go_bbr is not None:
@@ -336,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             tuned = common.bbr_server("bbr-mmap-threshold")
             tuned.env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
             fresh.append(tuned)
-            for tree in args.experiment[:1]:
-                fresh.append(common.bbr_server("bbr-exp", cwd=tree))
+            for name, tree in args.experiment[:1]:
+                fresh.append(common.bbr_server(name, cwd=tree))
             if go_bbr is not None:
                 go = common.go_bbr_server(go_bbr, kubeconfig)
                 go.env["KUBE_FEATURE_WatchListClient"] = "false"

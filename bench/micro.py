@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -96,13 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # The request log at its default level (JSON), written to memory instead of stderr.
-    from bbr.logs import JsonFormatter
+    from bbr import logs
 
     sink = io.StringIO()
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(JsonFormatter())
-    logging.getLogger().handlers = [handler]
-    logging.getLogger().setLevel(logging.INFO)
+    logs.configure("info", "json", stream=sink)
 
     results: dict[str, dict[str, float]] = {}
     names: list[str] = []

@@ -106,6 +106,7 @@ def plot(loadtest: dict[str, Any] | None, e2e: dict[str, Any] | None, png: Path)
         "bbr": ("tab:blue", "o", "-"),
         "bbr-warning": ("tab:cyan", "o", "--"),
         "bbr-exp": ("tab:green", "o", "-."),
+        "grpc-aio": ("tab:olive", "v", "-."),
         "go-bbr": ("tab:red", "s", "-"),
         "ceiling": ("tab:gray", "^", "-"),
     }
@@ -113,7 +114,8 @@ def plot(loadtest: dict[str, Any] | None, e2e: dict[str, Any] | None, png: Path)
     for name, sizes in (loadtest or {}).get("summary", {}).items():
         label = {
             "bbr-warning": "bbr, --log-level warning",
-            "bbr-exp": "bbr + proposed top-level walk (experiment)",
+            "bbr-exp": "bbr, experiment",
+            "grpc-aio": "bbr before bbr.h2grpc (grpc.aio)",
         }.get(name, name)
         series.append((f"gRPC: {label}", name, sizes))
     for name, sizes in (e2e or {}).get("summary", {}).items():
