@@ -674,6 +674,37 @@ def test_h2_max_frame_size_is_respected(
     assert b"".join(echoed) == payload
 
 
+def test_h2_client_may_send_frames_up_to_the_advertised_1_mib(
+    serve: Serve, h2client: Callable[..., H2Client]
+) -> None:
+    """bbr advertises 1 MiB frames (fewer frames per body, for Envoy and for bbr); a
+    connection's buffer grows to hold one only when a frame that large arrives."""
+    running = serve(streaming=True)
+    client = h2client(running)
+    client.wait(lambda: client.conn.max_outbound_frame_size == h2grpc.FRAME_LIMIT)
+    payload = big_chat(2_500_000)
+    messages = chunked(payload, 900_000)
+    stream_id = client.open()
+    client.send(stream_id, process_request(headers(), *messages), end_stream=True)
+    reply = client.reply(stream_id)
+    assert reply.status == b"0", reply
+    answers = responses(bytes(reply.data))
+    assert set_headers(answers[0]) == ROUTED
+    echoed = [a.request_body.response.body_mutation.streamed_response.body for a in answers[1:]]
+    assert b"".join(echoed) == payload
+
+
+def test_raw_frame_over_the_advertised_size_is_a_frame_size_error(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(), flags={"END_HEADERS"}))
+    client.send(DataFrame(1, b"\0" * (h2grpc.FRAME_LIMIT + 1)))
+    [*_, goaway] = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    assert isinstance(goaway, GoAwayFrame) and goaway.error_code == ErrorCodes.FRAME_SIZE_ERROR
+    assert client.closed_within(2)
+
+
 def test_h2_ping_is_acked_with_its_payload(serve: Serve, h2client: Callable[..., H2Client]) -> None:
     client = h2client(serve())
     client.conn.ping(b"bbr-ping")
