@@ -53,8 +53,7 @@ RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 
 DEFAULT_WINDOW = 65535
 MAX_WINDOW = 2**31 - 1
-DEFAULT_FRAME = 16384  # the protocol's default frame size limit, both ways
-FRAME_LIMIT = 1024 * 1024  # the largest frame we accept (advertised): fewer frames per body
+FRAME_LIMIT = 16384  # the largest frame we accept (the protocol's default)
 STREAM_WINDOW = 8 * 1024 * 1024  # what one stream may send before we acknowledge it
 CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_STREAMS = 1024
@@ -302,7 +301,6 @@ class Connection(asyncio.BufferedProtocol):
                 (MAX_CONCURRENT_STREAMS, MAX_STREAMS),
                 (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
                 (MAX_HEADER_LIST_SIZE, HEADER_LIST_LIMIT),
-                (MAX_FRAME_SIZE, FRAME_LIMIT),
             )
         ),
     ) + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW))
@@ -313,14 +311,13 @@ class Connection(asyncio.BufferedProtocol):
         self.calls: dict[int, Call] = {}
         self.decoder = HeaderDecoder()
         self.peer_initial_window = DEFAULT_WINDOW
-        self.peer_max_frame = DEFAULT_FRAME
+        self.peer_max_frame = FRAME_LIMIT
         self.send_window = DEFAULT_WINDOW
         self.recv_unacked = 0
         self.last_stream_id = 0
         self.goaway_sent = False
         self.closing = False
-        # Room for a read and a default-sized frame; grown once if the peer sends larger.
-        self._receive = bytearray(RECEIVE_BUFFER + DEFAULT_FRAME + 9)
+        self._receive = bytearray(RECEIVE_BUFFER + FRAME_LIMIT + 9)
         self._receive_view = memoryview(self._receive)
         self._filled = 0
         self._preface = False
@@ -348,7 +345,7 @@ class Connection(asyncio.BufferedProtocol):
             self.goaway()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # What is left in the buffer is part of one frame, which fits: there is room.
+        # Whatever is left in the buffer is less than one frame, so there is room.
         return self._receive_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -360,12 +357,6 @@ class Connection(asyncio.BufferedProtocol):
             if left and used:
                 self._receive[:left] = self._receive[used : self._filled]
             self._filled = left
-            if left >= 3 and self._preface:
-                needed = 9 + int.from_bytes(self._receive[:3], "big")
-                if needed > len(self._receive) and needed <= 9 + FRAME_LIMIT:
-                    grown = bytearray(RECEIVE_BUFFER + FRAME_LIMIT + 9)
-                    grown[:left] = self._receive[:left]
-                    self._receive, self._receive_view = grown, memoryview(grown)
         except H2Error as exc:
             self._filled = 0
             self._abort(exc.code, str(exc))
@@ -668,7 +659,7 @@ class Connection(asyncio.BufferedProtocol):
                 for call in self.calls.values():
                     call.send_window += delta
             elif key == MAX_FRAME_SIZE:
-                if not DEFAULT_FRAME <= value <= 16777215:
+                if not FRAME_LIMIT <= value <= 16777215:
                     raise H2Error(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self.peer_max_frame = value
             # Our encoder never uses the peer's table, so HEADER_TABLE_SIZE needs nothing.

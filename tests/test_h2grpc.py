@@ -674,27 +674,7 @@ def test_h2_max_frame_size_is_respected(
     assert b"".join(echoed) == payload
 
 
-def test_h2_client_may_send_frames_up_to_the_advertised_1_mib(
-    serve: Serve, h2client: Callable[..., H2Client]
-) -> None:
-    """bbr advertises 1 MiB frames (fewer frames per body, for Envoy and for bbr); a
-    connection's buffer grows to hold one only when a frame that large arrives."""
-    running = serve(streaming=True)
-    client = h2client(running)
-    client.wait(lambda: client.conn.max_outbound_frame_size == h2grpc.FRAME_LIMIT)
-    payload = big_chat(2_500_000)
-    messages = chunked(payload, 900_000)
-    stream_id = client.open()
-    client.send(stream_id, process_request(headers(), *messages), end_stream=True)
-    reply = client.reply(stream_id)
-    assert reply.status == b"0", reply
-    answers = responses(bytes(reply.data))
-    assert set_headers(answers[0]) == ROUTED
-    echoed = [a.request_body.response.body_mutation.streamed_response.body for a in answers[1:]]
-    assert b"".join(echoed) == payload
-
-
-def test_raw_frame_over_the_advertised_size_is_a_frame_size_error(
+def test_raw_frame_over_16_kib_is_a_frame_size_error(
     serve: Serve, raw: Callable[..., RawClient]
 ) -> None:
     client = raw(serve())
