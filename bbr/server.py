@@ -88,6 +88,15 @@ class Processor:
         return ProcessCall(conn, stream_id, self)
 
 
+def parse(call: h2grpc.Call, kind: Any, data: bytes) -> Any:
+    """The request message, or None once the call is ended with INVALID_ARGUMENT."""
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        call.finish(h2grpc.INVALID_ARGUMENT, f"malformed {kind.DESCRIPTOR.name}")
+        return None
+
+
 class ProcessCall(h2grpc.Call):
     """One ext_proc stream on `bbr.h2grpc`: each message answered as it arrives."""
 
@@ -105,10 +114,8 @@ class ProcessCall(h2grpc.Call):
         processor.started += 1
 
     def message(self, data: bytes) -> None:
-        try:
-            request = pb.ProcessingRequest.FromString(data)
-        except DecodeError:
-            self.finish(h2grpc.INVALID_ARGUMENT, "malformed ProcessingRequest")
+        request = parse(self, pb.ProcessingRequest, data)
+        if request is None:
             return
         try:
             replies = self._stream.handle(request)
@@ -167,12 +174,10 @@ class HealthCheckCall(h2grpc.Call):
         self._status = status
 
     def message(self, data: bytes) -> None:
-        try:
-            service = health_pb2.HealthCheckRequest.FromString(data).service
-        except DecodeError:
-            self.finish(h2grpc.INVALID_ARGUMENT, "malformed HealthCheckRequest")
+        request = parse(self, health_pb2.HealthCheckRequest, data)
+        if request is None:
             return
-        status = self._status.get(service)
+        status = self._status.get(request.service)
         if status is None:
             self.finish(h2grpc.NOT_FOUND, "unknown service")
             return
@@ -192,10 +197,8 @@ class ReflectionCall(h2grpc.Call):
         self._servicer = servicer
 
     def message(self, data: bytes) -> None:
-        try:
-            request = reflection_pb2.ServerReflectionRequest.FromString(data)
-        except DecodeError:
-            self.finish(h2grpc.INVALID_ARGUMENT, "malformed ServerReflectionRequest")
+        request = parse(self, reflection_pb2.ServerReflectionRequest, data)
+        if request is None:
             return
         for reply in self._servicer.ServerReflectionInfo(iter([request]), None):
             self.send(reply.SerializeToString())

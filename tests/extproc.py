@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 
 import grpc
@@ -10,7 +11,28 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from bbr.modelmap import MapHolder, parse_file_text
+
 Mode = processing_mode_pb2.ProcessingMode
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+BASE = "x-gateway-base-model-name"
+NAME = "x-gateway-model-name"
+MAP = """
+kind: ConfigMap
+metadata: {name: llama}
+data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
+"""
+CHAT = json.dumps(
+    {"messages": [{"role": "user", "content": "hi" * 50}], "model": "food-review-1"}
+).encode()
+
+
+def holder_with(text: str = MAP) -> MapHolder:
+    """A map holder with `text` (ConfigMap YAML) in force."""
+    holder = MapHolder()
+    holder.publish("test", parse_file_text(text, path="m.yaml").configs)
+    return holder
 
 
 def headers(

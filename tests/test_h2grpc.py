@@ -43,22 +43,10 @@ from hyperframe.frame import (
 
 from bbr import h2grpc, metrics
 from bbr.decision import Options
-from bbr.modelmap import MapHolder, parse_file_text
 from bbr.server import SERVICE_NAME, Health, Processor, h2_server
-from tests.extproc import body, headers, set_headers, stub
+from tests.extproc import BASE, CHAT, LLAMA, NAME, body, headers, holder_with, set_headers, stub
 
-LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
-BASE = "x-gateway-base-model-name"
-NAME = "x-gateway-model-name"
-MAP = """
-kind: ConfigMap
-metadata: {name: llama}
-data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
-"""
 ROUTED = {BASE: LLAMA, NAME: "food-review-1"}
-CHAT = json.dumps(
-    {"messages": [{"role": "user", "content": "hi" * 50}], "model": "food-review-1"}
-).encode()
 LIMIT = 16 * 1024 * 1024 + 65536
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -69,12 +57,6 @@ HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def holder_with(text: str = MAP) -> MapHolder:
-    holder = MapHolder()
-    holder.publish("test", parse_file_text(text, path="m.yaml").configs)
-    return holder
 
 
 HOLDER = holder_with()
@@ -202,6 +184,18 @@ def test_grpc_protocol_violation_is_invalid_argument(channel: grpc.Channel) -> N
         list(stub(channel).Process(iter([headers(), headers()]), timeout=5))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "second request_headers" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [PROCESS, HEALTH_CHECK, b"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"],
+)
+def test_grpc_malformed_message_is_invalid_argument(channel: grpc.Channel, path: bytes) -> None:
+    call = channel.stream_stream(path.decode())  # no serializers: raw bytes on the wire
+    with pytest.raises(grpc.RpcError) as info:
+        list(call(iter([b"\xff\xff\xff"]), timeout=5))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed" in (info.value.details() or "")
 
 
 def test_grpc_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
@@ -857,6 +851,19 @@ def _finish_held_call(client: RawClient) -> Reply:
     return client.reply(1)
 
 
+def _drain_with_a_held_call(
+    serve: Serve, raw: Callable[..., RawClient], loop: asyncio.AbstractEventLoop
+) -> tuple[Running, RawClient, Future[None], list[Frame]]:
+    """A server stopping (10 s grace) while stream 1 is held; the frames up to GOAWAY."""
+    running = serve(streaming=True)
+    client = raw(running)
+    _open_held_call(client)
+    assert wait_until(lambda: running.processor.active == 1)
+    stopping: Future[None] = asyncio.run_coroutine_threadsafe(running.server.stop(10), loop)
+    frames = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    return running, client, stopping, frames
+
+
 def _assert_held_call_answered(reply: Reply) -> None:
     assert reply.status == b"0", reply
     answers = responses(bytes(reply.data))
@@ -868,12 +875,8 @@ def _assert_held_call_answered(reply: Reply) -> None:
 def test_raw_stop_sends_goaway_and_lets_the_open_call_finish(
     serve: Serve, raw: Callable[..., RawClient], loop: asyncio.AbstractEventLoop
 ) -> None:
-    running = serve(streaming=True)
-    client = raw(running)
-    _open_held_call(client)
-    assert wait_until(lambda: running.processor.active == 1)
-    stopping: Future[None] = asyncio.run_coroutine_threadsafe(running.server.stop(10), loop)
-    [*_, goaway] = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    running, client, stopping, frames = _drain_with_a_held_call(serve, raw, loop)
+    [*_, goaway] = frames
     assert isinstance(goaway, GoAwayFrame)
     assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == 1
     time.sleep(0.2)
@@ -890,12 +893,7 @@ def test_raw_stop_sends_goaway_and_lets_the_open_call_finish(
 def test_raw_new_stream_after_goaway_is_refused(
     serve: Serve, raw: Callable[..., RawClient], loop: asyncio.AbstractEventLoop
 ) -> None:
-    running = serve(streaming=True)
-    client = raw(running)
-    _open_held_call(client)
-    assert wait_until(lambda: running.processor.active == 1)
-    stopping = asyncio.run_coroutine_threadsafe(running.server.stop(10), loop)
-    client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    running, client, stopping, _ = _drain_with_a_held_call(serve, raw, loop)
     client.send(
         HeadersFrame(3, client.block(), flags={"END_HEADERS"}),
         DataFrame(3, ROUTED_CALL, flags={"END_STREAM"}),

@@ -10,37 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bbr.decision import Label, Options
-from bbr.modelmap import MapHolder, parse_file_text
 from bbr.protocol import ProtocolError, Stream
 from tests.extproc import (
+    BASE,
+    CHAT,
+    LLAMA,
+    NAME,
     body,
     clears_route_cache,
     headers,
+    holder_with,
     removed_headers,
     set_headers,
     trailers,
 )
 
-LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
-BASE = "x-gateway-base-model-name"
-NAME = "x-gateway-model-name"
-MAP = """
-kind: ConfigMap
-metadata: {name: llama}
-data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
-"""
-
-
-def holder_with(text: str = MAP) -> MapHolder:
-    holder = MapHolder()
-    holder.publish("test", parse_file_text(text, path="m.yaml").configs)
-    return holder
-
-
 HOLDER = holder_with()
-CHAT = json.dumps(
-    {"messages": [{"role": "user", "content": "hi" * 50}], "model": "food-review-1"}
-).encode()
 SPOOF = {BASE: "evil-pool", NAME: "evil"}
 
 
