@@ -248,7 +248,11 @@ class Call:
                 break
             payload = view[pos + 5 : end].tobytes()
             pos = end
-            self.message(payload)
+            try:
+                self.message(payload)
+            except Exception:  # a bug in one call must not take the connection down
+                log.exception("error answering a gRPC message")
+                self.finish(INTERNAL, "internal error")
             if self.done:
                 break
         if self.done:
@@ -266,15 +270,17 @@ class Call:
 CallFactory = Callable[["Connection", int, list[tuple[bytes, bytes]]], Call]
 
 
-class Unimplemented(Call):
-    __slots__ = ("_path",)
+class Ended(Call):
+    """A call answered with a status alone: an unknown method, or one that failed to start."""
 
-    def __init__(self, conn: Connection, stream_id: int, path: bytes) -> None:
+    __slots__ = ("_code", "_message")
+
+    def __init__(self, conn: Connection, stream_id: int, code: int, message: str) -> None:
         super().__init__(conn, stream_id)
-        self._path = path
+        self._code, self._message = code, message
 
     def start(self) -> None:
-        self.finish(UNIMPLEMENTED, f"Method not found: {self._path.decode('latin-1')[:200]}")
+        self.finish(self._code, self._message)
 
 
 # --- the connection ----------------------------------------------------------------------
@@ -550,7 +556,7 @@ class Connection(asyncio.BufferedProtocol):
         if call.done:
             return
         if flags & END_STREAM:
-            call.half_closed()
+            _guarded(call, call.half_closed)
         elif call.unacked >= STREAM_WINDOW // 2:
             self.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(call.unacked)))
             call.unacked = 0
@@ -593,7 +599,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._forget(call)
                 return
             call.remote_closed = True
-            call.half_closed()
+            _guarded(call, call.half_closed)
             return
         if stream_id <= self.last_stream_id:
             return  # trailers for a stream we already ended (RFC 9113 §5.4.2: ignore)
@@ -607,17 +613,21 @@ class Connection(asyncio.BufferedProtocol):
                 path = value
                 break
         factory = self.server.routes.get(path)
-        call = (
-            Unimplemented(self, stream_id, path)
-            if factory is None
-            else factory(self, stream_id, headers)
-        )
+        if factory is None:
+            message = f"Method not found: {path.decode('latin-1')[:200]}"
+            call = Ended(self, stream_id, UNIMPLEMENTED, message)
+        else:
+            try:
+                call = factory(self, stream_id, headers)
+            except Exception:
+                log.exception("error starting a gRPC call")
+                call = Ended(self, stream_id, INTERNAL, "internal error")
         self.calls[stream_id] = call
         if flags & END_STREAM:
             call.remote_closed = True
-        call.start()
+        _guarded(call, call.start)
         if flags & END_STREAM and not call.done:
-            call.half_closed()
+            _guarded(call, call.half_closed)
 
     def _on_window_update(self, stream_id: int, payload: memoryview) -> None:
         if len(payload) != 4:
@@ -714,6 +724,15 @@ class Connection(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _guarded(call: Call, hook: Callable[[], None]) -> None:
+    """Run a call's hook; a bug in it ends that call (INTERNAL), not the connection."""
+    try:
+        hook()
+    except Exception:
+        log.exception("error in a gRPC call")
+        call.finish(INTERNAL, "internal error")
 
 
 def _unpad(payload: memoryview) -> memoryview:

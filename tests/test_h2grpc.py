@@ -198,6 +198,41 @@ def test_grpc_malformed_message_is_invalid_argument(channel: grpc.Channel, path:
     assert "malformed" in (info.value.details() or "")
 
 
+def test_a_failing_call_is_internal_and_the_connection_carries_on(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A bug in one call's code ends that call with INTERNAL; other calls on the same
+    connection, before and after, are answered."""
+
+    class Broken(h2grpc.Call):
+        def message(self, data: bytes) -> None:
+            raise RuntimeError("bug")
+
+    def refuse(conn: h2grpc.Connection, stream_id: int, headers: object) -> h2grpc.Call:
+        raise RuntimeError("bug at start")
+
+    processor = Processor(HOLDER, Options(), streaming=False)
+    server = h2grpc.Server(
+        {
+            f"/{SERVICE_NAME}/Process": processor.call,
+            "/test.Broken/Message": lambda conn, stream_id, headers: Broken(conn, stream_id),
+            "/test.Broken/Start": refuse,
+        },
+        max_message=LIMIT,
+    )
+    port = asyncio.run_coroutine_threadsafe(server.listen("127.0.0.1", 0), loop).result(10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+            for method in ("/test.Broken/Message", "/test.Broken/Start"):
+                with pytest.raises(grpc.RpcError) as info:
+                    chan.unary_unary(method)(b"x", timeout=5)
+                assert info.value.code() is grpc.StatusCode.INTERNAL
+                replies = list(stub(chan).Process(iter([headers(), body(CHAT)]), timeout=5))
+                assert set_headers(replies[-1]) == ROUTED
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+
+
 def test_grpc_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
     method = channel.unary_unary("/no.such.Service/Method")
     with pytest.raises(grpc.RpcError) as info:
