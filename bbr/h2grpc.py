@@ -195,8 +195,8 @@ class Call:
 
     # -- what subclasses implement --
 
-    def message(self, data: bytes) -> None:
-        """One complete request message."""
+    def message(self, data: memoryview) -> None:
+        """One complete request message, valid during this call only (copy to keep it)."""
 
     def half_closed(self) -> None:
         """The client sent END_STREAM: by default, end the call with OK."""
@@ -246,13 +246,15 @@ class Call:
             end = pos + 5 + length
             if end > size:
                 break
-            payload = view[pos + 5 : end].tobytes()
+            payload = view[pos + 5 : end]  # no copy: the message is parsed from here
             pos = end
             try:
                 self.message(payload)
             except Exception:  # a bug in one call must not take the connection down
                 log.exception("error answering a gRPC message")
                 self.finish(INTERNAL, "internal error")
+            finally:
+                payload.release()
             if self.done:
                 break
         if self.done:

@@ -88,7 +88,7 @@ class Processor:
         return ProcessCall(conn, stream_id, self)
 
 
-def parse(call: h2grpc.Call, kind: Any, data: bytes) -> Any:
+def parse(call: h2grpc.Call, kind: Any, data: memoryview) -> Any:
     """The request message, or None once the call is ended with INVALID_ARGUMENT."""
     try:
         return kind.FromString(data)
@@ -113,7 +113,7 @@ class ProcessCall(h2grpc.Call):
         processor.active += 1
         processor.started += 1
 
-    def message(self, data: bytes) -> None:
+    def message(self, data: memoryview) -> None:
         request = parse(self, pb.ProcessingRequest, data)
         if request is None:
             return
@@ -173,7 +173,7 @@ class HealthCheckCall(h2grpc.Call):
         super().__init__(conn, stream_id)
         self._status = status
 
-    def message(self, data: bytes) -> None:
+    def message(self, data: memoryview) -> None:
         request = parse(self, health_pb2.HealthCheckRequest, data)
         if request is None:
             return
@@ -196,7 +196,7 @@ class ReflectionCall(h2grpc.Call):
         super().__init__(conn, stream_id)
         self._servicer = servicer
 
-    def message(self, data: bytes) -> None:
+    def message(self, data: memoryview) -> None:
         request = parse(self, reflection_pb2.ServerReflectionRequest, data)
         if request is None:
             return

@@ -205,7 +205,7 @@ def test_a_failing_call_is_internal_and_the_connection_carries_on(
     connection, before and after, are answered."""
 
     class Broken(h2grpc.Call):
-        def message(self, data: bytes) -> None:
+        def message(self, data: memoryview) -> None:
             raise RuntimeError("bug")
 
     def refuse(conn: h2grpc.Connection, stream_id: int, headers: object) -> h2grpc.Call:
