@@ -1,4 +1,6 @@
-"""Process lifecycle: gRPC (ext_proc + reflection), health, metrics, map sources, signals."""
+"""Process lifecycle: the ext_proc port (`bbr.h2grpc`: Process, health Check, reflection),
+the health port (grpc.aio), metrics, map sources, signals.
+"""
 
 from __future__ import annotations
 
