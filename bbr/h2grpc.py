@@ -65,13 +65,12 @@ _SETTING = struct.Struct(">HL")
 _U32 = struct.Struct(">L")
 
 
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return _FRAME.pack(size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
-
-
 def _frame_head(size: int, kind: int, flags: int, stream_id: int) -> bytes:
     return _FRAME.pack(size >> 16, size & 0xFFFF, kind, flags, stream_id)
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return _frame_head(len(payload), kind, flags, stream_id) + payload
 
 
 # --- HPACK -------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ class Call:
         self.remote_closed = False
         self.done = False
         self._buffer = bytearray()
-        self.pending: deque[tuple[memoryview, bool]] = deque()
+        self.pending: deque[memoryview] = deque()
         self.trailers: bytes | None = None
 
     # -- what subclasses implement --
@@ -257,14 +256,12 @@ class Call:
                 payload.release()
             if self.done:
                 break
+        if buffered:
+            view.release()  # before the buffer may shrink
         if self.done:
-            if buffered:
-                view.release()
             self._buffer = bytearray()
         elif buffered:
-            view.release()
-            if pos:
-                del buffer[:pos]
+            del buffer[:pos]
         elif pos < size:
             self._buffer = bytearray(view[pos:])
 
@@ -436,7 +433,7 @@ class Connection(asyncio.BufferedProtocol):
             self.send_window -= size
             self.write(_frame_head(size, DATA, 0, call.stream_id) + prefix + payload)
             return
-        call.pending.append((memoryview(prefix + payload), False))
+        call.pending.append(memoryview(prefix + payload))
         self._send_pending(call)
 
     def finish(self, call: Call, code: int, message: str) -> None:
@@ -467,12 +464,12 @@ class Connection(asyncio.BufferedProtocol):
             if room <= 0:
                 self._blocked[call.stream_id] = call
                 return
-            chunk, _ = pending[0]
+            chunk = pending[0]
             piece = chunk[:room]
             if len(piece) == len(chunk):
                 pending.popleft()
             else:
-                pending[0] = (chunk[room:], False)
+                pending[0] = chunk[room:]
             size = len(piece)
             call.send_window -= size
             self.send_window -= size
@@ -532,8 +529,6 @@ class Connection(asyncio.BufferedProtocol):
             elif kind == PUSH_PROMISE:
                 raise H2Error(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             # PRIORITY and unknown types are ignored, as RFC 9113 asks.
-            if self.closing:
-                return size
         return pos
 
     def _on_data(self, flags: int, stream_id: int, payload: memoryview, length: int) -> None:
@@ -700,15 +695,19 @@ class Connection(asyncio.BufferedProtocol):
         except Exception:  # a bug in one call must not take the connection down
             log.exception("error closing a call")
 
-    def goaway(self, code: int = NO_ERROR, reason: str = "") -> None:
+    def goaway(self) -> None:
         """No new streams: the ones we have go on; the connection closes after them."""
+        if self._send_goaway(NO_ERROR, "") and not self.calls:
+            self._close_soon()
+
+    def _send_goaway(self, code: int, reason: str) -> bool:
+        """GOAWAY naming the last stream taken, once per connection; False if already sent."""
         if self.goaway_sent or self.transport is None:
-            return
+            return False
         self.goaway_sent = True
         payload = _U32.pack(self.last_stream_id) + _U32.pack(code) + reason.encode()[:256]
         self.write(frame(GOAWAY, 0, 0, payload))
-        if not self.calls:
-            self._close_soon()
+        return True
 
     def _close_soon(self) -> None:
         self.flush()
@@ -717,10 +716,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _abort(self, code: int, reason: str) -> None:
         log.info("http2 connection error", extra=fields(code=code, reason=reason))
-        if not self.goaway_sent and self.transport is not None:
-            self.goaway_sent = True
-            payload = _U32.pack(self.last_stream_id) + _U32.pack(code) + reason.encode()[:256]
-            self.write(frame(GOAWAY, 0, 0, payload))
+        self._send_goaway(code, reason)
         self._close_soon()
 
     def abort(self) -> None:

@@ -139,15 +139,14 @@ def server_tls(
         )
     reloader = CertificateReloader(cert_path, client_ca, material, interval=reload_interval)
     try:
-        served = material.context()
+        listening = material.context()
     except ssl.SSLError as exc:
         raise TLSError(
             "--cert-path" if cert_path else "--client-ca",
             cert_path or client_ca or "",
             f"rejected by OpenSSL: {exc.reason or exc}",
         ) from None
-    listening = material.context()
-    current = [served]
+    current = [listening]  # serves handshakes until the files change
 
     def handshake(connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         fresh = reloader()
@@ -158,7 +157,8 @@ def server_tls(
                 log.error(
                     "tls files rejected; previous certificate kept", extra=fields(error=str(exc))
                 )
-        connection.context = current[0]
+        if current[0] is not listening:
+            connection.context = current[0]
 
     listening.sni_callback = handshake
     _describe("tls certificate loaded", material, cert_path)
