@@ -105,6 +105,7 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, bool, str]] = [
         False,
         "drop a streamed body idle this many seconds",
     ),
+    ("--tracing", _bool, False, False, "OpenTelemetry spans, exported as OTEL_* says"),
     ("--log-level", _choice("debug", "info", "warning", "error"), "info", False, "log level"),
     ("--log-format", _choice("json", "text"), "json", False, "json or text"),
 ]
@@ -139,7 +140,6 @@ def _add_serve(sub: Any) -> None:
 # Deployment's args keep working, and named in a warning at start.
 _GO_BBR_FLAGS = {
     "--v": "go_v",
-    "--tracing": "go_tracing",
     "--enable-pprof": "go_enable_pprof",
     "--metrics-endpoint-auth": "go_metrics_endpoint_auth",
     "--zap-log-level": "go_zap_log_level",
@@ -264,6 +264,7 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         client_ca=args.client_ca,
         workers=args.workers,
         stream_idle_seconds=args.stream_idle_timeout,
+        tracing=args.tracing,
         ready_fd=int(ready_fd) if ready_fd else None,
     )
     try:

@@ -13,8 +13,9 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -31,6 +32,11 @@ from bbr.modelmap import MapFileError, MapHolder, ModelMap
 from bbr.protocol import Finished, ProtocolError, Stream
 from bbr.sources.files import FileSource, LoadReport
 from bbr.sources.kubernetes import KubeConfigError, KubernetesSource
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from bbr.tracing import Tracing
 
 log = logging.getLogger("bbr")
 request_log = logging.getLogger("bbr.request")
@@ -62,6 +68,7 @@ class ServeConfig:
     workers: int = 1
     drain_seconds: float = DRAIN_SECONDS
     stream_idle_seconds: float = STREAM_IDLE_SECONDS
+    tracing: bool = False
     # Set in the worker processes of a multi-worker bbr: where to say "ready".
     ready_fd: int | None = None
 
@@ -76,8 +83,10 @@ class Processor:
         *,
         streaming: bool,
         idle_seconds: float = STREAM_IDLE_SECONDS,
+        tracing: Tracing | None = None,
     ) -> None:
         self.holder = holder
+        self.tracing = tracing
         self.options = options
         self.streaming = streaming
         self.idle_seconds = idle_seconds
@@ -88,6 +97,12 @@ class Processor:
         self, conn: h2grpc.Connection, stream_id: int, headers: list[tuple[bytes, bytes]]
     ) -> ProcessCall:
         return ProcessCall(conn, stream_id, self)
+
+    def traced_call(
+        self, conn: h2grpc.Connection, stream_id: int, headers: list[tuple[bytes, bytes]]
+    ) -> ProcessCall:
+        """The route with --tracing: the call's headers carry Envoy's trace context."""
+        return TracedProcessCall(conn, stream_id, self, headers)
 
 
 def parse(call: h2grpc.Call, kind: Any, data: memoryview) -> Any:
@@ -104,11 +119,20 @@ class ProcessCall(h2grpc.Call):
 
     __slots__ = ("_processor", "_stream", "_timer")
 
-    def __init__(self, conn: h2grpc.Connection, stream_id: int, processor: Processor) -> None:
+    def __init__(
+        self,
+        conn: h2grpc.Connection,
+        stream_id: int,
+        processor: Processor,
+        on_finish: Callable[[Finished], None] | None = None,
+    ) -> None:
         super().__init__(conn, stream_id)
         self._processor = processor
         self._stream = Stream(
-            processor.holder, processor.options, streaming=processor.streaming, on_finish=finished
+            processor.holder,
+            processor.options,
+            streaming=processor.streaming,
+            on_finish=on_finish or finished,
         )
         self._timer: asyncio.TimerHandle | None = None
         metrics.ACTIVE_STREAMS.inc()
@@ -148,6 +172,39 @@ class ProcessCall(h2grpc.Call):
         self._stream.close()
         self._processor.active -= 1
         metrics.ACTIVE_STREAMS.dec()
+
+
+class TracedProcessCall(ProcessCall):
+    """A ProcessCall inside an OpenTelemetry span: from the call's start to its end."""
+
+    __slots__ = ("_code", "_done", "_span", "_tracing")
+
+    def __init__(
+        self,
+        conn: h2grpc.Connection,
+        stream_id: int,
+        processor: Processor,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        assert processor.tracing is not None
+        self._tracing = processor.tracing
+        self._span: Span = self._tracing.start(headers)
+        self._done: Finished | None = None
+        self._code: int | None = None
+        super().__init__(conn, stream_id, processor, on_finish=self._finished)
+
+    def _finished(self, done: Finished) -> None:
+        self._done = done
+        finished(done)
+
+    def finish(self, code: int = h2grpc.OK, message: str = "") -> None:
+        if not self.done:
+            self._code = code
+        super().finish(code, message)
+
+    def closed(self) -> None:
+        super().closed()
+        self._tracing.end(self._span, self._done, self._code)
 
 
 class Health:
@@ -216,9 +273,10 @@ REFLECTED_SERVICES = (
 def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server:
     """The ext_proc port on `bbr.h2grpc`: Process, health Check and reflection."""
     servicer = reflection.ReflectionServicer(REFLECTED_SERVICES)
+    process = processor.call if processor.tracing is None else processor.traced_call
     return h2grpc.Server(
         {
-            f"/{SERVICE_NAME}/Process": processor.call,
+            f"/{SERVICE_NAME}/Process": process,
             "/grpc.health.v1.Health/Check": health.check,
             f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": (
                 lambda conn, stream_id, headers: ReflectionCall(conn, stream_id, servicer)
@@ -383,6 +441,8 @@ async def serve(config: ServeConfig) -> int:
         for port, flag in _ports(config):
             check_port(port, flag)
 
+    if config.tracing:
+        check_tracing()  # before anything logs: a bad OTEL_* value is the last line
     holder = MapHolder()
     sources = build_sources(config, holder)
 
@@ -392,6 +452,7 @@ async def serve(config: ServeConfig) -> int:
         config.options,
         streaming=config.streaming,
         idle_seconds=config.stream_idle_seconds,
+        tracing=start_tracing() if config.tracing else None,
     )
     health = Health()
     ssl_context = None
@@ -467,10 +528,31 @@ async def serve(config: ServeConfig) -> int:
         await health_server.stop(0)
     for source in sources:
         source.stop()
+    if processor.tracing is not None:
+        await processor.tracing.shutdown()  # flush the spans still queued
     with contextlib.suppress(asyncio.CancelledError):
         await ready
     log.info("stopped")
     return 0
+
+
+def start_tracing() -> Tracing | None:
+    """The SDK is imported here, only with --tracing; a bad OTEL_* value stops the start."""
+    from bbr.tracing import TracingConfigError, setup
+
+    try:
+        return setup()
+    except TracingConfigError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_tracing() -> None:
+    from bbr.tracing import TracingConfigError, check
+
+    try:
+        check()
+    except TracingConfigError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def start_metrics(port: int, registry: Any = None) -> None:

@@ -32,6 +32,7 @@ from bbr.server import (
     _ports,
     build_sources,
     check_port,
+    check_tracing,
     start_metrics,
 )
 
@@ -66,6 +67,8 @@ async def supervise(config: ServeConfig) -> int:
     for port, flag in _ports(config):
         check_port(port, flag)
     build_sources(config, MapHolder(), announce=False)  # fail here, once, on a bad map
+    if config.tracing:
+        check_tracing()
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

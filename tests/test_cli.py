@@ -576,7 +576,6 @@ def test_go_bbr_flags_are_accepted_and_named_in_warnings() -> None:
             "--streaming",
             "--v",
             "3",
-            "--tracing=false",
             "--enable-pprof",
             "--metrics-endpoint-auth=false",
             "--zap-log-level",
@@ -585,8 +584,24 @@ def test_go_bbr_flags_are_accepted_and_named_in_warnings() -> None:
     )
     assert args.streaming is True and args.model_map == ["m.yaml"]
     warnings = go_compat_warnings(args)
-    assert len(warnings) == 5 and all("Go BBR flag" in w for w in warnings)
+    assert len(warnings) == 4 and all("Go BBR flag" in w for w in warnings)
     assert go_compat_warnings(parser.parse_args(["serve", "--model-map", "m.yaml"])) == []
+
+
+def test_tracing_is_bbr_flag_go_bbr_spellings_included() -> None:
+    """The Go BBR's `--tracing=false` / `--tracing` keep working, now with their meaning."""
+    from bbr.cli import build_parser, go_compat_warnings
+
+    parser, _ = build_parser()
+    for argv, expected in (
+        (["--tracing=false"], False),
+        (["--tracing"], True),
+        (["--tracing=true"], True),
+        ([], None),  # unset: BBR_TRACING, then the default (off)
+    ):
+        args = parser.parse_args(["serve", "--model-map", "m.yaml", *argv])
+        assert args.tracing is expected
+        assert go_compat_warnings(args) == []
 
 
 def test_go_bbr_plugin_flag_is_refused_with_a_reason(map_file: Path) -> None:
