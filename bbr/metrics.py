@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from bbr import __version__
@@ -36,6 +39,11 @@ MAP_CONFLICTS = Gauge(
     "Model names claimed by two base models (older ConfigMap wins).",
     multiprocess_mode="livemax",
 )
+MODEL_REQUESTS = Counter(
+    "bbr_model_requests",
+    "Requests routed to each base model of the map in force (unknown models are not counted).",
+    ["base_model"],
+)
 INFO = Gauge("bbr_info", "bbr build information.", ["version"], multiprocess_mode="max")
 # The Go BBR's series.
 SUCCESS = Counter("bbr_success", "Requests whose model was read from the body and set as a header.")
@@ -52,10 +60,22 @@ RELOAD_ERROR = MAP_RELOADS.labels(result="error")
 INFO.labels(version=__version__).set(1)
 
 
+# base model -> its bbr_model_requests_total child, bound when a map comes into force, so
+# a request costs one dict lookup and the label values are the map's base models only.
+_BY_BASE: dict[str, Any] = {}
+# prometheus_client cannot drop a series in multiprocess mode (--workers): there the
+# series of a base model that left the map stays, at its last value, until restart.
+_CAN_PRUNE = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
 def record(done: Finished) -> None:
     """Count one finished request."""
     outcome = done.outcome
     _BY_LABEL[outcome.label].inc()
+    if outcome.base_model is not None:
+        child = _BY_BASE.get(outcome.base_model)
+        if child is not None:  # None: its base model left the map since the request began
+            child.inc()
     DURATION.observe(done.seconds)
     if done.body_bytes is not None:
         BODY_BYTES.observe(done.body_bytes)
@@ -65,7 +85,20 @@ def record(done: Finished) -> None:
         _MODEL_NOT_FOUND.inc()
 
 
+def bind_base_models(bases: frozenset[str]) -> None:
+    """One bbr_model_requests_total child per base model in force; the others dropped."""
+    global _BY_BASE
+    old = _BY_BASE
+    _BY_BASE = {
+        base: old[base] if base in old else MODEL_REQUESTS.labels(base_model=base) for base in bases
+    }
+    if _CAN_PRUNE:
+        for base in old.keys() - bases:
+            MODEL_REQUESTS.remove(base)
+
+
 def observe_map(snapshot: ModelMap) -> None:
+    bind_base_models(snapshot.bases)
     _BASES.set(len(snapshot.bases))
     _ADAPTERS.set(len(snapshot.adapters))
     MAP_CONFLICTS.set(len(snapshot.conflicts))

@@ -332,6 +332,7 @@ class Tracing:
                 attributes["bbr.base_model"] = outcome.base_model
             if done.body_bytes is not None:
                 attributes["bbr.body_bytes"] = done.body_bytes
+            attributes["bbr.decision.duration"] = done.seconds
             if outcome.status:
                 attributes["bbr.response.status_code"] = outcome.status
                 if outcome.code:

@@ -213,6 +213,7 @@ def test_span_per_stream_is_child_of_the_callers_context(
     assert routed.attributes["rpc.system"] == "grpc"
     assert routed.attributes["rpc.grpc.status_code"] == 0
     assert routed.end_ns >= routed.start_ns
+    assert 0 < routed.attributes["bbr.decision.duration"] < (routed.end_ns - routed.start_ns) / 1e9
     assert routed.resource["service.version"]
 
     assert (unknown.trace_id, unknown.parent_span_id) == ("b" * 32, SPAN)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -157,8 +160,14 @@ def start_stack(
     bbr_flags: list[str],
     *,
     streaming: bool = False,
+    envoy_edit: Callable[[dict[str, Any]], None] | None = None,
+    bbr_env: dict[str, str] | None = None,
 ) -> Stack:
-    """Start bbr with ``bbr_flags`` and an Envoy in front; wait until both are ready."""
+    """Start bbr with ``bbr_flags`` and an Envoy in front; wait until both are ready.
+
+    ``envoy_edit`` may change the rendered bootstrap (a dict) before Envoy reads it;
+    ``bbr_env`` is added to bbr's environment.
+    """
     envoy = envoy_binary()  # missing binary: fail loudly, it is a test dependency
     workdir.mkdir(parents=True, exist_ok=True)
     model_map = workdir / "model-map.yaml"
@@ -173,17 +182,19 @@ def start_stack(
         logs={"bbr": workdir / "bbr.log", "envoy": workdir / "envoy.log"},
     )
     envoy_yaml = workdir / "envoy.yaml"
-    envoy_yaml.write_text(
-        render(
-            listen_port=stack.port,
-            admin_port=stack.admin_port,
-            bbr_port=stack.grpc_port,
-            routes=model_servers.routes,
-            streaming=streaming,
-            access_log=True,
-        ),
-        encoding="utf-8",
+    bootstrap = render(
+        listen_port=stack.port,
+        admin_port=stack.admin_port,
+        bbr_port=stack.grpc_port,
+        routes=model_servers.routes,
+        streaming=streaming,
+        access_log=True,
     )
+    if envoy_edit is not None:
+        edited = yaml.safe_load(bootstrap)
+        envoy_edit(edited)
+        bootstrap = yaml.safe_dump(edited, sort_keys=False, width=1000)
+    envoy_yaml.write_text(bootstrap, encoding="utf-8")
     bbr_command = bbr_argv(
         model_map,
         grpc_port=stack.grpc_port,
@@ -195,7 +206,10 @@ def start_stack(
     try:
         bbr_log = stack.logs["bbr"].open("wb")
         stack.files.append(bbr_log)
-        bbr = Child(f"bbr ({name})", bbr_command, cwd=REPO_ROOT, stdout=bbr_log, stderr=bbr_log)
+        env = {**os.environ, **bbr_env} if bbr_env else None
+        bbr = Child(
+            f"bbr ({name})", bbr_command, cwd=REPO_ROOT, env=env, stdout=bbr_log, stderr=bbr_log
+        )
         stack.children.append(bbr)
         envoy_log = stack.logs["envoy"].open("wb")
         stack.files.append(envoy_log)

@@ -1,0 +1,72 @@
+"""bbr_model_requests_total{base_model}: per-pool traffic, label values bounded by the map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import (
+    StartBbr,
+    configmap_yaml,
+    json_body,
+    metric_samples,
+    replace_model_map,
+    request,
+    wait_until,
+    write_model_map,
+)
+
+NAME = "bbr_model_requests_total"
+
+
+def per_base(text: str) -> dict[str, float]:
+    return {
+        dict(labels)["base_model"]: value
+        for (name, labels), value in metric_samples(text).items()
+        if name == NAME
+    }
+
+
+def send(channel: grpc.Channel, *models: str) -> None:
+    for model in models:
+        request(channel, json_body(model))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_counts_per_base_model_of_the_map_only(
+    tmp_path: Path, start_bbr: StartBbr, workers: str
+) -> None:
+    path = write_model_map(
+        tmp_path / "model-map.yaml",
+        configmap_yaml("llama", "llama", ["food", "movie"]),
+        configmap_yaml("qwen", "qwen"),
+    )
+    bbr = start_bbr("--workers", workers, "--unknown-model", "pass", model_map=path)
+    # Every base model of the map has its series from the start, at 0.
+    assert per_base(bbr.metrics_text()) == {"llama": 0, "qwen": 0}
+    send(bbr.channel(), "food", "movie", "llama", "qwen", "not-in-the-map", "")
+    request(bbr.channel(), b"{broken")
+    # Adapters count for their base model; unknown models and errors are never a label.
+    assert per_base(bbr.metrics_text()) == {"llama": 3, "qwen": 1}
+
+
+def test_a_base_model_that_leaves_the_map_leaves_the_metric(
+    tmp_path: Path, start_bbr: StartBbr
+) -> None:
+    path = write_model_map(
+        tmp_path / "model-map.yaml",
+        configmap_yaml("llama", "llama", ["food"]),
+        configmap_yaml("qwen", "qwen"),
+    )
+    bbr = start_bbr(model_map=path)
+    send(bbr.channel(), "food", "qwen")
+    replace_model_map(
+        path, configmap_yaml("llama", "llama", ["food"]), configmap_yaml("mistral", "mistral")
+    )
+    assert wait_until(lambda: "qwen" not in per_base(bbr.metrics_text()), timeout=10) is not None
+    # A base model that stays keeps its count; a new one starts at 0.
+    assert per_base(bbr.metrics_text()) == {"llama": 1, "mistral": 0}
+    send(bbr.channel(), "mistral")
+    assert per_base(bbr.metrics_text()) == {"llama": 1, "mistral": 1}
