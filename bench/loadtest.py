@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,39 @@ def _create(url: str, ca: Path, configmap: dict[str, Any]) -> None:
     context = ssl.create_default_context(cafile=str(ca))
     with urllib.request.urlopen(request, timeout=10, context=context) as response:
         response.read()
+
+
+class OtlpSink:
+    """An OTLP/gRPC trace endpoint that takes every export and parses none of it (a real
+    collector runs elsewhere; parsing here would take CPU from bbr and ghz)."""
+
+    def __init__(self) -> None:
+        import grpc
+
+        self.exports = 0
+        self.bytes = 0
+
+        def export(request: bytes, context: object) -> bytes:
+            self.exports += 1
+            self.bytes += len(request)
+            return b""  # an empty ExportTraceServiceResponse
+
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(export)},
+        )
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        print(f"otlp sink: {self.exports} exports, {self.bytes} bytes", file=sys.stderr)
+        self._server.stop(0)
 
 
 def measure(
@@ -250,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the Go BBR's Kubernetes API",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also bbr --tracing, every span exported (bbr-tracing) and none sampled "
+        "(bbr-tracing-unsampled), to an OTLP/gRPC sink in this process",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -293,6 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, tree in args.experiment:
             servers.append(common.bbr_server(name, workers=args.workers, cwd=tree))
             result["settings"][name] = str(tree)
+        if args.tracing:
+            sink = OtlpSink()
+            stack.callback(sink.close)
+            for name, sampler in (("bbr-tracing", None), ("bbr-tracing-unsampled", "always_off")):
+                traced = common.bbr_server(name, workers=args.workers)
+                traced.argv.append("--tracing")
+                traced.env.update(
+                    OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint, OTEL_EXPORTER_OTLP_INSECURE="true"
+                )
+                if sampler:
+                    traced.env["OTEL_TRACES_SAMPLER"] = sampler
+                servers.append(traced)
         if go_bbr is not None:
             kubeconfig, api_kind = stack.enter_context(kube_api(work, args.kube))
             result["tools"]["kube_api"] = api_kind

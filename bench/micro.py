@@ -6,6 +6,11 @@
     stream     protocol.Stream.handle() for request_headers then request_body, buffered
     stream+log the same with the server's on_finish (metrics and the info request log)
     serialize  ProcessingResponse.SerializeToString() of the body answer
+  with --tracing (bbr/tracing.py, the SDK's batch span processor on its thread, counted):
+    traced     stream+log inside a span: context read from the call's headers (traceparent),
+               span started, attributes set, ended, exported by an exporter that encodes
+               the OTLP request and sends it nowhere
+    unsampled  the same with a parent that did not sample (OTEL_TRACES_SAMPLER default)
 
 Use it to show one change's effect: run it before and after, on a quiet machine.
 """
@@ -48,7 +53,65 @@ def timeit(fn: Callable[[], object], *, budget: float, repeat: int = 7) -> float
     return min(samples)
 
 
-def cases(size: int) -> dict[str, Callable[[], object]]:
+# The headers of Envoy's ext_proc call (gRPC over HTTP/2), as bbr.h2grpc hands them over.
+CALL_HEADERS = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+    (b":authority", b"bbr"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"x-envoy-internal", b"true"),
+    (b"x-forwarded-for", b"10.0.0.1"),
+    (b"x-envoy-expected-rq-timeout-ms", b"10000"),
+    (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+]
+
+
+def tracing_cases(run_stream: Callable[..., Callable[[], object]]) -> dict[str, Any]:
+    """traced / unsampled: bbr's per-call tracing work around stream+log."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    from bbr import server, tracing
+
+    class EncodeOnly(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(EncodeOnly()))
+    traced = tracing.Tracing(provider)
+    unsampled_headers = [
+        *CALL_HEADERS[:-1],
+        (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+    ]
+
+    def case(headers: list[tuple[bytes, bytes]]) -> Callable[[], object]:
+        def go() -> object:
+            span = traced.start(headers)
+            seen: list[Any] = []
+
+            def on_finish(done: Any) -> None:
+                seen.append(done)
+                server.finished(done)
+
+            out = run_stream(on_finish)()
+            traced.end(span, seen[0] if seen else None, 0)
+            return out
+
+        return go
+
+    return {"traced": case(CALL_HEADERS), "unsampled": case(unsampled_headers)}
+
+
+def cases(size: int, *, with_tracing: bool = False) -> dict[str, Callable[[], object]]:
     from bbr import body as bodylib
     from bbr import decision, protocol, server
     from bbr.modelmap import MapHolder
@@ -85,6 +148,8 @@ def cases(size: int) -> dict[str, Callable[[], object]]:
     out["stream"] = run_stream(None)
     out["stream+log"] = run_stream(server.finished)
     out["serialize"] = reply.SerializeToString
+    if with_tracing:
+        out.update(tracing_cases(run_stream))
     return out
 
 
@@ -92,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per case")
     parser.add_argument("--output", type=Path, default=None, help="write JSON here")
+    parser.add_argument("--tracing", action="store_true", help="add the traced cases")
     args = parser.parse_args(argv)
 
     # The request log at its default level (JSON), written to memory instead of stderr.
@@ -104,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     names: list[str] = []
     for label, size in bodies.SIZES.items():
         results[label] = {}
-        for name, fn in cases(size).items():
+        for name, fn in cases(size, with_tracing=args.tracing).items():
             results[label][name] = round(timeit(fn, budget=args.budget), 2)
             if name not in names:
                 names.append(name)

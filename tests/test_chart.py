@@ -627,6 +627,27 @@ def test_container_args_are_bbr_flags(scenario: str) -> None:
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
+def test_tracing_flag_and_otel_env() -> None:
+    """bbr.tracing.enabled adds --tracing and the OTEL_* variables; off, neither."""
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4317",
+        "OTEL_EXPORTER_OTLP_INSECURE": True,
+        "OTEL_TRACES_SAMPLER_ARG": 0.1,
+    }
+    manifests = render({"bbr": {"tracing": {"enabled": True, "env": otel}}})
+    assert serve_args(manifests).tracing is True
+    env = {e["name"]: e.get("value") for e in container(manifests)["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    assert env["OTEL_EXPORTER_OTLP_INSECURE"] == "true"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+    off = render({"bbr": {"tracing": {"enabled": False, "env": otel}}})
+    assert not serve_args(off).tracing
+    assert not any(e["name"].startswith("OTEL_") for e in container(off)["env"])
+    with pytest.raises(HelmError) as failure:
+        render({"bbr": {"tracing": {"enabled": True, "env": {"ENDPOINT": "x"}}}})
+    assert "'ENDPOINT' does not match" in str(failure.value)
+
+
 def test_image_reference() -> None:
     default = container(render())
     assert (
