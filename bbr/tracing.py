@@ -26,6 +26,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import (
+    INVALID_SPAN,
     NonRecordingSpan,
     Span,
     SpanContext,
@@ -298,12 +299,21 @@ class Tracing:
         self.provider = provider
         self.propagators = tuple(propagators)
         self._tracer = provider.get_tracer("bbr", __version__)
+        sampler = provider.sampler
+        # Shortcuts to the SDK's own answers: no span at all, for the cost of a check.
+        self._never = sampler is sampling.ALWAYS_OFF
+        # The OTEL_TRACES_SAMPLER parentbased_* samplers drop what the caller did not sample.
+        self._follows_parent = isinstance(sampler, sampling.ParentBased)
 
     def start(self, headers: list[tuple[bytes, bytes]]) -> Span:
         """A SERVER span for one ext_proc call, child of the caller's context if it sent one."""
+        if self._never:
+            return INVALID_SPAN
         parent = parent_of(headers, self.propagators)
         context = None
         if parent is not None:
+            if not parent.sampled and self._follows_parent:
+                return INVALID_SPAN
             state = None
             if parent.trace_state:
                 state = TraceState.from_header([parent.trace_state.decode("latin-1")])

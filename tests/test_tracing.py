@@ -135,6 +135,32 @@ def test_sampler_env(monkeypatch: pytest.MonkeyPatch) -> None:
         tracing.sampler_from_env()
 
 
+@pytest.mark.parametrize(
+    ("sampler", "recorded"),
+    [
+        ("parentbased_always_on", [True, False, True]),  # follows the caller; roots sampled
+        ("always_on", [True, True, True]),  # ignores the caller's decision
+        ("always_off", [False, False, False]),
+        ("parentbased_always_off", [True, False, False]),
+    ],
+)
+def test_sampling_decision_per_sampler(
+    monkeypatch: pytest.MonkeyPatch, sampler: str, recorded: list[bool]
+) -> None:
+    """bbr's shortcuts (no span when the answer is known) agree with the SDK's samplers."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    provider = TracerProvider(sampler=tracing.sampler_from_env(), shutdown_on_exit=False)
+    traced = tracing.Tracing(provider)
+    calls = [
+        [(b"traceparent", f"00-{TRACE}-{SPAN}-01".encode())],
+        [(b"traceparent", f"00-{TRACE}-{SPAN}-00".encode())],
+        [],
+    ]
+    assert [traced.start(headers).is_recording() for headers in calls] == recorded
+
+
 def test_tracing_off_never_imports_the_sdk() -> None:
     """Without --tracing, serving code loads no OpenTelemetry module at all."""
     code = (
