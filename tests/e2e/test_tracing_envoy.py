@@ -16,11 +16,12 @@ from demo.envoy_config import static_cluster
 from tests.otlp import ReceivedSpan, Receiver
 
 from .conftest import _STACKS
-from .harness import LLAMA, ModelServers, Stack, start_stack
+from .harness import LLAMA, ModelServers, Stack, free_port, start_stack
 
 pytestmark = pytest.mark.e2e
 
 OTEL_CONFIG_TYPE = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+ZIPKIN_CONFIG_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 CLIENT_TRACE = "5bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "10f067aa0ba902b7"
 
@@ -61,6 +62,61 @@ def envoy_tracing(otlp_port: int) -> Any:
     return edit
 
 
+def envoy_zipkin(collector_port: int) -> Any:
+    """Envoy's Zipkin tracer, which propagates B3 (`x-b3-*`); its collector is absent
+    here: only the headers on the ext_proc call matter."""
+
+    def edit(bootstrap: dict[str, Any]) -> None:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["tracing"] = {
+            "random_sampling": {"value": 100},
+            "provider": {
+                "name": "envoy.tracers.zipkin",
+                "typed_config": {
+                    "@type": ZIPKIN_CONFIG_TYPE,
+                    "collector_cluster": "zipkin",
+                    "collector_endpoint": "/api/v2/spans",
+                    "collector_endpoint_version": "HTTP_JSON",
+                    "trace_id_128bit": True,
+                },
+            },
+        }
+        bootstrap["static_resources"]["clusters"].append(
+            static_cluster("zipkin", collector_port, buffer_limit=1024 * 1024)
+        )
+
+    return edit
+
+
+def traced_stack(
+    name: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    model_servers: ModelServers,
+    receiver: Receiver,
+    envoy_edit: Any,
+) -> Iterator[Stack]:
+    stack = start_stack(
+        name,
+        tmp_path_factory.mktemp(name),
+        model_servers,
+        ["--tracing"],
+        envoy_edit=envoy_edit,
+        bbr_env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_SERVICE_NAME": f"bbr-{name}",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
+    _STACKS.append(stack)
+    try:
+        yield stack
+    finally:
+        _STACKS.remove(stack)
+        stack.close()
+
+
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     found = Receiver()
@@ -74,25 +130,8 @@ def receiver() -> Iterator[Receiver]:
 def traced(
     tmp_path_factory: pytest.TempPathFactory, model_servers: ModelServers, receiver: Receiver
 ) -> Iterator[Stack]:
-    stack = start_stack(
-        "traced",
-        tmp_path_factory.mktemp("traced"),
-        model_servers,
-        ["--tracing"],
-        envoy_edit=envoy_tracing(receiver.port),
-        bbr_env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-            "OTEL_SERVICE_NAME": "bbr-e2e",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
-    )
-    _STACKS.append(stack)
-    try:
-        yield stack
-    finally:
-        _STACKS.remove(stack)
-        stack.close()
+    edit = envoy_tracing(receiver.port)
+    yield from traced_stack("e2e", tmp_path_factory, model_servers, receiver, edit)
 
 
 def bbr_span_for(receiver: Receiver, model: str) -> ReceivedSpan:
@@ -157,3 +196,26 @@ def test_error_answered_by_bbr_is_traced_too(traced: Stack, receiver: Receiver) 
     ]
     assert span.attributes["bbr.response.status_code"] == 400
     assert envoy_parent_of(receiver, span).trace_id == span.trace_id
+
+
+def test_b3_from_envoys_zipkin_tracer(
+    tmp_path_factory: pytest.TempPathFactory, model_servers: ModelServers, receiver: Receiver
+) -> None:
+    """Envoy with Zipkin tracing sends x-b3-* on the ext_proc call; the client's B3 trace
+    continues through Envoy's span into bbr's."""
+    edit = envoy_zipkin(free_port())
+    for stack in traced_stack("zipkin", tmp_path_factory, model_servers, receiver, edit):
+        trace_id, span_id = "6bf92f3577b34da6a3ce929d0e0e4736", "20f067aa0ba902b7"
+        b3 = {"x-b3-traceid": trace_id, "x-b3-spanid": span_id, "x-b3-sampled": "1"}
+        reply = stack.chat("ski-resorts", headers=b3)
+        assert reply.status == 200, reply
+
+        def found(spans: list[ReceivedSpan]) -> bool:
+            return any(s.service == "bbr-zipkin" for s in spans)
+
+        receiver.wait_for(found)
+        (span,) = receiver.spans("bbr-zipkin")
+        assert span.attributes["bbr.model"] == "ski-resorts"
+        assert span.trace_id == trace_id
+        # Its parent is Envoy's span for the ext_proc call, not the client's span.
+        assert span.parent_span_id not in ("", span_id)
