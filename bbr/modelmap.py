@@ -209,11 +209,11 @@ def parse_configmap(
         raise fail("data", "not a mapping")
     base = data.get("baseModel")
     if base is None:
-        raise fail("data.baseModel", "required")
+        raise fail("data.baseModel", "required", hint="name the base model its pool serves")
     if not isinstance(base, str):
-        raise fail("data.baseModel", "must be a string")
+        raise fail("data.baseModel", "must be a string", hint='quote it: baseModel: "..."')
     if problem := name_problem(base.strip()):
-        raise fail("data.baseModel", problem, base, _NAME_HINT)
+        raise fail("data.baseModel", problem, base, _hint(problem))
     base = base.strip()
 
     adapters = _adapters(data.get("adapters"), fail, warnings, source, ref)
@@ -229,7 +229,17 @@ def parse_configmap(
     )
 
 
-_NAME_HINT = "a name is 1-256 bytes of UTF-8 with no control characters"
+def _hint(problem: str) -> str:
+    """How to fix a name with `problem` (from name_problem)."""
+    if problem == "empty name":
+        return "write a name, or delete the item"
+    if problem.startswith("longer"):
+        return f"a name is at most {MAX_NAME_BYTES} bytes of UTF-8"
+    if "surrogate" in problem:
+        return "a name must be valid Unicode"
+    return "remove tabs, line breaks and other control characters (U+0000-U+001F, U+007F)"
+
+
 _Fail = Callable[..., "ConfigMapParseError"]
 
 
@@ -307,7 +317,7 @@ def _adapters(
             continue
         name = text.strip()
         if problem := name_problem(name):
-            raise fail(key, problem, text, _NAME_HINT)
+            raise fail(key, problem, text, _hint(problem))
         tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) if plain else _STR_TAG
         if tag != _STR_TAG:
             _warn(warnings, source, key, _unquoted(name, tag), ref, hint=f'quote it: - "{name}"')
