@@ -55,3 +55,18 @@ def test_the_link_finder_finds_links() -> None:
     assert found == ["../x.md", "img.png", "docs/z.md", "y.png"]
     readme = links((ROOT / "README.md").read_text(encoding="utf-8"))
     assert "docs/reference.md" in readme
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/reference.md"])
+def test_request_tables_say_what_the_code_does(doc: str) -> None:
+    """`identity` is no encoding and application/*+json is JSON: the code reads both
+    (tests/test_decision.py), so the request tables must say so."""
+    rows = [
+        line
+        for line in (ROOT / doc).read_text(encoding="utf-8").splitlines()
+        if line.startswith("| ")
+    ]
+    encoding = [r for r in rows if "`content-encoding: gzip`" in r]
+    assert encoding and "`identity`" in encoding[0], encoding
+    assert any("`application/*+json`" in r and "400" in r for r in rows)
+    assert any("an empty body however it comes" in r and "pass" in r for r in rows)
