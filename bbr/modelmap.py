@@ -340,8 +340,8 @@ _TYPED = {
 def _unquoted(name: str, tag: str) -> str:
     if tag == "tag:yaml.org,2002:null":
         return (
-            f"unquoted; taken as the name {show(name)}, but YAML readers take it as null"
-            " (the Go BBR as an empty item)"
+            f"unquoted; taken as the name {show(name)}, but YAML readers (Go's, PyYAML, Helm"
+            " templates) take it as null"
         )
     what = _TYPED.get(tag, "something other than text")
     return (

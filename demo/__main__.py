@@ -16,10 +16,8 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from bbr.modelmap import MapFileError, parse_file_text
 from demo.envoy_config import render
 from demo.processes import (
     REPO_ROOT,
@@ -47,40 +45,21 @@ BBR_HEALTH_PORT = 9005
 BBR_METRICS_PORT = 9090
 
 
-def _config_maps(documents: list[Any]) -> list[dict[str, Any]]:
-    maps: list[dict[str, Any]] = []
-    for doc in documents:
-        if not isinstance(doc, dict):
-            continue
-        if doc.get("kind") == "List":
-            maps += _config_maps(list(doc.get("items") or []))
-        elif doc.get("kind") == "ConfigMap":
-            maps.append(doc)
-    return maps
-
-
 def read_model_map(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Base model → pool name, and every model name → its base model, in file order.
 
-    Only what the demo needs to start model servers and print examples; bbr itself
-    reads and validates the map.
+    Read with bbr's own parser (so `- 1.10` is the name "1.10" here too); only what the
+    demo needs to start model servers and print examples. Invalid ConfigMaps are left
+    out, as bbr leaves them out.
     """
-    with path.open(encoding="utf-8") as fh:
-        documents = list(yaml.safe_load_all(fh))
+    parsed = parse_file_text(path.read_bytes(), path=str(path))
     pools: dict[str, str] = {}
     models: dict[str, str] = {}
-    for cm in _config_maps(documents):
-        data = cm.get("data") or {}
-        base = data.get("baseModel")
-        if not isinstance(base, str) or not base.strip():
-            continue
-        base = base.strip()
-        if base not in pools:
-            pools[base] = "pool-" + str((cm.get("metadata") or {}).get("name") or len(pools) + 1)
-        adapters = yaml.safe_load(data.get("adapters") or "[]") or []
-        for name in [base, *(str(a).strip() for a in adapters if isinstance(a, str))]:
-            if name and name not in models:
-                models[name] = base
+    for config in parsed.configs:
+        base = config.base_model
+        pools.setdefault(base, f"pool-{config.ref.name}")
+        for name in (base, *config.adapters):
+            models.setdefault(name, base)
     return pools, models
 
 
@@ -156,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pools, models = read_model_map(model_map)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, MapFileError) as exc:
         print(f"demo: cannot read model map {model_map}: {exc}", file=sys.stderr)
         return 2
     if not pools:
