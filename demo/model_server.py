@@ -24,6 +24,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -169,7 +170,7 @@ class ModelServerHandler(BaseHTTPRequestHandler):
             self._send_json(200, {"object": "list", "data": self._model_list()})
             return
         if path.startswith("/v1/models/"):
-            wanted = path.removeprefix("/v1/models/")
+            wanted = urllib.parse.unquote(path.removeprefix("/v1/models/"))
             for model in self._model_list():
                 if model["id"] == wanted:
                     self._send_json(200, model)
