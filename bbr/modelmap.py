@@ -188,10 +188,16 @@ def parse_configmap(
     """
     metadata = obj.get("metadata")
     if not isinstance(metadata, Mapping):
-        raise ConfigMapParseError(ConfigMapError(source, "metadata", "missing or not a mapping"))
+        raise ConfigMapParseError(
+            ConfigMapError(
+                source, "metadata", "missing or not a mapping", hint="add metadata: {name: ...}"
+            )
+        )
     name = metadata.get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigMapParseError(ConfigMapError(source, "metadata.name", "missing"))
+        raise ConfigMapParseError(
+            ConfigMapError(source, "metadata.name", "missing", hint="every ConfigMap needs a name")
+        )
     namespace = metadata.get("namespace") or "default"
     ref = ConfigMapRef(str(namespace), name)
     created = _timestamp(metadata.get("creationTimestamp"))
@@ -206,7 +212,7 @@ def parse_configmap(
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise fail("data", "not a mapping")
+        raise fail("data", "not a mapping", hint="data holds baseModel: and adapters:")
     base = data.get("baseModel")
     if base is None:
         raise fail("data.baseModel", "required", hint="name the base model its pool serves")
