@@ -315,3 +315,21 @@ def test_one_control_character_rule_for_map_names_and_request_models() -> None:
         assert (name_problem(name) is None) == (decision.model_problem(name) is None), name
     assert name_problem("a\x85b") is None
     assert name_problem("a\x7fb") == "contains a control character"
+
+
+def test_file_source_logs_each_warning_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="bbr.sources.files")
+    path = tmp_path / "map.yaml"
+    path.write_text(cm("a", "A", "- a1\n-\n- 1.10"))
+    source, holder = source_for(path)
+    assert dict(holder.current.items()) == {"A": "A", "a1": "A", "1.10": "A"}
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(logged) == 2, caplog.text
+    assert any("empty item skipped" in str(r.__dict__) for r in logged), caplog.text
+    caplog.clear()
+    source.reload()  # unchanged file: not parsed again, not logged again
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

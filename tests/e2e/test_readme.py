@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def _here(text: str, demo: Demo) -> str:
 
 
 def test_readme_curl_lines(demo: Demo) -> None:
+    assert shutil.which("curl"), "curl is needed to run the README's curl lines"
     rejecting = "--unknown-model reject" in "".join(demo.output)
     for example in curl_examples(demo_section()):
         result = subprocess.run(
