@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## make run: the demo — bbr, a real Envoy and two simulated model servers on localhost.
+## DEMO_ARGS passes flags to it, e.g. make run DEMO_ARGS="--port 0 --streaming" (python -m demo --help).
+DEMO_ARGS ?=
 run: $(STAMP)
-	$(PY) -m demo
+	$(PY) -m demo $(DEMO_ARGS)
 
 ## make test: lint, type-check and every test (unit, in-process gRPC, end-to-end through Envoy).
 test: $(STAMP)

@@ -34,6 +34,11 @@ _ESCAPED_LETTER = re.compile(rb"\\u006[4-9a-fA-F]")
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')
 _COLON = re.compile(rb"[ \t\r\n]*:")
 _LONGEST_MODEL_KEY = 2 + 5 * 6  # "model" with every letter escaped
+# A \uD800-\uDBFF escape (not itself escaped: an even run of backslashes before it)
+# that no \uDC00-\uDFFF escape follows. Only searched once a body has failed to decode.
+_LONE_HIGH_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
 
 
 # Top-level members with their values undecoded (Raw views into the body): `model` is
@@ -59,6 +64,10 @@ def json_model(body: bytes) -> str | None:
     except msgspec.ValidationError:
         raise BodyError("request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
+        if _LONE_HIGH_SURROGATE.search(body):
+            # msgspec says "truncated" or "end of hex escape" for a high surrogate not
+            # followed by a low one; say what is wrong, as for a lone low surrogate.
+            raise BodyError("request body is not valid JSON: lone surrogate escape") from None
         raise BodyError(f"request body is not valid JSON: {_reason(exc)}") from None
     model = doc.get("model")
     if model is None:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import msgspec
 
 from bbr import body as bodies
-from bbr.modelmap import ModelMap
+from bbr.modelmap import MAX_NAME_BYTES, ModelMap, name_problem
 
 BASE_MODEL_HEADER = "x-gateway-base-model-name"
 MODEL_HEADER = "x-gateway-model-name"
 ROUTING_HEADERS = (BASE_MODEL_HEADER, MODEL_HEADER)
-MAX_MODEL_BYTES = 256
+MAX_MODEL_BYTES = MAX_NAME_BYTES
 JSON_CONTENT_TYPE = b"application/json"
 
 
@@ -188,7 +188,9 @@ def decide(body: bytes, plan: Plan, snapshot: ModelMap, options: Options) -> Out
     """The outcome for a complete body read under `plan`."""
     if plan.outcome is not None:
         return plan.outcome
-    if plan.kind is BodyKind.NONE:
+    if plan.kind is BodyKind.NONE or not body:
+        # An empty body is no body, however Envoy framed it (content-length 0 with
+        # end_of_stream, an empty body message, empty streamed chunks).
         return PASSTHROUGH
     if len(body) > options.max_body_bytes:
         return too_large(options.max_body_bytes)
@@ -234,16 +236,15 @@ def route(model: str, snapshot: ModelMap, options: Options) -> Outcome:
 
 
 def model_problem(model: str) -> str | None:
-    """Why `model` cannot travel as a header value, or None."""
-    if not model:
+    """Why `model` cannot travel as a header value, or None: the model map's name rule."""
+    if model.isprintable() and 0 < len(model) <= MAX_MODEL_BYTES // 4:
+        return None  # the common case, without encoding (a code point is <= 4 bytes)
+    problem = name_problem(model)
+    if problem is None:
+        return None
+    if problem == "empty name":
         return "'model' must not be empty"
-    if len(model) > MAX_MODEL_BYTES or len(model.encode("utf-8", "surrogatepass")) > (
-        MAX_MODEL_BYTES
-    ):
-        return f"'model' is longer than {MAX_MODEL_BYTES} bytes"
-    if not model.isprintable() and any(ord(c) < 0x20 or ord(c) == 0x7F for c in model):
-        return "'model' contains a control character"
-    return None
+    return f"'model' {problem}"
 
 
 def decide_request(

@@ -7,9 +7,9 @@ it change; writers swap a whole new snapshot in (`MapHolder`).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +28,15 @@ try:  # the C loader is ~10x faster; fall back when libyaml is absent
     _Loader: Any = yaml.CSafeLoader
 except AttributeError:  # pragma: no cover - depends on the PyYAML build
     _Loader = yaml.SafeLoader
+
+# The one control-character rule, for map names and request models alike: C0 and DEL.
+# (Envoy refuses these in a header value; U+0080-U+009F travel as UTF-8 bytes.)
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Plain YAML scalars that a YAML 1.1 reader (PyYAML, Helm's sprig) would not read as
+# text: bbr, like the Go BBR, keeps their literal text.
+_RESOLVER: Any = yaml.resolver.Resolver()
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -55,16 +64,45 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConfigMapError:
-    """Why one ConfigMap (or document) was not taken."""
+    """Why one ConfigMap (or document) was not taken (or, as a warning, what was odd).
+
+    `value` is the offending text, already quoted and cut (`show`); `hint` says how to fix it.
+    """
 
     source: str
     key: str
     reason: str
     ref: ConfigMapRef | None = None
+    value: str | None = None
+    hint: str | None = None
 
     def __str__(self) -> str:
         who = f" ConfigMap {self.ref}" if self.ref else ""
-        return f"{self.source}:{who} {self.key}: {self.reason}"
+        what = f" {self.value}" if self.value is not None else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{self.source}:{who} {self.key}:{what} {self.reason}{hint}"
+
+
+SHOW_BYTES = 64
+
+
+def show(value: str) -> str:
+    """`value` for a message: double-quoted, unprintables escaped, cut at 64 bytes."""
+    raw = value.encode("utf-8", "surrogatepass")
+    cut = len(raw) > SHOW_BYTES
+    if cut:
+        value = raw[:SHOW_BYTES].decode("utf-8", "ignore")
+    out = []
+    for char in value:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        elif ord(char) <= 0xFF:
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(f"\\u{ord(char):04x}")
+    return '"' + "".join(out) + '"' + ("…" if cut else "")
 
 
 class MapFileError(Exception):
@@ -96,13 +134,22 @@ class Conflict:
 
 
 def name_problem(name: str) -> str | None:
-    """Why `name` (already trimmed) cannot be a model name, or None."""
+    """Why `name` cannot be a model name (a header value), or None.
+
+    The one rule for map names (already trimmed) and request models (never trimmed):
+    non-empty, at most 256 bytes of UTF-8, no U+0000-U+001F or U+007F, no lone
+    surrogate. `decision` asks this too, so a name is good in both places or in neither.
+    """
     if not name:
         return "empty name"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    if len(name) > MAX_NAME_BYTES or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"longer than {MAX_NAME_BYTES} bytes"
-    if not name.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+    if name.isprintable():  # the common case: nothing below is possible
+        return None
+    if CONTROL_CHARACTER.search(name):
         return "contains a control character"
+    if _SURROGATE.search(name):
+        return "contains a lone surrogate"
     return None
 
 
@@ -130,57 +177,52 @@ def parse_configmap(
     source: str,
     rank: tuple[Any, ...] | None = None,
     default_created: int = 0,
+    warnings: list[ConfigMapError] | None = None,
 ) -> ModelConfig:
     """Turn one ConfigMap object into a ModelConfig, or raise ConfigMapParseError.
 
     `rank=None` means "from the API": order by creationTimestamp, then namespace/name.
+    What was accepted but read differently from what a user may expect (skipped empty
+    items, unquoted names another YAML reader would not take as text) is appended to
+    `warnings`.
     """
     metadata = obj.get("metadata")
     if not isinstance(metadata, Mapping):
-        raise ConfigMapParseError(ConfigMapError(source, "metadata", "missing or not a mapping"))
+        raise ConfigMapParseError(
+            ConfigMapError(
+                source, "metadata", "missing or not a mapping", hint="add metadata: {name: ...}"
+            )
+        )
     name = metadata.get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigMapParseError(ConfigMapError(source, "metadata.name", "missing"))
+        raise ConfigMapParseError(
+            ConfigMapError(source, "metadata.name", "missing", hint="every ConfigMap needs a name")
+        )
     namespace = metadata.get("namespace") or "default"
     ref = ConfigMapRef(str(namespace), name)
     created = _timestamp(metadata.get("creationTimestamp"))
 
-    def fail(key: str, reason: str) -> ConfigMapParseError:
-        return ConfigMapParseError(ConfigMapError(source, key, reason, ref))
+    def fail(
+        key: str, reason: str, value: str | None = None, hint: str | None = None
+    ) -> ConfigMapParseError:
+        shown = show(value) if value is not None else None
+        return ConfigMapParseError(ConfigMapError(source, key, reason, ref, shown, hint))
 
     data = obj.get("data")
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise fail("data", "not a mapping")
+        raise fail("data", "not a mapping", hint="data holds baseModel: and adapters:")
     base = data.get("baseModel")
     if base is None:
-        raise fail("data.baseModel", "required")
+        raise fail("data.baseModel", "required", hint="name the base model its pool serves")
     if not isinstance(base, str):
-        raise fail("data.baseModel", "must be a string")
+        raise fail("data.baseModel", "must be a string", hint='quote it: baseModel: "..."')
+    if problem := name_problem(base.strip()):
+        raise fail("data.baseModel", problem, base, _hint(problem))
     base = base.strip()
-    if problem := name_problem(base):
-        raise fail("data.baseModel", problem)
 
-    raw_adapters = data.get("adapters")
-    if isinstance(raw_adapters, str):
-        try:
-            raw_adapters = yaml.load(raw_adapters, Loader=_Loader)
-        except yaml.YAMLError as exc:
-            raise fail("data.adapters", f"not valid YAML: {_yaml_reason(exc)}") from None
-    if raw_adapters is None:
-        raw_adapters = []
-    if not isinstance(raw_adapters, list):
-        raise fail("data.adapters", "must be a YAML list of strings")
-    adapters: dict[str, None] = {}  # ordered and de-duplicated in one pass
-    for i, item in enumerate(raw_adapters):
-        if not isinstance(item, str):
-            raise fail(f"data.adapters[{i}]", "must be a string")
-        item = item.strip()
-        if problem := name_problem(item):
-            raise fail(f"data.adapters[{i}]", problem)
-        adapters[item] = None
-
+    adapters = _adapters(data.get("adapters"), fail, warnings, source, ref)
     if rank is None:
         rank = (1, created if created is not None else 2**62, ref.namespace, ref.name)
     return ModelConfig(
@@ -191,6 +233,150 @@ def parse_configmap(
         source=source,
         created=created if created is not None else default_created,
     )
+
+
+def _hint(problem: str) -> str:
+    """How to fix a name with `problem` (from name_problem)."""
+    if problem == "empty name":
+        return "write a name, or delete the item"
+    if problem.startswith("longer"):
+        return f"a name is at most {MAX_NAME_BYTES} bytes of UTF-8"
+    if "surrogate" in problem:
+        return "a name must be valid Unicode"
+    return "remove tabs, line breaks and other control characters (U+0000-U+001F, U+007F)"
+
+
+_Fail = Callable[..., "ConfigMapParseError"]
+
+
+class AdapterItems:
+    """`data.adapters` written in a file as a YAML list rather than a string: its node.
+
+    Kept as the node so its items are read by the same rule as a string's (their
+    literal text), not as the typed values a YAML loader would make of them.
+    """
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: yaml.SequenceNode) -> None:
+        self.node = node
+
+
+def _adapters(
+    raw: Any,
+    fail: _Fail,
+    warnings: list[ConfigMapError] | None,
+    source: str,
+    ref: ConfigMapRef,
+) -> tuple[str, ...]:
+    """The adapter names of `data.adapters`, read as the Go BBR reads them.
+
+    Through the API the value is a string holding a YAML list; every scalar item is its
+    literal text (`- 1.10` is the name "1.10", as Go's YAML decoding into []string
+    gives), a plain item with nothing after the dash is skipped, and a mapping or list
+    item is an error. The same function reads a file's inline list (AdapterItems).
+    """
+    node: yaml.Node | None
+    if raw is None:
+        return ()
+    if isinstance(raw, AdapterItems):
+        node = raw.node
+    elif isinstance(raw, str):
+        try:
+            node = yaml.compose(raw, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise fail(
+                "data.adapters",
+                f"not valid YAML: {_yaml_reason(exc)}",
+                hint="write one '- name' per line",
+            ) from None
+    else:
+        raise fail(
+            "data.adapters",
+            f"must be a YAML list of names, not {_kind(raw)}",
+            hint="write `adapters: |` then one '- name' per line",
+        )
+    if node is None:  # empty, or only comments
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        value = node.value if isinstance(node, yaml.ScalarNode) else None
+        raise fail(
+            "data.adapters",
+            "must be a YAML list of names",
+            value,
+            "write one '- name' per line, even for a single adapter",
+        )
+    names: dict[str, None] = {}  # ordered and de-duplicated in one pass
+    for i, item in enumerate(node.value):
+        key = f"data.adapters[{i}]"
+        if not isinstance(item, yaml.ScalarNode):
+            what = "a mapping" if isinstance(item, yaml.MappingNode) else "a list"
+            raise fail(
+                key,
+                f"must be a name, not {what}",
+                hint="quote a name that contains ': ' or starts with '[' or '{'",
+            )
+        text: str = item.value
+        plain = not item.style  # None (PyYAML) or "" (libyaml) for a plain scalar
+        if plain and not text:
+            _warn(warnings, source, key, "empty item skipped (as the Go BBR does)", ref)
+            continue
+        name = text.strip()
+        if problem := name_problem(name):
+            raise fail(key, problem, text, _hint(problem))
+        tag = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) if plain else _STR_TAG
+        if tag != _STR_TAG:
+            _warn(warnings, source, key, _unquoted(name, tag), ref, hint=f'quote it: - "{name}"')
+        elif name != text:
+            _warn(warnings, source, key, f"trimmed to {show(name)}", ref, show(text))
+        if name in names:
+            _warn(warnings, source, key, f"{show(name)} is listed twice", ref)
+        names[name] = None
+    return tuple(names)
+
+
+_TYPED = {
+    "tag:yaml.org,2002:int": "a number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:timestamp": "a date",
+}
+
+
+def _unquoted(name: str, tag: str) -> str:
+    if tag == "tag:yaml.org,2002:null":
+        return (
+            f"unquoted; taken as the name {show(name)}, but YAML readers (Go's, PyYAML, Helm"
+            " templates) take it as null"
+        )
+    what = _TYPED.get(tag, "something other than text")
+    return (
+        f"unquoted; taken as the name {show(name)}, as the Go BBR takes it, but other YAML"
+        f" readers (PyYAML, Helm templates) take it as {what}"
+    )
+
+
+def _warn(
+    warnings: list[ConfigMapError] | None,
+    source: str,
+    key: str,
+    reason: str,
+    ref: ConfigMapRef,
+    value: str | None = None,
+    hint: str | None = None,
+) -> None:
+    if warnings is not None:
+        warnings.append(ConfigMapError(source, key, reason, ref, value, hint))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return type(value).__name__
 
 
 class ConfigMapParseError(Exception):
@@ -215,6 +401,51 @@ class ParsedFile:
     configs: list[ModelConfig] = field(default_factory=list)
     errors: list[ConfigMapError] = field(default_factory=list)
     invalid_refs: list[ConfigMapRef] = field(default_factory=list)
+    warnings: list[ConfigMapError] = field(default_factory=list)
+
+
+_ADAPTERS_TAG = "tag:bbr.invalid,2026:adapters"
+
+
+class _FileLoader(_Loader):  # type: ignore[misc]
+    """The file loader: a ConfigMap's inline `data.adapters` list stays a YAML node.
+
+    Everything else loads as usual; the adapters list is read by `_adapters`, the same
+    code that reads the API's string, so `- 1.10` means "1.10" in both.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _keep_adapter_nodes(node)
+        return super().construct_document(node)
+
+
+def _adapter_items(loader: Any, node: yaml.ScalarNode) -> AdapterItems:
+    return AdapterItems(node.bbr_items)  # type: ignore[attr-defined]
+
+
+_FileLoader.add_constructor(_ADAPTERS_TAG, _adapter_items)
+
+
+def _keep_adapter_nodes(node: yaml.Node) -> None:
+    """Swap each ConfigMap's `data.adapters` sequence (in a List too) for a marker node."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        if key.value == "items" and isinstance(value, yaml.SequenceNode):
+            for item in value.value:
+                _keep_adapter_nodes(item)
+        elif key.value == "data" and isinstance(value, yaml.MappingNode):
+            for index, (name, held) in enumerate(value.value):
+                if (
+                    isinstance(name, yaml.ScalarNode)
+                    and name.value == "adapters"
+                    and isinstance(held, yaml.SequenceNode)
+                ):
+                    marker = yaml.ScalarNode(_ADAPTERS_TAG, "", held.start_mark, held.end_mark)
+                    marker.bbr_items = held  # type: ignore[attr-defined]
+                    value.value[index] = (name, marker)
 
 
 def parse_file_text(
@@ -225,7 +456,7 @@ def parse_file_text(
     Raises MapFileError, with the line, when the file is not valid YAML.
     """
     try:
-        documents = list(yaml.load_all(text, Loader=_Loader))
+        documents = list(yaml.load_all(text, Loader=_FileLoader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -267,6 +498,7 @@ def parse_file_text(
                         source=item_where,
                         rank=(0, *position, doc_index, item_index),
                         default_created=created,
+                        warnings=parsed.warnings,
                     )
                 )
             except ConfigMapParseError as exc:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from bbr.modelmap import MapFileError, ModelConfig, ModelMap, parse_file_text
+from bbr.modelmap import ConfigMapError, MapFileError, ModelConfig, ModelMap, parse_file_text
 from bbr.sources.files import expand, read_file
 
 
 def run(paths: Sequence[str]) -> int:
     """Print the resolved table; exit 1 listing every error (conflicts included)."""
     errors: list[str] = []
+    warnings: list[str] = []
     configs: list[ModelConfig] = []
     files: list[tuple[tuple[int, ...], str]] = []
     for index, raw in enumerate(paths):
@@ -27,10 +28,8 @@ def run(paths: Sequence[str]) -> int:
             errors.append(str(exc))
             continue
         configs.extend(parsed.configs)
-        errors.extend(
-            f"{e.source}: {'ConfigMap ' + str(e.ref) + ': ' if e.ref else ''}{e.key}: {e.reason}"
-            for e in parsed.errors
-        )
+        errors.extend(_line(e) for e in parsed.errors)
+        warnings.extend(_line(w) for w in parsed.warnings)
     seen: dict[object, str] = {}
     for config in configs:
         if config.ref in seen:
@@ -50,9 +49,24 @@ def run(paths: Sequence[str]) -> int:
             print(f"{name:<{width_model}}  {base:<{width_base}}  {owner.source} ({owner.ref})")
     else:
         print("(no models)")
+    files_seen = len({path for _, path in files})
+    print(
+        f"\naccepted {len(configs)} ConfigMap(s) from {files_seen} file(s): "
+        f"{len(snapshot.bases)} base model(s), {len(snapshot.adapters)} adapter(s)"
+    )
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     if errors:
         print(f"\n{len(errors)} error(s):", file=sys.stderr)
         for line in errors:
             print(f"error: {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def _line(error: ConfigMapError) -> str:
+    """file#document: ConfigMap ns/name: key: "value" reason (hint: ...)."""
+    who = f"ConfigMap {error.ref}: " if error.ref else ""
+    value = f"{error.value} " if error.value is not None else ""
+    hint = f" (hint: {error.hint})" if error.hint else ""
+    return f"{error.source}: {who}{error.key}: {value}{error.reason}{hint}"

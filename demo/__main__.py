@@ -2,7 +2,8 @@
 
 Starts one simulated model server per base model in the model map (ports 8001, 8002,
 ...), bbr on its default ports (9004 gRPC, 9005 health, 9090 metrics), and Envoy on
-127.0.0.1:8080 (admin 9901) with bbr as its first ext_proc filter. Prints curl lines to
+127.0.0.1:8080 (admin 9901) with bbr as its first ext_proc filter. Every port has a
+flag (0 picks a free one), so the demo runs beside another stack. Prints curl lines to
 try, then runs until Ctrl-C or SIGTERM, which stop every child and exit 0. If a child
 dies on its own, the others are stopped and the demo exits 1.
 """
@@ -14,21 +15,19 @@ import json
 import shlex
 import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
-import yaml
-
+from bbr.modelmap import MapFileError, parse_file_text
 from demo.envoy_config import render
 from demo.processes import (
     REPO_ROOT,
+    Cancelled,
     Child,
     StartupError,
     bbr_argv,
     envoy_argv,
     envoy_binary,
+    free_port,
     grpc_health_ready,
     http_ready,
     port_in_use,
@@ -36,6 +35,7 @@ from demo.processes import (
     tcp_ready,
     wait_until,
 )
+from demo.signals import StopSignals
 
 LISTEN_PORT = 8080
 ADMIN_PORT = 9901
@@ -45,46 +45,27 @@ BBR_HEALTH_PORT = 9005
 BBR_METRICS_PORT = 9090
 
 
-def _config_maps(documents: list[Any]) -> list[dict[str, Any]]:
-    maps: list[dict[str, Any]] = []
-    for doc in documents:
-        if not isinstance(doc, dict):
-            continue
-        if doc.get("kind") == "List":
-            maps += _config_maps(list(doc.get("items") or []))
-        elif doc.get("kind") == "ConfigMap":
-            maps.append(doc)
-    return maps
-
-
 def read_model_map(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Base model → pool name, and every model name → its base model, in file order.
 
-    Only what the demo needs to start model servers and print examples; bbr itself
-    reads and validates the map.
+    Read with bbr's own parser (so `- 1.10` is the name "1.10" here too); only what the
+    demo needs to start model servers and print examples. Invalid ConfigMaps are left
+    out, as bbr leaves them out.
     """
-    with path.open(encoding="utf-8") as fh:
-        documents = list(yaml.safe_load_all(fh))
+    parsed = parse_file_text(path.read_bytes(), path=str(path))
     pools: dict[str, str] = {}
     models: dict[str, str] = {}
-    for cm in _config_maps(documents):
-        data = cm.get("data") or {}
-        base = data.get("baseModel")
-        if not isinstance(base, str) or not base.strip():
-            continue
-        base = base.strip()
-        if base not in pools:
-            pools[base] = "pool-" + str((cm.get("metadata") or {}).get("name") or len(pools) + 1)
-        adapters = yaml.safe_load(data.get("adapters") or "[]") or []
-        for name in [base, *(str(a).strip() for a in adapters if isinstance(a, str))]:
-            if name and name not in models:
-                models[name] = base
+    for config in parsed.configs:
+        base = config.base_model
+        pools.setdefault(base, f"pool-{config.ref.name}")
+        for name in (base, *config.adapters):
+            models.setdefault(name, base)
     return pools, models
 
 
-def curl_examples(models: dict[str, str]) -> list[str]:
+def curl_examples(models: dict[str, str], port: int = LISTEN_PORT) -> list[str]:
     """One curl line per model in the map, then /v1/models, spoofing and error cases."""
-    url = f"http://localhost:{LISTEN_PORT}"
+    url = f"http://localhost:{port}"
     json_type = "-H 'content-type: application/json'"
 
     def chat(body: str, extra: str = "") -> str:
@@ -106,39 +87,89 @@ def curl_examples(models: dict[str, str]) -> list[str]:
     return lines
 
 
-class _Stop(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return port
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="bbr, a real Envoy and simulated model servers on localhost.",
+        epilog="Every port flag takes 0 for a free port; the ports in use are printed.",
+    )
+    parser.add_argument("--model-map", type=Path, default=REPO_ROOT / "config" / "model-map.yaml")
+    parser.add_argument("--streaming", action="store_true", help="FULL_DUPLEX_STREAMED mode")
+    parser.add_argument(
+        "--unknown-model",
+        choices=("pass", "reject"),
+        default="pass",
+        help="bbr's --unknown-model: pass (Envoy's catch-all 404) or reject (bbr's 404)",
+    )
+    parser.add_argument("--port", type=_port, default=LISTEN_PORT, help="Envoy's listener")
+    parser.add_argument("--admin-port", type=_port, default=ADMIN_PORT, help="Envoy's admin")
+    parser.add_argument(
+        "--model-port",
+        type=_port,
+        default=FIRST_MODEL_PORT,
+        help="the first model server's port; the next ones follow it (0: free ports)",
+    )
+    parser.add_argument("--grpc-port", type=_port, default=BBR_GRPC_PORT, help="bbr's ext_proc")
+    parser.add_argument("--grpc-health-port", type=_port, default=BBR_HEALTH_PORT)
+    parser.add_argument("--metrics-port", type=_port, default=BBR_METRICS_PORT)
+    return parser.parse_args(argv)
+
+
+def _or_free(port: int) -> int:
+    return port or free_port()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
-    parser.add_argument("--model-map", type=Path, default=REPO_ROOT / "config" / "model-map.yaml")
-    parser.add_argument("--streaming", action="store_true", help="FULL_DUPLEX_STREAMED mode")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     model_map: Path = args.model_map.resolve()
 
     try:
         pools, models = read_model_map(model_map)
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, MapFileError) as exc:
         print(f"demo: cannot read model map {model_map}: {exc}", file=sys.stderr)
         return 2
     if not pools:
         print(f"demo: no base models in {model_map}", file=sys.stderr)
         return 2
-    routes = {base: FIRST_MODEL_PORT + i for i, base in enumerate(pools)}
-    ports = {
-        **{f"model server {pools[b]}": p for b, p in routes.items()},
-        "Envoy": LISTEN_PORT,
-        "Envoy admin": ADMIN_PORT,
-        "bbr gRPC": BBR_GRPC_PORT,
-        "bbr health": BBR_HEALTH_PORT,
-        "bbr metrics": BBR_METRICS_PORT,
+    listen_port = _or_free(args.port)
+    admin_port = _or_free(args.admin_port)
+    grpc_port = _or_free(args.grpc_port)
+    health_port = _or_free(args.grpc_health_port)
+    metrics_port = _or_free(args.metrics_port)
+    routes = {
+        base: (args.model_port + i if args.model_port else free_port())
+        for i, base in enumerate(pools)
     }
-    busy = [f"{what} ({port})" for what, port in ports.items() if port_in_use(port)]
+    ports = {
+        **{f"model server {pools[b]} (--model-port)": p for b, p in routes.items()},
+        "Envoy (--port)": listen_port,
+        "Envoy admin (--admin-port)": admin_port,
+        "bbr gRPC (--grpc-port)": grpc_port,
+        "bbr health (--grpc-health-port)": health_port,
+        "bbr metrics (--metrics-port)": metrics_port,
+    }
+    taken: dict[int, str] = {}
+    for what, port in ports.items():
+        if port in taken:
+            print(f"demo: {what} and {taken[port]} both use port {port}", file=sys.stderr)
+            return 2
+        taken[port] = what
+    busy = [f"{what} {port}" for what, port in ports.items() if port_in_use(port)]
     if busy:
-        print(f"demo: port already in use: {', '.join(busy)}", file=sys.stderr)
+        print(
+            f"demo: port already in use: {', '.join(busy)}; pick others (0: a free one)",
+            file=sys.stderr,
+        )
         return 2
     try:
         envoy = envoy_binary()
@@ -148,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
 
     work = REPO_ROOT / ".demo"
     work.mkdir(exist_ok=True)
-    envoy_yaml = work / "envoy.yaml"
+    envoy_yaml = work / f"envoy-{listen_port}.yaml"
     envoy_yaml.write_text(
         render(
-            listen_port=LISTEN_PORT,
-            admin_port=ADMIN_PORT,
-            bbr_port=BBR_GRPC_PORT,
+            listen_port=listen_port,
+            admin_port=admin_port,
+            bbr_port=grpc_port,
             routes=routes,
             streaming=args.streaming,
             access_log=True,
@@ -161,17 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         encoding="utf-8",
     )
 
-    stop_requested = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        stop_requested.set()
-        raise _Stop(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
+    # Signals only set a flag and wake a pipe: a handler that takes a lock (as
+    # threading.Event.set does) can wait forever on its own main thread.
+    stop = StopSignals()
     children: list[Child] = []
     try:
         for base, port in routes.items():
@@ -194,11 +217,17 @@ def main(argv: list[str] | None = None) -> int:
             children.append(child)
         bbr_command = bbr_argv(
             model_map,
-            grpc_port=BBR_GRPC_PORT,
-            health_port=BBR_HEALTH_PORT,
-            metrics_port=BBR_METRICS_PORT,
+            grpc_port=grpc_port,
+            health_port=health_port,
+            metrics_port=metrics_port,
             streaming=args.streaming,
-            flags=["--models-endpoint", "--log-format", "text"],
+            flags=[
+                "--models-endpoint",
+                "--log-format",
+                "text",
+                "--unknown-model",
+                args.unknown_model,
+            ],
         )
         bbr = Child("bbr", bbr_command, cwd=REPO_ROOT)
         children.append(bbr)
@@ -209,26 +238,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         children.append(proxy)
 
+        stopped = lambda: stop.stopped  # noqa: E731
         for child, port in zip(children, routes.values(), strict=False):
-            wait_until(child.name, http_ready(port, "/health"), child=child)
-        wait_until("bbr", grpc_health_ready(BBR_HEALTH_PORT), child=bbr, timeout=30)
-        wait_until("bbr gRPC port", tcp_ready(BBR_GRPC_PORT), child=bbr)
-        wait_until("envoy", http_ready(ADMIN_PORT, "/ready"), child=proxy, timeout=30)
+            wait_until(child.name, http_ready(port, "/health"), child=child, stop=stopped)
+        wait_until("bbr", grpc_health_ready(health_port), child=bbr, timeout=30, stop=stopped)
+        wait_until("bbr gRPC port", tcp_ready(grpc_port), child=bbr, stop=stopped)
+        wait_until("envoy", http_ready(admin_port, "/ready"), child=proxy, timeout=30, stop=stopped)
 
         mode = "streaming (FULL_DUPLEX_STREAMED)" if args.streaming else "buffered"
         print(
-            f"\nbbr demo ready ({mode}): Envoy on http://localhost:{LISTEN_PORT}, "
-            f"bbr on :{BBR_GRPC_PORT} (metrics http://localhost:{BBR_METRICS_PORT}/metrics)",
+            f"\nbbr demo ready ({mode}, --unknown-model {args.unknown_model}): Envoy on "
+            f"http://localhost:{listen_port}, bbr on :{grpc_port} "
+            f"(metrics http://localhost:{metrics_port}/metrics)",
             flush=True,
         )
         for base, port in routes.items():
             print(f"  {pools[base]:<30} :{port}  {base}", flush=True)
         print("\nTry:\n", flush=True)
-        for line in curl_examples(models):
+        for line in curl_examples(models, listen_port):
             print(f"  {line}", flush=True)
-        print("\nCtrl-C to stop.\n", flush=True)
+        print(
+            f"\nOpenAI SDK: OpenAI(base_url='http://localhost:{listen_port}/v1', "
+            "api_key='unused')\nCtrl-C to stop.\n",
+            flush=True,
+        )
 
-        while not stop_requested.wait(0.25):
+        while not stop.wait(0.25):
             for child in children:
                 code = child.exited()
                 if code is not None:
@@ -239,18 +274,18 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     return 1
-    except _Stop:
+    except Cancelled:
         pass
     except StartupError as exc:
-        print(f"demo: {exc}; stopping the rest", file=sys.stderr, flush=True)
-        return 1
+        if not stop.stopped:
+            print(f"demo: {exc}; stopping the rest", file=sys.stderr, flush=True)
+            return 1
     finally:
-        # A second Ctrl-C must not interrupt the clean-up.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        stop.ignore()  # a second Ctrl-C must not interrupt the clean-up
         stop_all(children)
-    if received:
-        print(f"demo: stopped ({signal.Signals(received[0]).name})", file=sys.stderr)
+        stop.close()
+    if stop.received is not None:
+        print(f"demo: stopped ({signal.Signals(stop.received).name})", file=sys.stderr)
     return 0
 
 

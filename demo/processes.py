@@ -188,12 +188,26 @@ def stop_all(children: Sequence[Child], timeout: float = 10.0) -> None:
                 child.proc.wait(5)
 
 
+class Cancelled(Exception):
+    """A wait was given up because ``stop()`` turned true (a stop signal arrived)."""
+
+
 def wait_until(
-    what: str, ready: Callable[[], bool], *, child: Child | None = None, timeout: float = 30.0
+    what: str,
+    ready: Callable[[], bool],
+    *,
+    child: Child | None = None,
+    timeout: float = 30.0,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Poll ``ready()`` until it returns True; fail if ``child`` dies or time runs out."""
+    """Poll ``ready()`` until it returns True; fail if ``child`` dies or time runs out.
+
+    Raises Cancelled as soon as ``stop()`` is true.
+    """
     deadline = time.monotonic() + timeout
     while True:
+        if stop is not None and stop():
+            raise Cancelled(what)
         if child is not None:
             child.check_alive()
         try:

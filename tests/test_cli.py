@@ -431,6 +431,58 @@ def test_validate_lists_every_invalid_configmap(tmp_path: Path) -> None:
     assert set(rows) == {"base-five", "é" * 128}
 
 
+MIGRATED = """\
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: migrated}
+data:
+  baseModel: meta-llama/Llama-3.1-8B-Instruct
+  adapters: |
+    - food-review-1
+    - 1.10
+    -
+    - 1234
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: broken}
+data:
+  baseModel: qwen
+  adapters: |
+    - ok
+    - "%(bad)s"
+"""
+
+
+def test_validate_accepts_go_bbr_adapters_and_warns_what_differs(tmp_path: Path) -> None:
+    """A ConfigMap the Go BBR loaded loads here; validate says what it took and warns."""
+    path = tmp_path / "migrated.yaml"
+    path.write_text(MIGRATED % {"bad": "ok"})
+    result = run_bbr("validate", str(path))
+    assert result.returncode == 0, result.stderr
+    assert {"food-review-1", "1.10", "1234"} <= set(table(result.stdout))
+    assert "accepted 2 ConfigMap(s) from 1 file(s): 2 base model(s), 4 adapter(s)" in (
+        result.stdout
+    )
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert has_error("\n".join(warnings), "#1", "data.adapters[1]", '"1.10"', "quote it")
+    assert has_error("\n".join(warnings), "#1", "data.adapters[2]", "empty item skipped")
+    assert has_error("\n".join(warnings), "#1", "data.adapters[3]", '"1234"')
+    assert not has_error("\n".join(warnings), "data.adapters[0]")
+
+
+def test_validate_error_names_the_value_quoted_and_cut_with_a_hint(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    bad = "tab\\there " + "x" * 100  # a TAB escape in a double-quoted YAML string
+    path.write_text(MIGRATED % {"bad": bad})
+    result = run_bbr("validate", str(path))
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    shown = '"tab\\x09here ' + "x" * (64 - len("tab\there ")) + '"…'
+    assert f"#2: ConfigMap default/broken: data.adapters[1]: {shown} contains a control" in line
+    assert "(hint: remove tabs" in line
+
+
 def test_validate_long_base_model_name(tmp_path: Path) -> None:
     path = write_model_map(tmp_path / "long.yaml", configmap_yaml("long", "m" * 257))
     result = run_bbr("validate", str(path))

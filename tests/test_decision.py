@@ -272,7 +272,7 @@ ROWS = [
         None,
     ),
     ("not JSON", b"model: food-review-1", None, Label.INVALID, 400, "invalid_json", None, None),
-    ("empty body", b"", None, Label.INVALID, 400, "invalid_json", None, None),
+    ("empty body is no body", b"", None, Label.PASSTHROUGH, 0, None, None, None),
     (
         "array",
         b'[{"model": "food-review-1"}]',
@@ -521,8 +521,8 @@ def test_zip_bomb_is_413_after_the_limit() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"not gzip at all", gzip.compress(chat("food-review-1"))[:-12], b""],
-    ids=["garbage", "truncated", "empty"],
+    [b"not gzip at all", gzip.compress(chat("food-review-1"))[:-12]],
+    ids=["garbage", "truncated"],  # an empty body is no body: test_empty_body_is_no_body
 )
 def test_undecompressable_body_is_400(body: bytes) -> None:
     outcome = decide(body, {**JSON, "content-encoding": "gzip"})
@@ -621,3 +621,55 @@ def test_models_endpoint() -> None:
 def test_models_endpoint_exact_path(path: str) -> None:
     outcome = decide(None, {":method": "GET", ":path": path}, Options(models_endpoint=True))
     assert outcome.status == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"model": "food-review-1", "x": "\\ud800"}',
+        b'{"model": "food-review-1", "x": "a\\ud800"}',
+        b'{"x": "\\ud800", "model": "food-review-1"}',
+        b'{"x": "\\ud800x", "model": "food-review-1"}',
+        b'{"x": "\\uD83D\\u0041", "model": "food-review-1"}',
+        b'{"model": "a\\udbff"}',
+    ],
+)
+def test_lone_high_surrogate_says_lone_surrogate(payload: bytes) -> None:
+    outcome = decide(payload)
+    assert outcome.status == 400 and outcome.code == "invalid_json"
+    assert "lone surrogate" in error_of(outcome)["message"]  # not "truncated"
+
+
+def test_escaped_backslash_before_u_is_no_surrogate() -> None:
+    outcome = decide(b'{"x": "\\\\ud800", "model": "food-review-1"}')
+    assert outcome.label is Label.ROUTED
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/json", "application/vnd.api+json", "application/merge-patch+json"],
+)
+@pytest.mark.parametrize("encoding", [None, "identity", "IDENTITY", " identity "])
+def test_identity_encoding_and_plus_json_types_are_read(
+    content_type: str | None, encoding: str | None
+) -> None:
+    """README request table: `identity` is no encoding; application/*+json is JSON."""
+    headers = {}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    if encoding is not None:
+        headers["content-encoding"] = encoding
+    assert decide(chat("food-review-1"), headers=headers).label is Label.ROUTED
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", None, "multipart/form-data; boundary=b"]
+)
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_empty_body_is_no_body(content_type: str | None, encoding: str | None) -> None:
+    headers = {}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    if encoding is not None:
+        headers["content-encoding"] = encoding
+    assert decide(b"", headers=headers).label is Label.PASSTHROUGH

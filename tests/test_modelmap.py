@@ -57,8 +57,12 @@ def test_other_kinds_are_ignored() -> None:
         (cm("a", "A", "- " + "x" * 257), "data.adapters[0]"),
         (cm("a", "A", "just a string"), "data.adapters"),
         (cm("a", "A", "- [nested]"), "data.adapters[0]"),
-        (cm("a", "A", "- 12"), "data.adapters[0]"),
-        (cm("a", "A", "- {"), "data.adapters"),
+        (cm("a", "A", "- x\n- {"), "data.adapters"),
+        (cm("a", "A", "- x\n- '   '"), "data.adapters[1]"),
+        (cm("a", "A", "- x\n- key: value"), "data.adapters[1]"),
+        (cm("a", "A", "- x\n- {key: value}"), "data.adapters[1]"),
+        (cm("a", "A", '- "del\\x7f"'), "data.adapters[0]"),
+        (cm("a", "A", '- "nul\\0"'), "data.adapters[0]"),
     ],
     ids=[
         "no-base",
@@ -68,8 +72,12 @@ def test_other_kinds_are_ignored() -> None:
         "too-long",
         "not-list",
         "nested",
-        "number",
         "bad-yaml",
+        "quoted-blank",
+        "mapping",
+        "flow-mapping",
+        "del",
+        "nul",
     ],
 )
 def test_one_bad_name_invalidates_its_configmap(text: str, key: str) -> None:
@@ -215,3 +223,113 @@ def test_kubelet_data_symlink_swap(tmp_path: Path) -> None:
     os.replace(volume / "..data_tmp", volume / "..data")
     source.reload()
     assert holder.current.lookup("swapped") == "A"
+
+
+GO_STYLE = """\
+- food-review-1
+- 1234
+- 1.10
+-
+- yes
+- 2024-01-01
+- " padded "
+- "a\\x85b"
+"""
+
+
+def test_adapters_are_read_as_their_literal_text_as_the_go_bbr_does() -> None:
+    """A ConfigMap that worked with the Go BBR keeps working: no item is typed."""
+    parsed = parse_file_text(cm("a", "A", GO_STYLE), path="m.yaml")
+    assert not parsed.errors
+    [config] = parsed.configs
+    assert config.adapters == (
+        "food-review-1",
+        "1234",
+        "1.10",  # safe_load would make this 1.1
+        "yes",
+        "2024-01-01",
+        "padded",
+        "a\x85b",  # U+0085 is not a control character under the one rule
+    )
+    warned = {w.key: str(w) for w in parsed.warnings}
+    assert "empty item skipped" in warned["data.adapters[3]"]
+    for key, shown in (("[1]", '"1234"'), ("[2]", '"1.10"'), ("[4]", '"yes"')):
+        assert f"taken as the name {shown}" in warned[f"data.adapters{key}"]
+        assert "quote it" in warned[f"data.adapters{key}"]
+    assert "trimmed" in warned["data.adapters[6]"]
+    assert "data.adapters[0]" not in warned and "data.adapters[7]" not in warned
+
+
+def test_inline_adapter_list_in_a_file_reads_like_the_api_string() -> None:
+    """`adapters:` as a YAML list in a file takes the same path as the API's string."""
+    inline = (
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata:\n  baseModel: A\n"
+        "  adapters:\n" + "".join(f"  {line}\n" for line in GO_STYLE.splitlines())
+    )
+    listed = (
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: ConfigMap\n"
+        "  metadata: {name: a}\n  data:\n    baseModel: A\n    adapters: [1.10, 007]\n"
+    )
+    [from_string] = parse_file_text(cm("a", "A", GO_STYLE), path="m.yaml").configs
+    [from_list] = parse_file_text(inline, path="m.yaml").configs
+    assert from_list.adapters == from_string.adapters
+    [from_list_kind] = parse_file_text(listed, path="m.yaml").configs
+    assert from_list_kind.adapters == ("1.10", "007")
+
+
+def test_kubernetes_source_parses_adapters_as_files_do() -> None:
+    """The API hands `adapters` over as a string inside JSON: same names, same errors."""
+    import json
+
+    from bbr.modelmap import ConfigMapRef
+    from bbr.sources.kubernetes import KubernetesSource
+
+    def api(adapters: str) -> object:
+        obj = json.loads(
+            json.dumps(
+                {
+                    "metadata": {"name": "a", "namespace": "default"},
+                    "data": {"baseModel": "A", "adapters": adapters},
+                }
+            )
+        )
+        return KubernetesSource._parse(ConfigMapRef("default", "a"), obj, "1")
+
+    [from_file] = parse_file_text(cm("a", "A", GO_STYLE), path="m.yaml").configs
+    parsed = api(GO_STYLE)
+    assert parsed.error is None and parsed.config is not None
+    assert parsed.config.adapters == from_file.adapters
+    bad = api("- x\n- {key: value}\n")
+    assert bad.config is None and bad.error is not None
+    assert bad.error.key == "data.adapters[1]"
+    blank = api('- "  "\n')
+    assert blank.error is not None and "empty name" in blank.error.reason
+
+
+def test_one_control_character_rule_for_map_names_and_request_models() -> None:
+    """A name is good in a map exactly when it is good as a request model."""
+    from bbr import decision
+    from bbr.modelmap import name_problem
+
+    for name in ["a\x85b", "a\u00a0b", "a\u2028b", "a\tb", "a\x7fb", "a\x00b", "a\x1fb", "ok"]:
+        assert (name_problem(name) is None) == (decision.model_problem(name) is None), name
+    assert name_problem("a\x85b") is None
+    assert name_problem("a\x7fb") == "contains a control character"
+
+
+def test_file_source_logs_each_warning_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="bbr.sources.files")
+    path = tmp_path / "map.yaml"
+    path.write_text(cm("a", "A", "- a1\n-\n- 1.10"))
+    source, holder = source_for(path)
+    assert dict(holder.current.items()) == {"A": "A", "a1": "A", "1.10": "A"}
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(logged) == 2, caplog.text
+    assert any("empty item skipped" in str(r.__dict__) for r in logged), caplog.text
+    caplog.clear()
+    source.reload()  # unchanged file: not parsed again, not logged again
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]

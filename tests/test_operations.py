@@ -253,6 +253,23 @@ def test_sigterm_when_idle_exits_promptly(simple_map: Path, start_bbr: StartBbr)
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_storm_of_stop_signals_exits_cleanly(
+    simple_map: Path, start_bbr: StartBbr, workers: int
+) -> None:
+    """bbr's handlers only wake the event loop (loop.add_signal_handler, a wakeup fd):
+    no lock is taken in a handler, so hundreds of SIGTERM/SIGINT in a burst still end in
+    one drain and exit 0 (the demo once hung on exactly this)."""
+    process = start_bbr("--workers", str(workers), model_map=simple_map)
+    assert route(process.channel(), "movie")[BASE_HEADER] == "llama"
+    for i in range(600):
+        try:
+            process.send_signal(signal.SIGTERM if i % 2 else signal.SIGINT)
+        except ProcessLookupError:
+            break
+    assert process.wait(timeout=60) == 0
+
+
 # --- large messages -------------------------------------------------------------------------
 
 

@@ -303,3 +303,54 @@ def test_any_message_order_ends_in_answers_or_a_protocol_error(
         stream.close()
     if stream.outcome is not None and stream.outcome.status:
         assert answered_request_side
+
+
+# --- an empty body is no body, however framed ------------------------------------------
+
+
+def _routing_removed_and_passed(replies: list[pb.ProcessingResponse], stream: Stream) -> None:
+    assert not any(r.WhichOneof("response") == "immediate_response" for r in replies)
+    assert stream.outcome is not None and stream.outcome.label is Label.PASSTHROUGH
+    removed = [name for r in replies for name in removed_headers(r)]
+    assert sorted(removed) == [BASE, NAME]
+    assert all(set_headers(r) == {} for r in replies)
+    assert any(clears_route_cache(r) for r in replies)
+
+
+@pytest.mark.parametrize(
+    ("messages", "streaming"),
+    [
+        ([headers(SPOOF, end_of_stream=True)], False),  # content-length: 0
+        ([headers(SPOOF), body(b"")], False),  # chunked / HTTP/2: an empty DATA frame
+        ([headers(SPOOF), body(b"", end_of_stream=False), trailers()], False),
+        ([headers(SPOOF), trailers()], False),
+        ([headers(SPOOF), body(b"")], True),
+        ([headers(SPOOF), body(b"", end_of_stream=False), body(b"")], True),
+        ([headers(SPOOF), body(b"", end_of_stream=False), trailers()], True),
+        ([headers({"content-type": "multipart/form-data; boundary=x", **SPOOF}), body(b"")], False),
+        ([headers({"content-encoding": "gzip", **SPOOF}), body(b"")], False),
+    ],
+    ids=[
+        "headers-eos",
+        "empty-body",
+        "empty-body-trailers",
+        "trailers-only",
+        "streamed-empty",
+        "streamed-empty-chunks",
+        "streamed-empty-trailers",
+        "multipart-empty",
+        "gzip-empty",
+    ],
+)
+def test_empty_body_passes_with_routing_headers_removed(
+    messages: list[pb.ProcessingRequest], streaming: bool
+) -> None:
+    replies, stream = run(messages, streaming=streaming)
+    _routing_removed_and_passed(replies, stream)
+
+
+def test_empty_body_with_header_mode_skip_passes_and_strips() -> None:
+    replies, stream = run([body(b"")])
+    assert kinds(replies) == ["request_body"]
+    assert stream.outcome is not None and stream.outcome.label is Label.PASSTHROUGH
+    assert sorted(removed_headers(replies[0])) == [BASE, NAME]

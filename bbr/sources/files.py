@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bbr.logs import fields
 from bbr.modelmap import (
     ConfigMapError,
     ConfigMapRef,
@@ -191,6 +192,11 @@ class FileSource:
                     seen[path] = previous  # a file that does not parse changes nothing
                 continue
             self._bad.pop(path, None)
+            for warning in parsed.warnings:
+                log.warning(
+                    "ConfigMap loaded with a warning",
+                    extra=fields(configmap=str(warning.ref), key=warning.key, reason=str(warning)),
+                )
             configs = list(parsed.configs)
             valid_refs = {c.ref for c in configs}
             for ref in parsed.invalid_refs:

@@ -845,10 +845,16 @@ class KubernetesSource:
 
     @staticmethod
     def _parse(ref: ConfigMapRef, obj: Mapping[str, Any], version: str) -> _Parsed:
+        warnings: list[ConfigMapError] = []
         try:
-            config = parse_configmap(obj, source=f"configmap {ref}", rank=None)
+            config = parse_configmap(obj, source=f"configmap {ref}", rank=None, warnings=warnings)
         except ConfigMapParseError as exc:
             return _Parsed(version, None, exc.error)
+        for warning in warnings:
+            log.warning(
+                "ConfigMap loaded with a warning",
+                extra=fields(configmap=str(ref), key=warning.key, reason=str(warning)),
+            )
         return _Parsed(version, config, None)
 
     def errors(self) -> list[ConfigMapError]:

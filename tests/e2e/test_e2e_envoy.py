@@ -328,3 +328,32 @@ def test_body_over_grpc_default_limit_routes(buffered: Stack, model_servers: Mod
     demo = routed(reply)
     assert demo["server"] == model_servers.name_of(LLAMA)
     assert demo["body_sha256"] == sha256(body)
+
+
+# --- an empty body is no body, however it is framed ------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "http2"])
+@pytest.mark.parametrize("mode", ["buffered", "streaming"])
+def test_empty_body_passes_and_loses_spoofed_headers(
+    request: pytest.FixtureRequest, mode: str, framing: str
+) -> None:
+    """Same request, same answer: an empty body passes (no routing headers, so Envoy's
+    catch-all answers 404 no_route) instead of a 400 when it comes chunked or as an
+    empty HTTP/2 DATA frame. A spoofed base-model header surviving would reach a pool."""
+    stack: Stack = request.getfixturevalue(mode)
+    headers = {"Content-Type": "application/json", BASE_HEADER: LLAMA, MODEL_HEADER: "x"}
+    if framing == "http2":
+        import httpx
+
+        with httpx.Client(http1=False, http2=True, timeout=20, trust_env=False) as client:
+            response = client.post(
+                f"http://127.0.0.1:{stack.port}/v1/chat/completions", content=b"", headers=headers
+            )
+        assert response.http_version == "HTTP/2"
+        reply = Reply(response.status_code, dict(response.headers), response.content)
+    elif framing == "chunked":
+        reply = stack.send("POST", "/v1/chat/completions", iter([]), headers, chunked=True)
+    else:
+        reply = stack.send("POST", "/v1/chat/completions", b"", headers)
+    error(reply, 404, "no_route")

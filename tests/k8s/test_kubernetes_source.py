@@ -136,6 +136,22 @@ def test_invalid_keeps_last_good(
     assert any(e.ref and e.ref.name == "fresh" for r in w.reports for e in r.errors)
 
 
+def test_go_bbr_style_adapters_load_through_the_api(
+    kube: Kube, namespace: str, watch: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ConfigMap the Go BBR loaded (unquoted numbers, an empty item) loads here too."""
+    caplog.set_level(logging.WARNING, logger="bbr.sources.kubernetes")
+    w = watch([namespace])
+    kube.apply(namespace, "m", data={"baseModel": "b", "adapters": "- 1.10\n-\n- 1234\n- x\n"})
+    w.wait_for({"b": "b", "1.10": "b", "1234": "b", "x": "b"})
+    assert any("empty item skipped" in str(r.__dict__) for r in caplog.records), caplog.text
+    # Really broken stays refused: a mapping item invalidates the ConfigMap.
+    kube.apply(namespace, "m", data={"baseModel": "b", "adapters": "- y\n- key: value\n"})
+    kube.apply(namespace, "marker", base="after-bad")
+    w.wait_for({"b": "b", "1.10": "b", "1234": "b", "x": "b", "after-bad": "after-bad"})
+    assert any(e.key == "data.adapters[1]" for r in w.reports for e in r.errors), w.reports
+
+
 def test_conflict_oldest_wins(kube: Kube, namespace: str, watch: Start) -> None:
     w = watch([namespace])
     # Name order is the reverse of age order: creationTimestamp must decide.
