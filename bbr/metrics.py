@@ -102,3 +102,17 @@ def observe_map(snapshot: ModelMap) -> None:
     _BASES.set(len(snapshot.bases))
     _ADAPTERS.set(len(snapshot.adapters))
     MAP_CONFLICTS.set(len(snapshot.conflicts))
+
+
+# The Kubernetes source (SPEC §5): alert on these, not on logs.
+KUBE_WATCH_ERRORS = Counter(
+    "bbr_kubernetes_watch_errors",
+    "Failed Kubernetes API lists and watches, by reason (expired = 410 Gone, relisted).",
+    ["reason"],
+)
+KUBE_LAST_SYNC = Gauge(
+    "bbr_kubernetes_last_sync_timestamp_seconds",
+    "Unix time every watch stream was last in step with the API (list done, watch open or "
+    "ended by the server); 0 before the first.",
+    multiprocess_mode="livemax",
+)

@@ -69,7 +69,7 @@ class Material:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["h2"])
-        with _in_memory(self.certificate_chain) as chain, _in_memory(self.private_key) as key:
+        with in_memory(self.certificate_chain) as chain, in_memory(self.private_key) as key:
             context.load_cert_chain(chain, key)
         if self.client_ca is not None:
             context.load_verify_locations(cadata=self.client_ca.decode("ascii", "replace"))
@@ -78,7 +78,7 @@ class Material:
 
 
 @contextmanager
-def _in_memory(data: bytes) -> Iterator[str]:
+def in_memory(data: bytes) -> Iterator[str]:
     """A path to `data` for OpenSSL, which loads certificates and keys from files only.
 
     A memfd where there is one (the key never touches a disk), else a private temp file.
