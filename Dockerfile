@@ -22,7 +22,11 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
-    && pip install --only-binary=:all: --requirement requirements.txt
+    && pip install --only-binary=:all: --requirement requirements.txt \
+    && pip install --only-binary=:all: --no-deps --force-reinstall \
+        "opentelemetry-proto==$(python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+# (the last step: xds-protos ships an older opentelemetry/proto that can overwrite
+# opentelemetry-proto's own and break the OTLP exporter behind --tracing)
 
 # Then bbr itself, with the dependencies left as they are; pip goes, nothing installs later.
 COPY README.md ./

@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# xds-protos ships an older copy of opentelemetry/proto that, depending on install order,
+# overwrites opentelemetry-proto's and breaks the OTLP exporter (--tracing): put the
+# installed opentelemetry-proto's own files back last.
+OTEL_PROTO_FIX = $(PY) -m pip install --quiet --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 
 .PHONY: run test lint typecheck unit protos fuzz validate clean
 
@@ -10,6 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(OTEL_PROTO_FIX)
 	touch $(STAMP)
 
 ## make run: the demo — bbr, a real Envoy and two simulated model servers on localhost.
@@ -79,6 +85,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(OTEL_PROTO_FIX)
 	touch $(BENCH_STAMP)
 
 ## make perf-tools: ghz and the Go BBR into $(BBR_TOOLS)/bin, h2load from Debian.
