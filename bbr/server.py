@@ -430,6 +430,23 @@ def _ports(config: ServeConfig) -> tuple[tuple[int, str], ...]:
     )
 
 
+def on_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT call `stop` on the loop, for the whole life of the process.
+
+    The handler takes no lock, it only queues `stop` through the loop's self-pipe. It is a
+    plain signal handler, not loop.add_signal_handler: closing the loop would give both
+    signals their default actions back, so one more signal in a burst arriving while bbr
+    drains or exits would kill it.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting anyway
+            loop.call_soon_threadsafe(stop)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
 async def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     worker = config.ready_fd is not None
@@ -487,8 +504,7 @@ async def serve(config: ServeConfig) -> int:
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+    on_stop_signals(loop, stopping.set)
 
     async def mark_serving() -> None:
         await loop.run_in_executor(None, holder.loaded.wait)

@@ -33,6 +33,7 @@ from bbr.server import (
     build_sources,
     check_port,
     check_tracing,
+    on_stop_signals,
     start_metrics,
 )
 
@@ -85,8 +86,7 @@ async def supervise(config: ServeConfig) -> int:
     # Each worker holds two blocking waits (its ready pipe, its exit).
     loop.set_default_executor(ThreadPoolExecutor(max_workers=2 * config.workers + 4))
     stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+    on_stop_signals(loop, stopping.set)
 
     workers = [Worker(i) for i in range(config.workers)]
 
