@@ -66,6 +66,6 @@ def record(done: Finished) -> None:
 
 
 def observe_map(snapshot: ModelMap) -> None:
-    _BASES.set(len(snapshot.bases))
-    _ADAPTERS.set(len(snapshot.adapters))
-    MAP_CONFLICTS.set(len(snapshot.conflicts))
+    _BASES.set(snapshot.base_count)
+    _ADAPTERS.set(snapshot.adapter_count)
+    MAP_CONFLICTS.set(snapshot.conflict_count)

@@ -27,7 +27,7 @@ from prometheus_client import start_http_server
 from bbr import __version__, h2grpc, metrics
 from bbr.decision import Options
 from bbr.logs import fields, log_info
-from bbr.modelmap import MapFileError, MapHolder, ModelMap
+from bbr.modelmap import Conflict, MapFileError, MapHolder, ModelMap
 from bbr.protocol import Finished, ProtocolError, Stream
 from bbr.sources.files import FileSource, LoadReport
 from bbr.sources.kubernetes import KubeConfigError, KubernetesSource
@@ -308,18 +308,30 @@ def count_reload(report: LoadReport) -> None:
     (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
 
 
-def describe_map(snapshot: ModelMap) -> None:
-    metrics.observe_map(snapshot)
-    log.info(
-        "model map in force",
-        extra=fields(
-            base_models=len(snapshot.bases),
-            adapters=len(snapshot.adapters),
-            conflicts=len(snapshot.conflicts),
-        ),
-    )
-    for conflict in snapshot.conflicts:
-        log.warning("model name conflict", extra=fields(name=conflict.name, detail=str(conflict)))
+class MapAnnouncer:
+    """Logs and counts each map put in force; a conflict is logged when it appears,
+    not again on every later change (at scale that would be every event)."""
+
+    def __init__(self) -> None:
+        self._conflicts: frozenset[Conflict] = frozenset()
+
+    def __call__(self, snapshot: ModelMap) -> None:
+        metrics.observe_map(snapshot)
+        log.info(
+            "model map in force",
+            extra=fields(
+                base_models=snapshot.base_count,
+                adapters=snapshot.adapter_count,
+                conflicts=snapshot.conflict_count,
+            ),
+        )
+        conflicts = frozenset(snapshot.conflicts) if snapshot.conflict_count else frozenset()
+        for conflict in snapshot.conflicts if conflicts - self._conflicts else ():
+            if conflict not in self._conflicts:
+                log.warning(
+                    "model name conflict", extra=fields(name=conflict.name, detail=str(conflict))
+                )
+        self._conflicts = conflicts
 
 
 def build_sources(
@@ -332,7 +344,7 @@ def build_sources(
     if not config.model_maps and not config.kubernetes:
         raise StartupError("no model map: give --model-map PATH or --kubernetes")
     if announce:
-        holder.subscribe(describe_map)
+        holder.subscribe(MapAnnouncer())
     sources: list[FileSource | KubernetesSource] = []
     if config.model_maps:
         source = FileSource(config.model_maps, holder, on_reload=report_reload)
@@ -356,7 +368,10 @@ def build_sources(
     if config.kubernetes:
         try:
             kube = KubernetesSource(
-                holder, config.namespaces, on_reload=count_reload if announce else None
+                holder,
+                config.namespaces,
+                on_reload=count_reload if announce else None,
+                record_events=announce,
             )
         except KubeConfigError as exc:
             raise StartupError(f"{exc.flag}: {exc}") from None
