@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
 
-from bbr import __version__, h2grpc, metrics
+from bbr import __version__, h2grpc, mapview, metrics
 from bbr.decision import Options
 from bbr.logs import fields, log_info
 from bbr.modelmap import Conflict, MapFileError, MapHolder, ModelMap
@@ -335,7 +335,7 @@ class MapAnnouncer:
 
 
 def build_sources(
-    config: ServeConfig, holder: MapHolder, *, announce: bool = True
+    config: ServeConfig, holder: MapHolder, *, announce: bool = True, events: bool | None = None
 ) -> list[FileSource | KubernetesSource]:
     """Load every map source once; a file that cannot be used stops the start.
 
@@ -371,7 +371,7 @@ def build_sources(
                 holder,
                 config.namespaces,
                 on_reload=count_reload if announce else None,
-                record_events=announce,
+                record_events=announce if events is None else events,
             )
         except KubeConfigError as exc:
             raise StartupError(f"{exc.flag}: {exc}") from None
@@ -399,7 +399,8 @@ async def serve(config: ServeConfig) -> int:
             check_port(port, flag)
 
     holder = MapHolder()
-    sources = build_sources(config, holder)
+    # With --workers, the supervisor posts the Kubernetes Events (once, not N times).
+    sources = build_sources(config, holder, events=not worker)
 
     limit = config.options.max_body_bytes + MESSAGE_OVERHEAD
     processor = Processor(
@@ -432,7 +433,7 @@ async def serve(config: ServeConfig) -> int:
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
         _listen(health_server, config.grpc_health_port, "--grpc-health-port")
-        start_metrics(config.metrics_port)
+        start_metrics(config.metrics_port, current=lambda: holder.current)
 
     if health_server is not None:
         await health_server.start()
@@ -488,12 +489,15 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-def start_metrics(port: int, registry: Any = None) -> None:
+def start_metrics(
+    port: int, registry: Any = None, current: Callable[[], ModelMap] | None = None
+) -> None:
+    """/metrics and, from `current()`, `GET /modelmap` (bbr.mapview)."""
     try:
         if registry is None:
-            start_http_server(port)
+            mapview.start(port, current)
         else:
-            start_http_server(port, registry=registry)
+            mapview.start(port, current, registry)
     except OSError as exc:
         raise StartupError(f"--metrics-port {port}: {exc.strerror}") from None
 

@@ -110,7 +110,7 @@ def _object(ref: ConfigMapRef, version: int, base: str, adapters: list[str], lab
             "namespace": ref.namespace,
             "uid": f"uid-{ref}",
             "resourceVersion": str(version),
-            "creationTimestamp": "2026-01-01T00:00:0%dZ" % (REFS.index(ref) % 8),
+            "creationTimestamp": f"2026-01-01T00:00:0{REFS.index(ref) % 8}Z",
             "labels": {label: "true" for label in labels},
             "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:data": {}}}],
         },

@@ -857,9 +857,12 @@ class KubernetesSource:
             else:
                 stream.objects[ref] = self._copy(obj)
             handover = self._handover.get(ref)
-            if handover is not None and handover[1] == stream.label:
-                if _version(obj) >= handover[0].version:
-                    del self._handover[ref]  # the stream it went to has caught up
+            if (
+                handover is not None
+                and handover[1] == stream.label
+                and _version(obj) >= handover[0].version
+            ):
+                del self._handover[ref]  # the stream it went to has caught up
             if version:
                 stream.resource_version = str(version)
             self._dirty.add(ref)
