@@ -192,7 +192,13 @@ def build_parser() -> tuple[OneLineParser, dict[str, OneLineParser]]:
         help="check model-map files and print the resolved table",
         description="Parse model-map files exactly as serve does; exit 1 on any error.",
     )
-    validate.add_argument("paths", nargs="+", metavar="PATH")
+    validate.add_argument("paths", nargs="*", metavar="PATH")
+    validate.add_argument(
+        "--live",
+        metavar="URL",
+        help="instead of files: the map in force in a running bbr (its metrics port, "
+        "e.g. http://127.0.0.1:9090; /modelmap is added when no path is given)",
+    )
     return parser, {"serve": sub.choices["serve"], "validate": validate}
 
 
@@ -200,6 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, subparsers = build_parser()
     args = parser.parse_args(argv)
     if args.command == "validate":
+        if args.live is not None:
+            if args.paths:
+                subparsers["validate"].error("argument --live: give either --live URL or PATH...")
+            from bbr.validate import run_live
+
+            return run_live(args.live)
+        if not args.paths:
+            subparsers["validate"].error("the following arguments are required: PATH")
         from bbr.validate import run as validate
 
         return validate(args.paths)

@@ -99,9 +99,9 @@ def bind_base_models(bases: frozenset[str]) -> None:
 
 def observe_map(snapshot: ModelMap) -> None:
     bind_base_models(snapshot.bases)
-    _BASES.set(len(snapshot.bases))
-    _ADAPTERS.set(len(snapshot.adapters))
-    MAP_CONFLICTS.set(len(snapshot.conflicts))
+    _BASES.set(snapshot.base_count)
+    _ADAPTERS.set(snapshot.adapter_count)
+    MAP_CONFLICTS.set(snapshot.conflict_count)
 
 
 # The Kubernetes source (SPEC §5): alert on these, not on logs.

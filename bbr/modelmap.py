@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from bisect import bisect_left, insort
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -508,10 +510,77 @@ def parse_file_text(
     return parsed
 
 
-class ModelMap:
-    """An immutable snapshot of the model map. Never mutate one: build another."""
+# Dicts larger than this are copied in chunks, the GIL released in between, so that
+# building a snapshot never stalls the request loop (which shares the GIL) for long:
+# one C-level copy of 16 k entries takes ~0.1 ms.
+COPY_CHUNK = 16384
 
-    __slots__ = ("_routes", "adapters", "bases", "conflicts", "created_at", "models_body", "owners")
+
+def yield_gil() -> None:
+    """Let the request loop run: a real (tiny) sleep releases the GIL for certain;
+    `sleep(0)` may take it straight back."""
+    time.sleep(0.00002)
+
+
+def _copied(d: dict[Any, Any]) -> dict[Any, Any]:
+    if len(d) <= 2 * COPY_CHUNK:
+        return d.copy()
+    out: dict[Any, Any] = {}
+    items = iter(d.items())
+    while chunk := list(islice(items, COPY_CHUNK)):
+        out.update(chunk)
+        yield_gil()
+    return out
+
+
+def _positions(config: ModelConfig, name: str) -> Iterator[int]:
+    """Where `name` stands in (base_model, *adapters): a base may also be an adapter."""
+    if config.base_model == name:
+        yield 0
+    if name in config.adapters:
+        yield 1 + config.adapters.index(name)
+
+
+_Key = tuple[Any, ...]  # conflict order: (rank, arrival)
+
+
+class ModelMap:
+    """An immutable snapshot of the model map. Never mutate one: build another.
+
+    `ModelMap(configs)` builds one from scratch (`bbr validate`, tests); `MapHolder`
+    builds them incrementally. What only operators read (the `/v1/models` body, the
+    sets of names, the sorted conflicts) is computed on first use and cached.
+    """
+
+    __slots__ = (
+        "_adapters",
+        "_bases",
+        "_conflict_groups",
+        "_conflicts",
+        "_models_body",
+        "_routes",
+        "_view",
+        "adapter_count",
+        "base_count",
+        "changed_at",
+        "conflict_count",
+        "created_at",
+        "owners",
+        "problems",
+    )
+
+    _routes: dict[str, str]
+    owners: dict[str, ModelConfig]
+    base_count: int
+    adapter_count: int
+    conflict_count: int
+    # ConfigMaps that are not (or no longer) valid, with why: their last good version,
+    # if any, is what is in force.
+    problems: tuple[ConfigMapError, ...]
+    created_at: float  # when this snapshot was made
+    changed_at: float  # when the names, their base models or owners last changed
+    _conflict_groups: tuple[tuple[tuple[_Key, Conflict], ...], ...]
+    _conflicts: tuple[Conflict, ...] | None
 
     def __init__(self, configs: Iterable[ModelConfig] = ()) -> None:
         routes: dict[str, str] = {}
@@ -526,26 +595,52 @@ class ModelMap:
                 elif held != config.base_model:
                     owner = owners[name]
                     conflicts.append(Conflict(name, owner.ref, held, config.ref, config.base_model))
+        bases = sum(1 for name, base in routes.items() if name == base)
+        now = time.time()
+        self._init(routes, owners, bases, len(routes) - bases, (), (), now, now)
+        self._conflicts = tuple(conflicts)
+        self.conflict_count = len(conflicts)
+
+    @classmethod
+    def _make(
+        cls,
+        routes: dict[str, str],
+        owners: dict[str, ModelConfig],
+        counts: tuple[int, int],
+        conflict_groups: tuple[tuple[tuple[_Key, Conflict], ...], ...],
+        conflict_count: int,
+        problems: tuple[ConfigMapError, ...],
+        changed_at: float,
+    ) -> ModelMap:
+        snapshot = cls.__new__(cls)
+        snapshot._init(routes, owners, *counts, conflict_groups, problems, time.time(), changed_at)
+        snapshot.conflict_count = conflict_count
+        return snapshot
+
+    def _init(
+        self,
+        routes: dict[str, str],
+        owners: dict[str, ModelConfig],
+        bases: int,
+        adapters: int,
+        conflict_groups: tuple[tuple[tuple[_Key, Conflict], ...], ...],
+        problems: tuple[ConfigMapError, ...],
+        created_at: float,
+        changed_at: float,
+    ) -> None:
         self._routes = routes
         self.owners = owners
-        self.bases = frozenset(name for name, base in routes.items() if name == base)
-        self.adapters = frozenset(name for name, base in routes.items() if name != base)
-        self.conflicts = tuple(conflicts)
-        self.created_at = time.time()
-        self.models_body = msgspec.json.encode(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": owners[name].created,
-                        "owned_by": "bbr",
-                    }
-                    for name in sorted(routes)
-                ],
-            }
-        )
+        self.base_count = bases
+        self.adapter_count = adapters
+        self._conflict_groups = conflict_groups
+        self.problems = problems
+        self.created_at = created_at
+        self.changed_at = changed_at
+        self._conflicts = None
+        self._models_body: bytes | None = None
+        self._bases: frozenset[str] | None = None
+        self._adapters: frozenset[str] | None = None
+        self._view: Any = None
 
     def lookup(self, model: str) -> str | None:
         """The base model serving `model`, or None when it is not in the map."""
@@ -560,19 +655,78 @@ class ModelMap:
     def __contains__(self, model: object) -> bool:
         return model in self._routes
 
+    @property
+    def conflicts(self) -> tuple[Conflict, ...]:
+        """Every name lost by a ConfigMap, in the loser's conflict order."""
+        if self._conflicts is None:
+            found = sorted(
+                (pair for group in self._conflict_groups for pair in group), key=lambda p: p[0]
+            )
+            self._conflicts = tuple(conflict for _, conflict in found)
+        return self._conflicts
+
+    @property
+    def bases(self) -> frozenset[str]:
+        if self._bases is None:
+            self._bases = frozenset(n for n, b in self._routes.items() if n == b)
+        return self._bases
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        if self._adapters is None:
+            self._adapters = frozenset(n for n, b in self._routes.items() if n != b)
+        return self._adapters
+
+    @property
+    def models_body(self) -> bytes:
+        """The `GET /v1/models` answer, built on first use (tens of ms at 50 k names,
+        so not on every change)."""
+        if self._models_body is None:
+            owners = self.owners
+            self._models_body = msgspec.json.encode(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": name,
+                            "object": "model",
+                            "created": owners[name].created,
+                            "owned_by": "bbr",
+                        }
+                        for name in sorted(self._routes)
+                    ],
+                }
+            )
+        return self._models_body
+
 
 class MapHolder:
     """The map in force, fed by any number of sources, swapped atomically.
 
-    Each source publishes its whole set of ModelConfigs; the holder rebuilds one
-    snapshot from the union of all sources. Readers just read `.current`.
+    Sources either publish their whole set of ModelConfigs (`publish`) or change some
+    of them by key (`apply`). Either way only the names those ConfigMaps declare are
+    recomputed: each name keeps its claimants ordered by conflict rank, so the winner
+    is the first and a change touches only its names. The snapshot readers see
+    (`.current`) is a new immutable ModelMap, swapped in with one assignment; its
+    dicts are copies made in GIL-friendly chunks. Readers just read `.current`.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_source: dict[str, tuple[ModelConfig, ...]] = {}
+        self._notify_lock = threading.Lock()
+        self._entries: dict[str, dict[Hashable, tuple[_Key, ModelConfig]]] = {}
+        self._problems: dict[str, dict[Hashable, ConfigMapError]] = {}
+        self._claims: dict[str, list[tuple[_Key, ModelConfig]]] = {}
+        self._routes: dict[str, str] = {}
+        self._owners: dict[str, ModelConfig] = {}
+        self._conflicts: dict[str, tuple[tuple[_Key, Conflict], ...]] = {}
+        self._conflict_count = 0
+        self._counts = [0, 0]  # bases, adapters
+        self._seq = 0
         self._expected: set[str] = set()
+        self._reported: set[str] = set()
         self.current: ModelMap = ModelMap()
+        self._notified: ModelMap | None = None
         self.loaded = threading.Event()
         self._listeners: list[Callable[[ModelMap], None]] = []
 
@@ -584,14 +738,173 @@ class MapHolder:
     def subscribe(self, listener: Callable[[ModelMap], None]) -> None:
         self._listeners.append(listener)
 
-    def publish(self, source: str, configs: Iterable[ModelConfig]) -> ModelMap:
+    def publish(
+        self,
+        source: str,
+        configs: Iterable[ModelConfig],
+        problems: Iterable[ConfigMapError] | None = None,
+    ) -> ModelMap:
+        """Replace `source`'s whole set of ConfigMaps (and, if given, its problems)."""
+        wanted: dict[Hashable, ModelConfig] = {}
+        for config in configs:
+            copy = 0
+            while (config, copy) in wanted:  # the same ConfigMap twice counts twice
+                copy += 1
+            wanted[(config, copy)] = config
         with self._lock:
-            self._by_source[source] = tuple(configs)
-            snapshot = ModelMap(c for group in self._by_source.values() for c in group)
-            self.current = snapshot
-            ready = self._expected.issubset(self._by_source)
-        for listener in self._listeners:
-            listener(snapshot)
-        if ready:
-            self.loaded.set()
+            held = self._entries.get(source, {})
+            changes: dict[Hashable, ModelConfig | None] = dict.fromkeys(
+                [key for key in held if key not in wanted]
+            )
+            changes.update((key, c) for key, c in wanted.items() if key not in held)
+            problem_changes: dict[Hashable, ConfigMapError | None] | None = None
+            if problems is not None:
+                problem_changes = dict.fromkeys(self._problems.get(source, {}))
+                problem_changes.update(enumerate(problems))
+            snapshot = self._apply(source, changes, problem_changes)
+        self._notify()
         return snapshot
+
+    def apply(
+        self,
+        source: str,
+        changes: Mapping[Hashable, ModelConfig | None],
+        problems: Mapping[Hashable, ConfigMapError | None] | None = None,
+    ) -> ModelMap:
+        """Set (or with None, remove) some of `source`'s ConfigMaps and problems by key."""
+        with self._lock:
+            snapshot = self._apply(source, changes, problems)
+        self._notify()
+        return snapshot
+
+    # -- under the lock
+
+    def _apply(
+        self,
+        source: str,
+        changes: Mapping[Hashable, ModelConfig | None],
+        problems: Mapping[Hashable, ConfigMapError | None] | None,
+    ) -> ModelMap:
+        entries = self._entries.setdefault(source, {})
+        touched: set[str] = set()
+        for count, (key, config) in enumerate(changes.items(), start=1):
+            old = entries.get(key)
+            if old is not None and config is not None and old[1] == config:
+                continue
+            if old is not None:
+                del entries[key]
+                for name in {old[1].base_model, *old[1].adapters}:
+                    self._unclaim(name, old)
+                    touched.add(name)
+            if config is not None:
+                self._seq += 1
+                entry = ((config.rank, self._seq), config)
+                entries[key] = entry
+                for name in {config.base_model, *config.adapters}:
+                    insort(self._claims.setdefault(name, []), entry, key=_first)
+                    touched.add(name)
+            if count % 256 == 0:
+                yield_gil()
+        changed = self._settle(touched)
+        problems_changed = False
+        if problems:
+            held = self._problems.setdefault(source, {})
+            for key, problem in problems.items():
+                if problem is None:
+                    problems_changed |= held.pop(key, None) is not None
+                elif held.get(key) != problem:
+                    held[key] = problem
+                    problems_changed = True
+        first = source not in self._reported
+        self._reported.add(source)
+        if changed or problems_changed or first:
+            self.current = self._snapshot(changed)
+        if self._expected.issubset(self._reported):
+            self.loaded.set()
+        return self.current
+
+    def _unclaim(self, name: str, entry: tuple[_Key, ModelConfig]) -> None:
+        claims = self._claims[name]
+        index = bisect_left(claims, entry[0], key=_first)
+        assert claims[index] is entry or claims[index] == entry
+        del claims[index]
+        if not claims:
+            del self._claims[name]
+
+    def _settle(self, names: Iterable[str]) -> bool:
+        """Recompute the winner and the conflicts of each name; True if any changed."""
+        changed = False
+        counts = self._counts
+        for count, name in enumerate(names, start=1):
+            if count % 256 == 0:
+                yield_gil()
+            claims = self._claims.get(name)
+            old_base = self._routes.get(name)
+            old_owner = self._owners.get(name)
+            old_conflicts = self._conflicts.get(name, ())
+            if old_base is not None:
+                counts[old_base != name] -= 1
+            if not claims:
+                if old_base is not None:
+                    del self._routes[name], self._owners[name]
+                    changed = True
+                new_conflicts: tuple[tuple[_Key, Conflict], ...] = ()
+            else:
+                winner = claims[0][1]
+                base = winner.base_model
+                counts[base != name] += 1
+                if old_base != base or old_owner is not winner:
+                    self._routes[name] = base
+                    self._owners[name] = winner
+                    changed = True
+                new_conflicts = tuple(
+                    ((key, position), Conflict(name, winner.ref, base, c.ref, c.base_model))
+                    for key, c in claims[1:]
+                    if c.base_model != base
+                    for position in _positions(c, name)
+                )
+            if new_conflicts != old_conflicts:
+                changed = True
+                self._conflict_count += len(new_conflicts) - len(old_conflicts)
+                if new_conflicts:
+                    self._conflicts[name] = new_conflicts
+                else:
+                    del self._conflicts[name]
+        return changed
+
+    def _snapshot(self, changed: bool) -> ModelMap:
+        previous = self.current
+        problems = tuple(p for held in self._problems.values() for p in held.values())
+        if not changed:
+            return ModelMap._make(
+                previous._routes,
+                previous.owners,
+                (previous.base_count, previous.adapter_count),
+                previous._conflict_groups,
+                previous.conflict_count,
+                problems,
+                previous.changed_at,
+            )
+        return ModelMap._make(
+            _copied(self._routes),
+            _copied(self._owners),
+            (self._counts[0], self._counts[1]),
+            tuple(self._conflicts.values()),
+            self._conflict_count,
+            problems,
+            time.time(),
+        )
+
+    def _notify(self) -> None:
+        """Tell listeners about the map in force, in order, each snapshot once."""
+        with self._notify_lock:
+            snapshot = self.current
+            if snapshot is self._notified:
+                return
+            self._notified = snapshot
+            for listener in self._listeners:
+                listener(snapshot)
+
+
+def _first(entry: tuple[_Key, ModelConfig]) -> _Key:
+    return entry[0]

@@ -23,12 +23,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
 
-from bbr import __version__, h2grpc, metrics
+from bbr import __version__, h2grpc, mapview, metrics
 from bbr.decision import Options
 from bbr.logs import fields, log_info
-from bbr.modelmap import MapFileError, MapHolder, ModelMap
+from bbr.modelmap import Conflict, MapFileError, MapHolder, ModelMap
 from bbr.protocol import Finished, ProtocolError, Stream
 from bbr.sources.files import FileSource, LoadReport
 from bbr.sources.kubernetes import KubeConfigError, KubernetesSource
@@ -366,22 +365,34 @@ def count_reload(report: LoadReport) -> None:
     (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
 
 
-def describe_map(snapshot: ModelMap) -> None:
-    metrics.observe_map(snapshot)
-    log.info(
-        "model map in force",
-        extra=fields(
-            base_models=len(snapshot.bases),
-            adapters=len(snapshot.adapters),
-            conflicts=len(snapshot.conflicts),
-        ),
-    )
-    for conflict in snapshot.conflicts:
-        log.warning("model name conflict", extra=fields(name=conflict.name, detail=str(conflict)))
+class MapAnnouncer:
+    """Logs and counts each map put in force; a conflict is logged when it appears,
+    not again on every later change (at scale that would be every event)."""
+
+    def __init__(self) -> None:
+        self._conflicts: frozenset[Conflict] = frozenset()
+
+    def __call__(self, snapshot: ModelMap) -> None:
+        metrics.observe_map(snapshot)
+        log.info(
+            "model map in force",
+            extra=fields(
+                base_models=snapshot.base_count,
+                adapters=snapshot.adapter_count,
+                conflicts=snapshot.conflict_count,
+            ),
+        )
+        conflicts = frozenset(snapshot.conflicts) if snapshot.conflict_count else frozenset()
+        for conflict in snapshot.conflicts if conflicts - self._conflicts else ():
+            if conflict not in self._conflicts:
+                log.warning(
+                    "model name conflict", extra=fields(name=conflict.name, detail=str(conflict))
+                )
+        self._conflicts = conflicts
 
 
 def build_sources(
-    config: ServeConfig, holder: MapHolder, *, announce: bool = True
+    config: ServeConfig, holder: MapHolder, *, announce: bool = True, events: bool | None = None
 ) -> list[FileSource | KubernetesSource]:
     """Load every map source once; a file that cannot be used stops the start.
 
@@ -390,7 +401,7 @@ def build_sources(
     if not config.model_maps and not config.kubernetes:
         raise StartupError("no model map: give --model-map PATH or --kubernetes")
     if announce:
-        holder.subscribe(describe_map)
+        holder.subscribe(MapAnnouncer())
     sources: list[FileSource | KubernetesSource] = []
     if config.model_maps:
         source = FileSource(config.model_maps, holder, on_reload=report_reload)
@@ -414,7 +425,10 @@ def build_sources(
     if config.kubernetes:
         try:
             kube = KubernetesSource(
-                holder, config.namespaces, on_reload=count_reload if announce else None
+                holder,
+                config.namespaces,
+                on_reload=count_reload if announce else None,
+                record_events=announce if events is None else events,
             )
         except KubeConfigError as exc:
             raise StartupError(f"{exc.flag}: {exc}") from None
@@ -461,7 +475,8 @@ async def serve(config: ServeConfig) -> int:
     if config.tracing:
         check_tracing()  # before anything logs: a bad OTEL_* value is the last line
     holder = MapHolder()
-    sources = build_sources(config, holder)
+    # With --workers, the supervisor posts the Kubernetes Events (once, not N times).
+    sources = build_sources(config, holder, events=not worker)
 
     limit = config.options.max_body_bytes + MESSAGE_OVERHEAD
     processor = Processor(
@@ -495,7 +510,7 @@ async def serve(config: ServeConfig) -> int:
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
         _listen(health_server, config.grpc_health_port, "--grpc-health-port")
-        start_metrics(config.metrics_port)
+        start_metrics(config.metrics_port, current=lambda: holder.current)
 
     if health_server is not None:
         await health_server.start()
@@ -571,12 +586,15 @@ def check_tracing() -> None:
         raise StartupError(str(exc)) from None
 
 
-def start_metrics(port: int, registry: Any = None) -> None:
+def start_metrics(
+    port: int, registry: Any = None, current: Callable[[], ModelMap] | None = None
+) -> None:
+    """/metrics and, from `current()`, `GET /modelmap` (bbr.mapview)."""
     try:
         if registry is None:
-            start_http_server(port)
+            mapview.start(port, current)
         else:
-            start_http_server(port, registry=registry)
+            mapview.start(port, current, registry)
     except OSError as exc:
         raise StartupError(f"--metrics-port {port}: {exc.strerror}") from None
 

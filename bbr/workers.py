@@ -67,7 +67,10 @@ class Worker:
 async def supervise(config: ServeConfig) -> int:
     for port, flag in _ports(config):
         check_port(port, flag)
-    build_sources(config, MapHolder(), announce=False)  # fail here, once, on a bad map
+    # Fail here, once, on a bad map. The supervisor keeps its own copy of the map for
+    # GET /modelmap, and posts the Kubernetes Events (the workers do not).
+    holder = MapHolder()
+    sources = build_sources(config, holder, announce=False, events=True)
     if config.tracing:
         check_tracing()
 
@@ -77,7 +80,9 @@ async def supervise(config: ServeConfig) -> int:
     health_server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
     _listen(health_server, config.grpc_health_port, "--grpc-health-port")
-    start_metrics(config.metrics_port, registry)
+    start_metrics(config.metrics_port, registry, current=lambda: holder.current)
+    for source in sources:
+        source.start()
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_server.start()
@@ -140,5 +145,7 @@ async def supervise(config: ServeConfig) -> int:
         task.cancel()
     await asyncio.gather(*keepers, return_exceptions=True)
     await health_server.stop(0)
+    for source in sources:
+        source.stop()
     log.info("stopped")
     return 0

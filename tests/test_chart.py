@@ -694,7 +694,7 @@ def test_locked_down_pod(scenario: str) -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_rbac_reads_configmaps_in_the_watched_namespaces_only(scenario: str) -> None:
+def test_rbac_configmaps_and_events_in_the_watched_namespaces_only(scenario: str) -> None:
     values = provider_values("none", scenario)
     manifests = render(values)
     args = serve_args(manifests)
@@ -704,7 +704,13 @@ def test_rbac_reads_configmaps_in_the_watched_namespaces_only(scenario: str) -> 
     assert roles and len(roles) == len(bindings)
     for role in roles:
         assert role["rules"] == [
-            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
+            # Kubernetes Events on the ConfigMaps (SPEC §5), nothing more.
+            {
+                "apiGroups": ["", "events.k8s.io"],
+                "resources": ["events"],
+                "verbs": ["create", "patch"],
+            },
         ]
     for binding in bindings:
         assert binding["subjects"] == [

@@ -232,7 +232,7 @@ class FileSource:
 
     def _publish(self) -> None:
         configs = [c for state in self._files.values() for c in state.configs]
-        self.holder.publish(self.name, configs)
+        self.holder.publish(self.name, configs, self.errors())
 
     def errors(self) -> list[ConfigMapError]:
         return [e for state in self._files.values() for e in state.errors]

@@ -62,7 +62,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +80,9 @@ from bbr.modelmap import (
     MapHolder,
     ModelConfig,
     parse_configmap,
+    yield_gil,
 )
+from bbr.sources.events import EventRecorder
 from bbr.sources.files import LoadReport
 
 log = logging.getLogger("bbr.sources.kubernetes")
@@ -113,6 +115,9 @@ REQUEST_TIMEOUT = 30.0
 ERROR_BODY_LIMIT = 64 * 1024  # of an error answer to a watch
 PROXY_HEAD_LIMIT = 8 * 1024  # of a proxy's answer to CONNECT
 LIST_PAGE = 500
+# How long a ConfigMap that moved from one managed label to the other stays in force
+# waiting for the other label's stream to report it (it normally does within ms).
+HANDOVER_SECONDS = 5.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -971,11 +976,36 @@ def default_namespace(
 
 @dataclass(slots=True)
 class _Copy:
-    """One stream's latest copy of a ConfigMap."""
+    """One stream's latest copy of a ConfigMap: only what the map needs of it
+    (`_slim`), not the whole object (managedFields, other data keys, ...)."""
 
     obj: dict[str, Any]
     version: int
     seq: int
+
+
+_KEEP_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+_KEEP_DATA = ("baseModel", "adapters")
+
+
+def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a ConfigMap that `parse_configmap` and the streams read."""
+    metadata = obj.get("metadata")
+    if isinstance(metadata, Mapping):
+        kept = {key: metadata[key] for key in _KEEP_METADATA if key in metadata}
+        labels = metadata.get("labels")
+        if isinstance(labels, Mapping):
+            kept["labels"] = {key: labels[key] for key in MANAGED_LABELS if key in labels}
+        metadata = kept
+    data = obj.get("data")
+    if isinstance(data, Mapping):
+        data = {key: data[key] for key in _KEEP_DATA if key in data}
+    return {"metadata": metadata, "data": data}
+
+
+def _labelled(obj: Mapping[str, Any], label: str) -> bool:
+    labels = _meta(obj, "labels")
+    return isinstance(labels, Mapping) and labels.get(label) == "true"
 
 
 @dataclass(slots=True)
@@ -1029,8 +1059,12 @@ def _meta(obj: Mapping[str, Any], key: str) -> Any:
 
 
 def _version(obj: Mapping[str, Any]) -> int:
+    return _rv(_meta(obj, "resourceVersion"))
+
+
+def _rv(value: Any) -> int:
     try:
-        return int(_meta(obj, "resourceVersion"))
+        return int(value)
     except (TypeError, ValueError):
         return -1
 
@@ -1053,8 +1087,10 @@ class KubernetesSource:
         watch_seconds: int = WATCH_SECONDS,
         fast_seconds: float = FAST_RETRY_SECONDS,
         warn_every: float = WARN_EVERY,
+        record_events: bool = False,
     ) -> None:
-        """Raises KubeConfigError when there is no usable config."""
+        """Raises KubeConfigError when there is no usable config. `record_events`:
+        post Kubernetes Events on the ConfigMaps (bbr.sources.events)."""
         self.holder = holder
         self.on_reload = on_reload
         chosen = [ns.strip() for ns in namespaces if ns.strip()]
@@ -1078,7 +1114,20 @@ class KubernetesSource:
         self._parsed: dict[ConfigMapRef, _Parsed] = {}
         # Last good version of each ConfigMap (with its uid), kept while it is invalid.
         self._last_good: dict[ConfigMapRef, tuple[str, ModelConfig]] = {}
-        self._published: tuple[ModelConfig, ...] | None = None
+        # What the map builder must look at again, and what it put in force.
+        self._dirty: set[ConfigMapRef] = set()
+        self._wake = threading.Condition(self._lock)
+        self._in_force: dict[ConfigMapRef, ModelConfig] = {}
+        self._invalid: dict[ConfigMapRef, ConfigMapError] = {}
+        self._published_once = False
+        # A ConfigMap that left one label's stream but still carries the other label:
+        # kept (copy, target label, deadline) until that stream has it, so moving
+        # between the labels never leaves a gap.
+        self._handover: dict[ConfigMapRef, tuple[_Copy, str, float]] = {}
+        self.events: EventRecorder | None = None
+        if record_events:
+            self.events = EventRecorder(self.client, uid_of=self.uid_of)
+            holder.subscribe(self.events.observe)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         # Counters, for logs and tests: lists, relists after 410, watches opened, failures.
@@ -1089,7 +1138,12 @@ class KubernetesSource:
     # -- lifecycle
 
     def start(self) -> None:
-        """Start one daemon thread per stream; returns at once."""
+        """Start one daemon thread per stream, and the map builder; returns at once."""
+        if self.events is not None:
+            self.events.start()
+        builder = threading.Thread(target=self._build, name="bbr-kube-map", daemon=True)
+        self._threads.append(builder)
+        builder.start()
         for stream in self._streams:
             thread = threading.Thread(
                 target=self._run, args=(stream,), name=f"bbr-kube-{stream}", daemon=True
@@ -1104,6 +1158,8 @@ class KubernetesSource:
             while thread.is_alive() and time.monotonic() < deadline:
                 self.drop_connections()  # again: a thread may have been connecting
                 thread.join(timeout=0.1)
+        if self.events is not None:
+            self.events.stop()
 
     def drop_connections(self) -> None:
         """Close every open watch connection (the streams resume from their
@@ -1227,18 +1283,33 @@ class KubernetesSource:
             answer = self.client.request("GET", stream.path, query=query)
             for item in answer.get("items") or []:
                 if isinstance(item, dict) and (ref := _ref(item)) is not None:
-                    objects[ref] = item
+                    objects[ref] = _slim(item)
             metadata = answer.get("metadata") or {}
             if not metadata.get("continue"):
                 break
             query["continue"] = metadata["continue"]
+            yield_gil()
         version = str(metadata.get("resourceVersion") or "")
         self.stats["lists"] += 1
         with self._lock:
-            stream.objects = {ref: self._copy(obj) for ref, obj in objects.items()}
+            # Replace the stream's copies in one step (no gap during a relist); only
+            # ConfigMaps that are new, changed or gone go to the map builder.
+            held = stream.objects
+            fresh: dict[ConfigMapRef, _Copy] = {}
+            for count, (ref, obj) in enumerate(objects.items(), start=1):
+                old = held.get(ref)
+                if old is not None and old.version == _version(obj) >= 0:
+                    fresh[ref] = old
+                else:
+                    fresh[ref] = self._copy(obj)
+                    self._dirty.add(ref)
+                if count % 256 == 0:
+                    yield_gil()
+            self._dirty.update(ref for ref in held if ref not in fresh)
+            stream.objects = fresh
             stream.resource_version = version or None
             stream.listed = True
-            self._rebuild()
+            self._wake.notify()
         log.debug(
             "listed ConfigMaps",
             extra=fields(stream=str(stream), count=len(objects), resource_version=version),
@@ -1289,19 +1360,35 @@ class KubernetesSource:
             return
         self.stats["events"] += 1
         stream.gone_streak = 0
+        obj = _slim(obj)
         with self._lock:
-            labels = _meta(obj, "labels")
             # The server sends DELETED when an object stops matching the selector;
             # checking the stream's own label as well costs nothing.
-            if kind == "DELETED" or not (
-                isinstance(labels, Mapping) and labels.get(stream.label) == "true"
-            ):
+            if kind == "DELETED" or not _labelled(obj, stream.label):
                 stream.objects.pop(ref, None)
+                target = next(
+                    (label for label in MANAGED_LABELS if label != stream.label), stream.label
+                )
+                if not _labelled(obj, stream.label) and _labelled(obj, target):
+                    # Moved to the other label: its stream will say so; until then
+                    # this copy stays in force.
+                    deadline = time.monotonic() + HANDOVER_SECONDS
+                    self._handover[ref] = (self._copy(obj), target, deadline)
+                elif kind == "DELETED":
+                    self._handover.pop(ref, None)
             else:
                 stream.objects[ref] = self._copy(obj)
+            handover = self._handover.get(ref)
+            if (
+                handover is not None
+                and handover[1] == stream.label
+                and _version(obj) >= handover[0].version
+            ):
+                del self._handover[ref]  # the stream it went to has caught up
             if version:
                 stream.resource_version = str(version)
-            self._rebuild()
+            self._dirty.add(ref)
+            self._wake.notify()
 
     def _copy(self, obj: dict[str, Any]) -> _Copy:
         self._seq += 1
@@ -1309,47 +1396,61 @@ class KubernetesSource:
 
     # -- the map: union of the streams, last good versions, publish
 
-    def _rebuild(self) -> None:
-        """Recompute this source's ConfigMaps and publish them if they changed.
-        Called with the lock held, so publications happen in order."""
-        if not all(s.listed for s in self._streams):
-            return  # readiness waits for every stream's first full list
-        current: dict[ConfigMapRef, dict[str, Any]] = {}
-        newest: dict[ConfigMapRef, _Copy] = {}
-        for stream in self._streams:
-            for ref, copy in stream.objects.items():
-                held = newest.get(ref)
-                if held is None or (copy.version, copy.seq) > (held.version, held.seq):
-                    newest[ref] = copy
-                    current[ref] = copy.obj
-        configs: list[ModelConfig] = []
-        errors: list[ConfigMapError] = []
-        for ref in sorted(current):
-            obj = current[ref]
-            version = str(_meta(obj, "resourceVersion") or "")
-            uid = str(_meta(obj, "uid") or "")
-            parsed = self._parsed.get(ref)
-            if parsed is None or parsed.version != version or not version:
-                parsed = self._parse(ref, obj, version)
-                self._parsed[ref] = parsed
-                if parsed.error is not None:
-                    errors.append(parsed.error)
-            if parsed.config is not None:
-                self._last_good[ref] = (uid, parsed.config)
-                configs.append(parsed.config)
-            elif (good := self._last_good.get(ref)) is not None and good[0] == uid:
-                configs.append(good[1])
-            else:
-                self._last_good.pop(ref, None)
-        for ref in [r for r in self._parsed if r not in current]:
-            del self._parsed[ref]
-            self._last_good.pop(ref, None)
-        result = tuple(configs)
-        changed = result != self._published
-        if changed:
-            self._published = result
-            self.holder.publish(self.name, result)
-            self.first_list_done.set()
+    def _build(self) -> None:
+        """The map builder: takes the ConfigMaps that changed since its last round
+        (however many events that was: a burst coalesces) and puts them in force in
+        one `MapHolder.apply`, which costs work in proportion to those ConfigMaps."""
+        while not self._stop.is_set():
+            try:
+                self._build_once()
+            except Exception:  # the builder must never die
+                log.exception("model map update failed; retrying")
+                self._stop.wait(1)
+
+    def _build_once(self) -> None:
+        with self._lock:
+            while not self._stop.is_set():
+                if all(s.listed for s in self._streams):
+                    self._expire_handovers()
+                    if self._dirty or not self._published_once:
+                        break
+                self._wake.wait(self._handover_wait())
+            if self._stop.is_set():
+                return
+            batch, self._dirty = self._dirty, set()
+            changes: dict[Hashable, ModelConfig | None] = {}
+            problems: dict[Hashable, ConfigMapError | None] = {}
+            errors: list[ConfigMapError] = []
+            turned: list[tuple[ConfigMapRef, str, ConfigMapError | None]] = []
+            for count, ref in enumerate(sorted(batch), start=1):
+                config, uid, problem, fresh = self._resolve(ref)
+                if config != self._in_force.get(ref):
+                    changes[ref] = config
+                    if config is None:
+                        del self._in_force[ref]
+                    else:
+                        self._in_force[ref] = config
+                if problem != self._invalid.get(ref):
+                    problems[ref] = problem
+                    was_invalid = ref in self._invalid
+                    if problem is not None:
+                        self._invalid[ref] = problem
+                        turned.append((ref, uid, problem))
+                    else:
+                        del self._invalid[ref]
+                        if was_invalid and uid:
+                            turned.append((ref, uid, None))
+                if fresh is not None:
+                    errors.append(fresh)
+                if count % 256 == 0:
+                    yield_gil()
+            first = not self._published_once
+            self._published_once = True
+        # Only this thread applies, so changes are in force in the order they came.
+        if changes or problems or first:
+            self.holder.apply(self.name, changes, problems)
+        self.first_list_done.set()
+        changed = bool(changes)
         for error in errors:
             log.error(
                 "ConfigMap not loaded; its last good version stays in force",
@@ -1359,11 +1460,88 @@ class KubernetesSource:
                     reason=error.reason,
                 ),
             )
+        if self.events is not None:
+            for ref, uid, problem in turned:
+                if problem is None:
+                    self.events.valid(ref, uid)
+                else:
+                    self.events.invalid(ref, uid, f"{problem.key}: {problem.reason}")
         if (changed or errors) and self.on_reload is not None:
             try:
                 self.on_reload(LoadReport(changed=changed, errors=errors))
             except Exception:  # a reporting bug must not stop the watch
                 log.exception("on_reload callback failed")
+
+    def _newest(self, ref: ConfigMapRef) -> _Copy | None:
+        """The newest copy of `ref` any stream holds (highest resourceVersion, then
+        latest arrival), or the one handed over between labels."""
+        newest: _Copy | None = None
+        for stream in self._streams:
+            copy = stream.objects.get(ref)
+            if copy is not None and (
+                newest is None or (copy.version, copy.seq) > (newest.version, newest.seq)
+            ):
+                newest = copy
+        handover = self._handover.get(ref)
+        if handover is not None:
+            copy = handover[0]
+            if newest is not None and newest.version >= copy.version:
+                del self._handover[ref]  # the other stream has it: handed over
+            elif newest is None or (copy.version, copy.seq) > (newest.version, newest.seq):
+                newest = copy
+        return newest
+
+    def _expire_handovers(self) -> None:
+        """Drop handovers the target stream will not confirm: it has listed or
+        watched past that version without the ConfigMap, or the deadline passed."""
+        now = time.monotonic()
+        for ref, (copy, target, deadline) in list(self._handover.items()):
+            passed = any(
+                s.label == target
+                and s.listed
+                and ref not in s.objects
+                and _rv(s.resource_version) >= copy.version >= 0
+                and (s.namespace is None or s.namespace == ref.namespace)
+                for s in self._streams
+            )
+            if passed or now >= deadline:
+                del self._handover[ref]
+                self._dirty.add(ref)
+
+    def _handover_wait(self) -> float:
+        """How long the builder may sleep: until the next handover deadline, and
+        never long, so it sees `stop()`."""
+        if not self._handover:
+            return 0.25
+        due = min(d for _, _, d in self._handover.values()) - time.monotonic()
+        return min(0.25, max(0.01, due))
+
+    def _resolve(
+        self, ref: ConfigMapRef
+    ) -> tuple[ModelConfig | None, str, ConfigMapError | None, ConfigMapError | None]:
+        """What `ref` puts in force now, its uid, what is wrong with it, and that
+        problem again if this version was parsed just now. Called with the lock held."""
+        copy = self._newest(ref)
+        if copy is None:
+            self._parsed.pop(ref, None)
+            self._last_good.pop(ref, None)
+            return None, "", None, None
+        obj = copy.obj
+        version = str(_meta(obj, "resourceVersion") or "")
+        uid = str(_meta(obj, "uid") or "")
+        parsed = self._parsed.get(ref)
+        fresh = None
+        if parsed is None or parsed.version != version or not version:
+            parsed = self._parse(ref, obj, version)
+            self._parsed[ref] = parsed
+            fresh = parsed.error
+        if parsed.config is not None:
+            self._last_good[ref] = (uid, parsed.config)
+            return parsed.config, uid, None, fresh
+        if (good := self._last_good.get(ref)) is not None and good[0] == uid:
+            return good[1], uid, parsed.error, fresh
+        self._last_good.pop(ref, None)
+        return None, uid, parsed.error, fresh
 
     @staticmethod
     def _parse(ref: ConfigMapRef, obj: Mapping[str, Any], version: str) -> _Parsed:
@@ -1378,6 +1556,11 @@ class KubernetesSource:
                 extra=fields(configmap=str(ref), key=warning.key, reason=str(warning)),
             )
         return _Parsed(version, config, None)
+
+    def uid_of(self, ref: ConfigMapRef) -> str | None:
+        """The uid of a ConfigMap this source has in force, else None."""
+        good = self._last_good.get(ref)
+        return good[0] if good is not None else None
 
     def errors(self) -> list[ConfigMapError]:
         """What is wrong with the ConfigMaps seen now."""

@@ -1,0 +1,245 @@
+"""The incremental map equals a from-scratch build, whatever the sequence of changes.
+
+`MapHolder` recomputes only the names a change touches; `ModelMap(configs)` is the
+plain fold over every ConfigMap in conflict order. After any random sequence of adds,
+edits, deletes and label moves (through the Kubernetes source's own event handling,
+the two label streams interleaved at random) both must agree on every name, owner,
+conflict (and its order), count and the /v1/models body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bbr.modelmap import MANAGED_LABELS, ConfigMapRef, MapHolder, ModelConfig, ModelMap
+from bbr.sources.kubernetes import KubernetesSource, _Stream
+
+BASES = ["B0", "B1", "B2", "x0"]  # x0 is also an adapter name: a base may collide
+ADAPTERS = ["x0", "x1", "x2", "x3", "B1"]
+REFS = [ConfigMapRef(ns, n) for ns in ("ns-a", "ns-b") for n in ("c0", "c1", "c2", "c3")]
+
+
+def api_config(
+    ref: ConfigMapRef, base: str, adapters: tuple[str, ...], created: int
+) -> ModelConfig:
+    return ModelConfig(
+        ref=ref,
+        base_model=base,
+        adapters=adapters,
+        rank=(1, created, ref.namespace, ref.name),
+        source=f"configmap {ref}",
+        created=created,
+    )
+
+
+def assert_same(incremental: ModelMap, configs: list[ModelConfig]) -> None:
+    scratch = ModelMap(configs)
+    assert list(incremental.items()) == list(scratch.items())
+    assert incremental.owners == scratch.owners
+    assert incremental.conflicts == scratch.conflicts
+    assert incremental.conflict_count == len(scratch.conflicts)
+    assert incremental.bases == scratch.bases and incremental.adapters == scratch.adapters
+    assert (incremental.base_count, incremental.adapter_count) == (
+        len(scratch.bases),
+        len(scratch.adapters),
+    )
+    assert incremental.models_body == scratch.models_body
+    for name in ("B0", "x0", "x3", "nope"):
+        assert incremental.lookup(name) == scratch.lookup(name)
+
+
+configs_st = st.builds(
+    api_config,
+    st.sampled_from(REFS),
+    st.sampled_from(BASES),
+    st.lists(st.sampled_from(ADAPTERS), max_size=4, unique=True).map(tuple),
+    st.integers(0, 3),
+)
+op_st = st.one_of(
+    st.tuples(st.just("set"), configs_st),
+    st.tuples(st.just("delete"), st.sampled_from(REFS)),
+    st.tuples(
+        st.just("files"),
+        st.lists(
+            st.tuples(st.sampled_from(REFS), st.sampled_from(BASES), st.sampled_from(ADAPTERS)),
+            max_size=4,
+        ),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op_st, max_size=40))
+def test_holder_apply_equals_scratch(ops: list[Any]) -> None:
+    holder = MapHolder()
+    api: dict[ConfigMapRef, ModelConfig] = {}
+    files: list[ModelConfig] = []
+    for op in ops:
+        if op[0] == "set":
+            config = op[1]
+            api[config.ref] = config
+            holder.apply("kubernetes", {config.ref: config})
+        elif op[0] == "delete":
+            api.pop(op[1], None)
+            holder.apply("kubernetes", {op[1]: None})
+        else:
+            files = [
+                ModelConfig(ref, base, (adapter,), (0, i), f"f#{i}", 0)
+                for i, (ref, base, adapter) in enumerate(op[1])
+            ]
+            holder.publish("files", files)
+        # Sources in the order they first published, as the holder saw them.
+        assert_same(holder.current, [*files, *api.values()])
+
+
+# --- through the Kubernetes source: events of both label streams, interleaved --------
+
+
+class _NoClient:
+    namespace = "default"
+
+
+def _object(ref: ConfigMapRef, version: int, base: str, adapters: list[str], labels: set[str]):
+    return {
+        "metadata": {
+            "name": ref.name,
+            "namespace": ref.namespace,
+            "uid": f"uid-{ref}",
+            "resourceVersion": str(version),
+            "creationTimestamp": f"2026-01-01T00:00:0{REFS.index(ref) % 8}Z",
+            "labels": {label: "true" for label in labels},
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:data": {}}}],
+        },
+        "data": {"baseModel": base, "adapters": json.dumps(adapters), "notes": "x" * 100},
+    }
+
+
+def _source() -> tuple[KubernetesSource, MapHolder]:
+    holder = MapHolder()
+    source = KubernetesSource(holder, ["*"], client=_NoClient())  # type: ignore[arg-type]
+    for stream in source._streams:
+        stream.listed = True
+        stream.resource_version = "1"
+    return source, holder
+
+
+def _events_for(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, label: str
+) -> list[dict[str, Any]]:
+    """What the API server sends the stream selecting `label` for one change."""
+
+    def has(obj: dict[str, Any] | None) -> bool:
+        return obj is not None and obj["metadata"]["labels"].get(label) == "true"
+
+    if has(after):
+        return [{"type": "MODIFIED" if has(before) else "ADDED", "object": after}]
+    if has(before):  # deleted, or stopped matching: the new object, or the last one
+        return [{"type": "DELETED", "object": after or before}]
+    return []
+
+
+def _build(source: KubernetesSource) -> None:
+    if source._dirty or not source._published_once:
+        source._build_once()
+
+
+change_st = st.tuples(
+    st.sampled_from(REFS),
+    st.one_of(
+        st.none(),
+        st.tuples(
+            st.sampled_from(BASES),
+            st.lists(st.sampled_from(ADAPTERS), max_size=3, unique=True),
+            st.sets(st.sampled_from(MANAGED_LABELS), max_size=2),
+        ),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(change_st, max_size=25), st.randoms(use_true_random=False))
+def test_source_events_equal_scratch(changes: list[Any], rnd: Any) -> None:
+    source, holder = _source()
+    streams: dict[str, _Stream] = {s.label: s for s in source._streams}
+    truth: dict[ConfigMapRef, dict[str, Any]] = {}
+    queues: dict[str, list[dict[str, Any]]] = {label: [] for label in MANAGED_LABELS}
+    version = 1
+    for ref, change in changes:
+        version += 1
+        before = truth.get(ref)
+        after = None
+        if change is not None:
+            base, adapters, labels = change
+            after = _object(ref, version, base, adapters, labels)
+            truth[ref] = after
+        else:
+            truth.pop(ref, None)
+        for label in MANAGED_LABELS:
+            queues[label].extend(_events_for(before, after, label))
+    # Deliver the two streams' events interleaved at random, each in its own order.
+    while any(queues.values()):
+        label = rnd.choice([label for label, q in queues.items() if q])
+        source._event(streams[label], queues[label].pop(0))
+        if rnd.random() < 0.3:
+            _build(source)
+    _build(source)
+    assert not source._handover  # both streams are caught up: nothing is in transit
+    managed = [
+        api_config(
+            ref,
+            obj["data"]["baseModel"],
+            tuple(json.loads(obj["data"]["adapters"])),
+            int(obj["metadata"]["creationTimestamp"][-3:-1]),
+        )
+        for ref, obj in truth.items()
+        if obj["metadata"]["labels"]
+    ]
+    current = holder.current
+    assert list(current.items()) == list(ModelMap(managed).items())
+    assert [(c.name, c.winner, c.loser) for c in current.conflicts] == [
+        (c.name, c.winner, c.loser) for c in ModelMap(managed).conflicts
+    ]
+    # Only what the map needs of each object is kept.
+    for stream in source._streams:
+        for copy in stream.objects.values():
+            assert "managedFields" not in copy.obj["metadata"]
+            assert set(copy.obj["data"]) <= {"baseModel", "adapters"}
+
+
+def test_label_move_has_no_gap() -> None:
+    """Moving a ConfigMap between the two labels: the stream it leaves reports first
+    (DELETED), the one it joins later (ADDED); its names stay routable throughout."""
+    source, holder = _source()
+    bbr, llmd = (next(s for s in source._streams if s.label == label) for label in MANAGED_LABELS)
+    ref = REFS[0]
+    v1 = _object(ref, 2, "B0", ["x1"], {MANAGED_LABELS[0]})
+    source._event(bbr, {"type": "ADDED", "object": v1})
+    _build(source)
+    assert holder.current.lookup("x1") == "B0"
+    v2 = _object(ref, 3, "B0", ["x1"], {MANAGED_LABELS[1]})
+    source._event(bbr, {"type": "DELETED", "object": v2})
+    _build(source)
+    assert holder.current.lookup("x1") == "B0"  # in transit: still in force
+    source._event(llmd, {"type": "ADDED", "object": v2})
+    _build(source)
+    assert holder.current.lookup("x1") == "B0" and not source._handover
+    # A real delete (the object still carries its label) removes it at once.
+    source._event(llmd, {"type": "DELETED", "object": v2})
+    _build(source)
+    assert holder.current.lookup("x1") is None
+
+
+def test_label_removed_without_the_other_removes_at_once() -> None:
+    source, holder = _source()
+    bbr = next(s for s in source._streams if s.label == MANAGED_LABELS[0])
+    ref = REFS[1]
+    source._event(bbr, {"type": "ADDED", "object": _object(ref, 2, "B1", [], {MANAGED_LABELS[0]})})
+    _build(source)
+    assert holder.current.lookup("B1") == "B1"
+    source._event(bbr, {"type": "DELETED", "object": _object(ref, 3, "B1", [], set())})
+    _build(source)
+    assert holder.current.lookup("B1") is None and not source._handover
