@@ -177,3 +177,8 @@ kube-test: crds helm
 ## make chart-dry-run: the rendered chart, server-side dry run against a real API server.
 chart-dry-run: $(STAMP) kube-tools helm crds
 	$(PY) -m pytest -q tests/k8s/test_chart_dry_run.py
+
+# --- per-tool fragments ---------------------------------------------------------------------
+# Each test tool (h2spec, egctl, Istio's config generator, the image build) has its own
+# fragment in mk/: it builds the tool into $(BBR_TOOLS) and adds itself to `test:`.
+include $(sort $(wildcard mk/*.mk))
