@@ -168,7 +168,7 @@ build() {
   # pip's settings for build steps only: a pip.conf mounted at /etc/pip.conf.
   local pipconf
   pipconf="$(mktemp)"
-  trap 'rm -f "$pipconf"' EXIT
+  trap "rm -f '$pipconf'" EXIT
   {
     echo "[global]"
     [[ -n "$ca" && -s "$ca" ]] && echo "cert = /etc/ssl/certs/ca-certificates.crt"
