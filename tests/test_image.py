@@ -265,8 +265,9 @@ class Container:
 
     def serving(self) -> bool:
         assert self.state()["Running"], f"the container exited:\n{self.logs()}"
+        serving: int = health_pb2.HealthCheckResponse.SERVING
         with contextlib.suppress(grpc.RpcError):
-            return self.health() == health_pb2.HealthCheckResponse.SERVING
+            return self.health() == serving
         return False
 
     def channel(self) -> grpc.Channel:
