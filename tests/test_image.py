@@ -76,6 +76,7 @@ def podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 def machine_flags() -> list[str]:
     """The OCI runtime and ulimits this machine needs (scripts/image.sh detects them)."""
+    podman_binary()
     result = subprocess.run(
         [str(IMAGE_SCRIPT), "flags"], capture_output=True, text=True, timeout=30, check=True
     )
@@ -113,9 +114,21 @@ def build(context: Path, tag: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+def remove_stale() -> None:
+    """Containers and tags of earlier runs that were killed before their own cleanup."""
+    names = podman("ps", "--all", "--format", "{{.Names}}", "--filter", "name=^bbr-image-test-")
+    tags = podman("images", "--format", "{{.Repository}}", "--filter=reference=*bbr-image-test-*")
+    for kind, listing in (("container", names.stdout), ("image", tags.stdout)):
+        for name in set(listing.split()):
+            match = re.search(r"bbr-image-test-(\d+)", name)
+            if match and not Path(f"/proc/{match[1]}").exists():
+                podman(kind, "rm", "--force", name)
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     podman_binary()
+    remove_stale()
     tag = f"localhost/{PREFIX}:latest"
     build(tracked_tree(tmp_path_factory.mktemp("clone")), tag)
     yield tag
