@@ -10,7 +10,8 @@ replaced by the chart's own model ConfigMaps in a mounted file), its securityCon
 runtime's default seccomp profile), its /tmp volume, env, ports and resources. Asserted:
 health SERVING, every model of the chart's `models:` routes over a real ext_proc stream,
 /metrics counts them, SIGTERM exits 0 promptly, and the process really runs under those
-restrictions. A separate build shows what the .dockerignore lets into the build context.
+restrictions; with bbr.workers=2 too (its metrics files must fit in the /tmp volume). A
+separate build shows what the .dockerignore lets into the build context.
 
 Not covered here: the pinned python:3.11-slim-bookworm base itself (its tag is checked as
 text), docker/BuildKit (podman's buildah runs the same Dockerfile, cache mounts included).
@@ -228,8 +229,10 @@ def run_flags(deployment: dict[str, Any], model_dir: Path) -> tuple[list[str], l
 class Container:
     """The image running as the chart's Deployment would run it."""
 
-    def __init__(self, image: str, tmp: Path) -> None:
-        manifests = render({"models": MODELS})
+    def __init__(
+        self, image: str, tmp: Path, name: str, values: dict[str, Any] | None = None
+    ) -> None:
+        manifests = render({"models": MODELS, **(values or {})})
         (self.deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
         # The chart's own model ConfigMaps, readable by uid 65532 (ConfigMap volume mode 0644).
         model_dir = tmp / "models"
@@ -239,7 +242,7 @@ class Container:
         (model_dir / "models.yaml").write_text(yaml.safe_dump_all(configmaps))
         model_dir.chmod(0o755)
         (model_dir / "models.yaml").chmod(0o644)
-        self.name = f"{PREFIX}-chart"
+        self.name = f"{PREFIX}-{name}"
         flags, args = run_flags(self.deployment, model_dir)
         podman("rm", "--force", "--time=0", self.name)
         started = podman(
@@ -304,7 +307,7 @@ class Container:
 
 @pytest.fixture(scope="module")
 def chart_container(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    container = Container(image, tmp_path_factory.mktemp("chart"))
+    container = Container(image, tmp_path_factory.mktemp("chart"), "chart")
     try:
         took = wait_until(container.serving, timeout=60, interval=0.2)
         assert took is not None, f"not SERVING within 60 s:\n{container.logs()}"
@@ -441,6 +444,22 @@ def test_runs_under_the_chart_restrictions(chart_container: Container) -> None:
     (container,) = chart_container.deployment["spec"]["template"]["spec"]["containers"]
     limit = container["resources"]["limits"]["memory"]
     assert facts["memory"] == str(mebibytes(limit) * 2**20)
+
+
+def test_workers_share_the_read_only_root(image: str, tmp_path: Path) -> None:
+    """bbr.workers > 1 keeps its metrics files in the chart's /tmp volume, nowhere else."""
+    container = Container(image, tmp_path, "workers", {"bbr": {"workers": 2}})
+    try:
+        took = wait_until(container.serving, timeout=60, interval=0.2)
+        assert took is not None, f"not SERVING within 60 s:\n{container.logs()}"
+        # Four connections, spread over the workers by the kernel; /metrics counts them all.
+        for _ in range(4):
+            with container.channel() as channel:
+                assert route(channel, "ski-resorts").get(BASE_HEADER) == MODELS[1]["baseModel"]
+        routed = metric_value(container.metrics(), "bbr_requests_total", outcome="routed")
+        assert routed == 4
+    finally:
+        container.remove()
 
 
 def test_sigterm_exits_zero_promptly(chart_container: Container) -> None:
