@@ -145,7 +145,7 @@ helm:
 		echo "helm $(HELM_VERSION): $(HELM)"; \
 	fi
 
-## make chart-test: helm lint/template of charts/body-based-routing, and the Dockerfile's install steps.
+## make chart-test: helm lint/template of charts/body-based-routing, and the real image built and run with podman.
 chart-test: $(STAMP) helm
 	$(PY) -m pytest -q tests/test_chart.py tests/test_image.py
 
