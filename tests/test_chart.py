@@ -729,8 +729,16 @@ def test_catch_all_route_to_a_service_or_off(provider: str) -> None:
 @pytest.mark.parametrize(
     ("events", "streaming", "complaint"),
     [
-        (["RequestHeaders", "RequestBody", "RequestTrailers"], False, "sends request trailers only"),
-        (["RequestHeaders", "RequestBody", "ResponseTrailers"], True, "cannot send response trailers"),
+        (
+            ["RequestHeaders", "RequestBody", "RequestTrailers"],
+            False,
+            "sends request trailers only",
+        ),
+        (
+            ["RequestHeaders", "RequestBody", "ResponseTrailers"],
+            True,
+            "cannot send response trailers",
+        ),
     ],
 )
 def test_envoy_gateway_refuses_trailer_events_it_cannot_send(
@@ -754,7 +762,12 @@ def test_routes_to_services_for_gateways_without_inference_pools() -> None:
     routes = of_kind(render(values), "HTTPRoute")
     backends = {r["spec"]["rules"][0]["backendRefs"][0]["name"]: r for r in routes}
     (llama,) = backends["vllm-llama3-8b-instruct"]["spec"]["rules"][0]["backendRefs"]
-    assert llama == {"group": "", "kind": "Service", "name": "vllm-llama3-8b-instruct", "port": 8080}
+    assert llama == {
+        "group": "",
+        "kind": "Service",
+        "name": "vllm-llama3-8b-instruct",
+        "port": 8080,
+    }
     (deepseek,) = backends["deepseek"]["spec"]["rules"][0]["backendRefs"]
     assert deepseek["port"] == 8000
 
@@ -769,7 +782,11 @@ def test_gke_routes_have_no_request_timeout() -> None:
         routes = [
             r for r in of_kind(render(values), "HTTPRoute") if r["spec"]["rules"][0].get("matches")
         ]
-        model_rules = [r["spec"]["rules"][0] for r in routes if "headers" in r["spec"]["rules"][0]["matches"][0]]
+        model_rules = [
+            r["spec"]["rules"][0]
+            for r in routes
+            if "headers" in r["spec"]["rules"][0]["matches"][0]
+        ]
         assert model_rules
         if provider == "gke":
             assert all("timeouts" not in rule for rule in model_rules)
@@ -779,8 +796,16 @@ def test_gke_routes_have_no_request_timeout() -> None:
 
 @pytest.mark.parametrize(
     ("timeout", "ok"),
-    [("10s", True), ("10ms", True), ("1s", True), ("10000ms", True), ("11s", False),
-     ("9ms", False), ("1m", False), ("10001ms", False)],
+    [
+        ("10s", True),
+        ("10ms", True),
+        ("1s", True),
+        ("10000ms", True),
+        ("11s", False),
+        ("9ms", False),
+        ("1m", False),
+        ("10001ms", False),
+    ],
 )
 def test_gke_extension_timeout_at_most_10s(timeout: str, ok: bool) -> None:
     values = {"provider": {"name": "gke", "messageTimeout": timeout}}
@@ -1143,7 +1168,12 @@ def test_gke_objects_field_by_field_against_the_inference_extensions_chart() -> 
     controller accepts them, or what its load balancer does (needs a GKE cluster)."""
     reference_chart = inference_extension_chart()
     result = run_helm(
-        "template", "bbr", "--namespace", NAMESPACE, "--set", "provider.name=gke",
+        "template",
+        "bbr",
+        "--namespace",
+        NAMESPACE,
+        "--set",
+        "provider.name=gke",
         chart=reference_chart,
     )
     assert result.returncode == 0, result.stderr
@@ -1191,7 +1221,10 @@ KGATEWAY_API: dict[str, dict[str, Any]] = {
         "spec.extProc": None,
         "spec.extProc.grpcService": None,
         "spec.extProc.grpcService.backendRef": None,  # Gateway API BackendRef
-        **{f"spec.extProc.grpcService.backendRef.{k}": None for k in ("group", "kind", "name", "namespace", "port")},
+        **{
+            f"spec.extProc.grpcService.backendRef.{k}": None
+            for k in ("group", "kind", "name", "namespace", "port")
+        },
         "spec.extProc.failOpen": {True, False},  # kgateway's default: true
         "spec.extProc.messageTimeout": "duration",
         "spec.extProc.processingMode": None,
@@ -1213,7 +1246,8 @@ KGATEWAY_API: dict[str, dict[str, Any]] = {
         "spec.default": None,
         "spec.default.perConnectionBufferLimitBytes": "int32",
         "spec.default.httpSettings": None,
-        "spec.default.httpSettings.earlyRequestHeaderModifier": None,  # Gateway API HTTPHeaderFilter
+        # Gateway API HTTPHeaderFilter
+        "spec.default.httpSettings.earlyRequestHeaderModifier": None,
         "spec.default.httpSettings.earlyRequestHeaderModifier.remove": None,
     },
     "DirectResponse": {"spec.status": "status", "spec.body": "body"},

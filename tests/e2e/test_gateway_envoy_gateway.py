@@ -67,6 +67,8 @@ MAX_BODY = 4 * 1024 * 1024  # bbr.maxBodyBytes for these tests: 413s stay quick
 POOL_PORT = 8000
 BBR_IP, PICKER_IP = "10.96.0.10", "10.96.0.20"
 POOL_IPS = {LLAMA: "10.96.0.11", DEEPSEEK: "10.96.0.12"}
+# models[] entry name (its HTTPRoute is body-based-router-NAME) and pool Service per base model.
+ENTRIES = {LLAMA: ("llama", "vllm-llama3-8b-instruct"), DEEPSEEK: ("deepseek", "vllm-deepseek-r1")}
 PICKER_PORT = 9002
 
 
@@ -90,9 +92,7 @@ def egctl_binary() -> str:
     pytest.fail(f"egctl not found ({installed}, $BBR_EGCTL or PATH): run `make egctl`")
 
 
-def test_missing_egctl_names_make_egctl(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_missing_egctl_names_make_egctl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("BBR_EGCTL", raising=False)
     monkeypatch.setenv("BBR_TOOLS", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -105,11 +105,13 @@ def test_missing_egctl_names_make_egctl(
 
 def chart_values(**overrides: Any) -> dict[str, Any]:
     """The chart's values: provider envoy-gateway, the demo's model map, routes to Services."""
-    pools, models = demo_pools()
+    _, models = demo_pools()
     entries = []
-    for base, pool in pools.items():
+    for base, (name, pool) in ENTRIES.items():
         adapters = [m for m, b in models.items() if b == base and m != base]
-        entries.append({"baseModel": base, "adapters": adapters, "inferencePool": pool})
+        entries.append(
+            {"name": name, "baseModel": base, "adapters": adapters, "inferencePool": pool}
+        )
     values: dict[str, Any] = {
         "provider": {"name": "envoy-gateway"},
         "inferenceGateway": {"name": GATEWAY},
@@ -124,7 +126,6 @@ def chart_values(**overrides: Any) -> dict[str, Any]:
 
 def gateway_objects() -> list[dict[str, Any]]:
     """What the cluster already has: Envoy Gateway's GatewayClass, the Gateway, the pools."""
-    pools, _ = demo_pools()
     objects: list[dict[str, Any]] = [
         {
             "apiVersion": "gateway.networking.k8s.io/v1",
@@ -143,7 +144,7 @@ def gateway_objects() -> list[dict[str, Any]]:
             },
         },
     ]
-    for base, pool in pools.items():
+    for base, (_, pool) in ENTRIES.items():
         objects.append(service(pool, POOL_IPS[base], POOL_PORT))
     return objects
 
@@ -322,9 +323,7 @@ def static_bootstrap(
     listeners = []
     for source in translation.listeners:
         listener = _without_type(source)
-        listener["address"] = {
-            "socketAddress": {"address": "127.0.0.1", "portValue": listen_port}
-        }
+        listener["address"] = {"socketAddress": {"address": "127.0.0.1", "portValue": listen_port}}
         _inline_routes(listener, translation.routes)
         listeners.append(listener)
     assert len(listeners) == 1, [entry["name"] for entry in listeners]
@@ -336,7 +335,9 @@ def static_bootstrap(
         eds = cluster.pop("edsClusterConfig", None)
         if eds is not None:
             cluster["type"] = "STATIC"
-            assignment = json.loads(json.dumps(endpoints.get(eds.get("serviceName"), {})))
+            assignment = json.loads(
+                json.dumps(endpoints.get(eds.get("serviceName") or cluster["name"], {}))
+            )
             assignment = _without_type(assignment) or {"endpoints": []}
             assignment["clusterName"] = cluster["name"]
             for locality in assignment.get("endpoints", []):
@@ -362,7 +363,7 @@ class RecordingPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.calls = 0
         self.lock = threading.Lock()
 
-    def Process(  # noqa: N802  (gRPC's method name)
+    def Process(
         self, request_iterator: Iterator[pb.ProcessingRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ProcessingResponse]:
         for request in request_iterator:
@@ -411,7 +412,9 @@ def backends(
     tmp_path_factory: pytest.TempPathFactory, model_servers: ModelServers
 ) -> Iterator[Backends]:
     workdir = tmp_path_factory.mktemp("eg-backends")
-    configmaps = [m for m in render(chart_values(), namespace=NAMESPACE) if m["kind"] == "ConfigMap"]
+    configmaps = [
+        m for m in render(chart_values(), namespace=NAMESPACE) if m["kind"] == "ConfigMap"
+    ]
     assert len(configmaps) == 2
     model_map = workdir / "model-map.yaml"
     model_map.write_text(yaml.safe_dump_all(configmaps), encoding="utf-8")
@@ -462,8 +465,11 @@ def start_gateway(
     log = workdir / "envoy.log"
     with log.open("wb") as handle:
         proxy = Child(
-            f"envoy ({name})", envoy_argv(config, binary=envoy_binary()), cwd=workdir,
-            stdout=handle, stderr=handle,
+            f"envoy ({name})",
+            envoy_argv(config, binary=envoy_binary()),
+            cwd=workdir,
+            stdout=handle,
+            stderr=handle,
         )
     gateway = Gateway(name, translation, port, log, [proxy])
     try:
@@ -475,8 +481,7 @@ def start_gateway(
 
 
 def llama_route() -> str:
-    pools, _ = demo_pools()
-    return f"body-based-router-{pools[LLAMA]}"
+    return f"body-based-router-{ENTRIES[LLAMA][0]}"
 
 
 GatewayFactory = Callable[[str, dict[str, Any], list[dict[str, Any]]], Gateway]
@@ -636,9 +641,7 @@ def test_a_per_route_picker_is_not_run_after_bbr_reroutes(
 
 def big_chat(model: str, size: int) -> bytes:
     filler = "x" * max(0, size - 80)
-    return json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": filler}]}
-    ).encode()
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": filler}]}).encode()
 
 
 def test_a_one_megabyte_body_routes(plain: Gateway, model_servers: ModelServers) -> None:
@@ -657,4 +660,3 @@ def test_a_body_over_envoys_buffer_gets_413_not_500(plain: Gateway) -> None:
     500 of a gRPC message bbr would have refused."""
     reply = plain.post(big_chat("food-review-1", MAX_BODY + 256 * 1024))
     assert reply.status == 413, str(reply)
-

@@ -44,8 +44,10 @@ the provider's own value (quantity or bytes), "" or 0 for the default.
 {{- $ceiling := add $max 32768 -}}
 {{- if and $explicit (ne (toString $explicit) "0") -}}
 {{- $bytes := include "bbr.quantityBytes" $explicit | int64 -}}
+{{- $shown := $explicit -}}
+{{- if kindIs "float64" $explicit -}}{{- $shown = $explicit | int64 -}}{{- end -}}
 {{- if gt $bytes $ceiling -}}
-{{- fail (printf "%s=%v (%d bytes) is larger than bbr's --max-body-bytes (%d) + 32 KiB: Envoy would send bbr bodies over its gRPC message limit and answer 500 instead of bbr's 413. Raise bbr.maxBodyBytes or lower %s (at most %d)" $key $explicit $bytes $max $key $ceiling) -}}
+{{- fail (printf "%s=%v (%d bytes) is larger than bbr's --max-body-bytes (%d) + 32 KiB: Envoy would send bbr bodies over its gRPC message limit and answer 500 instead of bbr's 413. Raise bbr.maxBodyBytes or lower %s (at most %d)" $key $shown $bytes $max $key $ceiling) -}}
 {{- end -}}
 {{- $bytes -}}
 {{- else if not (include "bbr.streaming" $root) -}}
