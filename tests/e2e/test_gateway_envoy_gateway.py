@@ -322,6 +322,8 @@ def static_bootstrap(
     STATIC with the translated endpoints moved from cluster IPs to loopback ports."""
     listeners = []
     for source in translation.listeners:
+        if not source["name"].startswith(f"{NAMESPACE}/{GATEWAY}/"):
+            continue  # Envoy Gateway's own readiness listener, not the Gateway's
         listener = _without_type(source)
         listener["address"] = {"socketAddress": {"address": "127.0.0.1", "portValue": listen_port}}
         _inline_routes(listener, translation.routes)
@@ -551,7 +553,9 @@ def test_envoy_gateway_accepts_every_chart_object(plain: Gateway) -> None:
 def test_bbr_runs_only_where_a_route_enables_it(plain: Gateway) -> None:
     """Envoy Gateway's finding behind the catch-all route: the ext_proc filter is disabled at
     the connection manager and enabled per route."""
-    (listener,) = plain.translation.listeners
+    (listener,) = [
+        entry for entry in plain.translation.listeners if entry["name"].startswith("llm/")
+    ]
     text = json.dumps(listener)
     assert "envoyextensionpolicy/llm/body-based-router" in text
     (route_config,) = plain.translation.routes.values()
@@ -616,15 +620,19 @@ def test_spoofed_routing_headers_never_win(
 
 
 def test_without_early_removal_a_route_level_policy_lets_a_spoof_through(
-    make_gateway: GatewayFactory, model_servers: ModelServers
+    make_gateway: GatewayFactory, model_servers: ModelServers, backends: Backends
 ) -> None:
     """The negative control: with the chart's ClientTrafficPolicy left out, the route-level
-    policy replaces bbr's on the llama route and a client's own header picks it."""
+    policy replaces bbr's on the llama route and a client's own header picks it; the
+    stand-in picker runs there (the route matched first), bbr does not."""
     values = chart_values()
     values["provider"]["envoyGateway"] = {"clientTrafficPolicy": {"enabled": False}}
     gateway = make_gateway("no-early-removal", values, picker_objects(llama_route()))
+    before = backends.picker.calls
     demo = routed(gateway.chat("free-tokens", {BASE_HEADER: LLAMA}))
     assert demo["server"] == model_servers.name_of(LLAMA)
+    assert demo["model_header"] is None  # bbr never saw this request
+    assert backends.picker.calls > before
 
 
 def test_a_per_route_picker_is_not_run_after_bbr_reroutes(
