@@ -619,6 +619,15 @@ def test_spoofed_routing_headers_never_win(
     )
 
 
+def test_a_route_level_policy_overrides_bbrs_on_its_route(with_picker: Gateway) -> None:
+    """Envoy Gateway's own word for it: bbr's Gateway-level policy is replaced on the route
+    that has a policy of its own, so bbr does not run for requests that match it first."""
+    status = with_picker.translation.status_of("envoyExtensionPolicies", "body-based-router")
+    overridden = conditions(status)["Overridden"]
+    assert overridden[0] == "True", overridden
+    assert f"{NAMESPACE}/{llama_route()}" in overridden[2], overridden
+
+
 def test_without_early_removal_a_route_level_policy_lets_a_spoof_through(
     make_gateway: GatewayFactory, model_servers: ModelServers, backends: Backends
 ) -> None:
