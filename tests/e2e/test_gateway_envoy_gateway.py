@@ -67,8 +67,23 @@ MAX_BODY = 4 * 1024 * 1024  # bbr.maxBodyBytes for these tests: 413s stay quick
 POOL_PORT = 8000
 BBR_IP, PICKER_IP = "10.96.0.10", "10.96.0.20"
 POOL_IPS = {LLAMA: "10.96.0.11", DEEPSEEK: "10.96.0.12"}
+README = REPO_ROOT / "README.md"
+
+
+def readme_values() -> dict[str, Any]:
+    """The values file of the README's "Envoy Gateway" install, as printed there."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Envoy Gateway") :]
+    start = section.index("cat > models.yaml <<'YAML'\n") + len("cat > models.yaml <<'YAML'\n")
+    values: dict[str, Any] = yaml.safe_load(section[start : section.index("\nYAML\n", start)])
+    install = section[section.index("helm install bbr") : section.index("```", start)]
+    assert "--set provider.name=envoy-gateway" in install
+    assert f"--set inferenceGateway.name={GATEWAY}" in install
+    return values
+
+
 # models[] entry name (its HTTPRoute is body-based-router-NAME) and pool Service per base model.
-ENTRIES = {LLAMA: ("llama", "vllm-llama3-8b-instruct"), DEEPSEEK: ("deepseek", "vllm-deepseek-r1")}
+ENTRIES = {m["baseModel"]: (m["name"], m["inferencePool"]) for m in readme_values()["models"]}
 PICKER_PORT = 9002
 
 
@@ -104,21 +119,19 @@ def test_missing_egctl_names_make_egctl(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def chart_values(**overrides: Any) -> dict[str, Any]:
-    """The chart's values: provider envoy-gateway, the demo's model map, routes to Services."""
+    """The README's values (the demo's model map, routes to Services), provider envoy-gateway;
+    bbr's body limit lowered to keep the 413 tests quick."""
+    values = readme_values()
     _, models = demo_pools()
-    entries = []
-    for base, (name, pool) in ENTRIES.items():
-        adapters = [m for m, b in models.items() if b == base and m != base]
-        entries.append(
-            {"name": name, "baseModel": base, "adapters": adapters, "inferencePool": pool}
+    for entry in values["models"]:  # the README's models are the demo's
+        base = entry["baseModel"]
+        assert sorted(entry["adapters"]) == sorted(
+            m for m, b in models.items() if b == base and m != base
         )
-    values: dict[str, Any] = {
-        "provider": {"name": "envoy-gateway"},
-        "inferenceGateway": {"name": GATEWAY},
-        "bbr": {"maxBodyBytes": MAX_BODY},
-        "models": entries,
-        "httpRoute": {"enabled": True, "backendKind": "Service", "servicePort": POOL_PORT},
-    }
+    assert values["httpRoute"]["servicePort"] == POOL_PORT
+    values["provider"] = {"name": "envoy-gateway"}
+    values["inferenceGateway"] = {"name": GATEWAY}
+    values["bbr"] = {"maxBodyBytes": MAX_BODY}
     for key, value in overrides.items():
         values[key] = {**values.get(key, {}), **value}
     return values
