@@ -18,16 +18,17 @@ and only the endpoints (Service cluster IPs) are rewritten, to loopback ports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
@@ -422,50 +423,72 @@ class Backends:
         return {**ports, (BBR_IP, 9004): self.grpc_port, (PICKER_IP, PICKER_PORT): self.picker_port}
 
 
+@contextlib.contextmanager
+def chart_bbr(workdir: Path, values: dict[str, Any]) -> Iterator[int]:
+    """A real `bbr serve` on the chart's own model ConfigMaps and its body flags
+    (--max-body-bytes, --streaming) for ``values``, on free ports; yields its gRPC port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifests = render(values, namespace=NAMESPACE)
+    configmaps = [m for m in manifests if m["kind"] == "ConfigMap"]
+    assert len(configmaps) == 2
+    model_map = workdir / "model-map.yaml"
+    model_map.write_text(yaml.safe_dump_all(configmaps), encoding="utf-8")
+    (deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    body_flags = [
+        a for a in container["args"] if a.startswith("--max-body-bytes=") or a == "--streaming"
+    ]
+    assert f"--max-body-bytes={values['bbr']['maxBodyBytes']}" in body_flags
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    with (workdir / "bbr.log").open("wb") as log:
+        bbr = Child(
+            f"bbr ({workdir.name})",
+            bbr_argv(
+                model_map,
+                grpc_port=grpc_port,
+                health_port=health_port,
+                metrics_port=metrics_port,
+                flags=body_flags,
+            ),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            wait_until("bbr health", grpc_health_ready(health_port), child=bbr, timeout=30)
+            yield grpc_port
+        finally:
+            stop_all([bbr])
+
+
 @pytest.fixture(scope="module")
 def backends(
     tmp_path_factory: pytest.TempPathFactory, model_servers: ModelServers
 ) -> Iterator[Backends]:
-    workdir = tmp_path_factory.mktemp("eg-backends")
-    configmaps = [
-        m for m in render(chart_values(), namespace=NAMESPACE) if m["kind"] == "ConfigMap"
-    ]
-    assert len(configmaps) == 2
-    model_map = workdir / "model-map.yaml"
-    model_map.write_text(yaml.safe_dump_all(configmaps), encoding="utf-8")
-    (container,) = next(
-        m for m in render(chart_values(), namespace=NAMESPACE) if m["kind"] == "Deployment"
-    )["spec"]["template"]["spec"]["containers"]
-    # bbr with the chart's own limit flag, the ports of this machine.
-    limit = [a for a in container["args"] if a.startswith("--max-body-bytes=")]
-    assert limit == [f"--max-body-bytes={MAX_BODY}"]
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-    log = (workdir / "bbr.log").open("wb")
-    bbr = Child(
-        "bbr",
-        bbr_argv(
-            model_map,
-            grpc_port=grpc_port,
-            health_port=health_port,
-            metrics_port=metrics_port,
-            flags=limit,
-        ),
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=log,
-    )
     picker = RecordingPicker()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_ExternalProcessorServicer_to_server(picker, server)
     picker_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        wait_until("bbr health", grpc_health_ready(health_port), child=bbr, timeout=30)
-        yield Backends(grpc_port, picker_port, picker, model_servers)
+        with chart_bbr(tmp_path_factory.mktemp("eg-bbr"), chart_values()) as grpc_port:
+            yield Backends(grpc_port, picker_port, picker, model_servers)
     finally:
         server.stop(grace=None)
-        stop_all([bbr])
-        log.close()
+
+
+@pytest.fixture(scope="module")
+def streaming_values() -> dict[str, Any]:
+    return chart_values(bbr={"streaming": True})
+
+
+@pytest.fixture(scope="module")
+def streaming_backends(
+    tmp_path_factory: pytest.TempPathFactory, backends: Backends, streaming_values: dict[str, Any]
+) -> Iterator[Backends]:
+    """The same backends with a second bbr, run as the chart runs it with bbr.streaming."""
+    with chart_bbr(tmp_path_factory.mktemp("eg-bbr-streaming"), streaming_values) as port:
+        yield Backends(port, backends.picker_port, backends.picker, backends.servers)
 
 
 def start_gateway(
@@ -499,7 +522,14 @@ def llama_route() -> str:
     return f"body-based-router-{ENTRIES[LLAMA][0]}"
 
 
-GatewayFactory = Callable[[str, dict[str, Any], list[dict[str, Any]]], Gateway]
+class GatewayFactory(Protocol):
+    def __call__(
+        self,
+        name: str,
+        values: dict[str, Any],
+        extra: list[dict[str, Any]],
+        behind: Backends | None = None,
+    ) -> Gateway: ...
 
 
 @pytest.fixture(scope="module")
@@ -508,11 +538,17 @@ def make_gateway(
 ) -> Iterator[GatewayFactory]:
     started: dict[str, Gateway] = {}
 
-    def make(name: str, values: dict[str, Any], extra: list[dict[str, Any]]) -> Gateway:
+    def make(
+        name: str,
+        values: dict[str, Any],
+        extra: list[dict[str, Any]],
+        behind: Backends | None = None,
+    ) -> Gateway:
         if name not in started:
             workdir = tmp_path_factory.mktemp(f"eg-{name}")
             objects = gateway_objects() + chart_objects(values) + extra
-            started[name] = start_gateway(name, workdir, translate(workdir, objects), backends)
+            translation = translate(workdir, objects)
+            started[name] = start_gateway(name, workdir, translation, behind or backends)
         return started[name]
 
     yield make
@@ -690,3 +726,28 @@ def test_a_body_over_envoys_buffer_gets_413_not_500(plain: Gateway) -> None:
     500 of a gRPC message bbr would have refused."""
     reply = plain.post(big_chat("food-review-1", MAX_BODY + 256 * 1024))
     assert reply.status == 413, str(reply)
+
+
+def test_streaming_mode_routes_and_limits(
+    make_gateway: GatewayFactory,
+    streaming_backends: Backends,
+    streaming_values: dict[str, Any],
+    model_servers: ModelServers,
+) -> None:
+    """bbr.streaming: the policy asks for FullDuplexStreamed bodies, bbr runs --streaming, the
+    gateway keeps Envoy Gateway's own 32 KiB buffer; bodies still route and bbr's 413 holds."""
+    gateway = make_gateway("streaming", streaming_values, [], streaming_backends)
+    (policy,) = [o for o in gateway.translation.objects if o["kind"] == "EnvoyExtensionPolicy"]
+    assert policy["spec"]["extProc"][0]["processingMode"]["request"]["body"] == (
+        "FullDuplexStreamed"
+    )
+    (traffic,) = [o for o in gateway.translation.objects if o["kind"] == "ClientTrafficPolicy"]
+    assert "connection" not in traffic["spec"]
+    for model, base in (("ski-resorts", DEEPSEEK), ("food-review-1", LLAMA)):
+        demo = routed(gateway.chat(model, {BASE_HEADER: "spoofed"}))
+        assert demo["server"] == model_servers.name_of(base)
+    body = big_chat("movie-critique", 1024 * 1024)
+    demo = routed(gateway.post(body))
+    assert (demo["server"], demo["body_bytes"]) == (model_servers.name_of(LLAMA), len(body))
+    openai_error(gateway.post(big_chat("food-review-1", MAX_BODY + 1000)), 413, "request_too_large")
+    openai_error(gateway.chat("no-such-model"), 404, "model_not_found")
