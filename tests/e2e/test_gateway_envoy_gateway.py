@@ -795,3 +795,15 @@ def test_a_gateway_wide_picker_after_bbr_sees_its_reroute(
     demo = routed(gateway.chat("ski-resorts", {BASE_HEADER: LLAMA}))
     assert demo["server"] == model_servers.name_of(DEEPSEEK)
     assert backends.picker.base_headers[before:] == [DEEPSEEK]
+
+
+def test_without_the_catch_all_route_bbr_is_never_called(make_gateway: GatewayFactory) -> None:
+    """The negative control for the catch-all: with only the header-matching model routes,
+    nothing matches before bbr has set its header, so bbr never runs and no model routes."""
+    values = chart_values()
+    values["provider"]["catchAllRoute"] = {"enabled": False}
+    gateway = make_gateway("no-catch-all", values, [])
+    for model in ("food-review-1", LLAMA, "ski-resorts"):
+        reply = gateway.chat(model)
+        assert reply.status == 404, str(reply)
+        assert "x_bbr_demo" not in reply.body.decode(errors="replace"), str(reply)
