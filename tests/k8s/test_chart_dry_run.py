@@ -16,7 +16,8 @@ CRD sources (versions pinned in scripts/crds.sh):
     prometheus-operator  github.com/prometheus-operator/prometheus-operator (ServiceMonitor)
 
 Objects not checked (every other object of those renders is):
-    kgateway  `gateway.kgateway.dev` GatewayExtension, TrafficPolicy: the Go module proxy
+    kgateway  `gateway.kgateway.dev` GatewayExtension, TrafficPolicy, ListenerPolicy,
+              DirectResponse (field by field in tests/test_chart.py): the Go module proxy
               refuses github.com/kgateway-dev/kgateway/v2 (403), so its CRDs cannot be
               fetched the way every other CRD is.
     gke       `networking.gke.io` GCPRoutingExtension, HealthCheckPolicy: GKE installs
@@ -63,6 +64,8 @@ UNCHECKED: dict[str, str] = {
 UNCHECKED_KINDS = {
     ("gateway.kgateway.dev", "GatewayExtension"),
     ("gateway.kgateway.dev", "TrafficPolicy"),
+    ("gateway.kgateway.dev", "ListenerPolicy"),
+    ("gateway.kgateway.dev", "DirectResponse"),
     ("networking.gke.io", "GCPRoutingExtension"),
     ("networking.gke.io", "HealthCheckPolicy"),
 }
