@@ -79,8 +79,8 @@ from bbr.modelmap import (
     ConfigMapRef,
     MapHolder,
     ModelConfig,
+    Pacer,
     parse_configmap,
-    yield_gil,
 )
 from bbr.sources.events import EventRecorder
 from bbr.sources.files import LoadReport
@@ -1279,16 +1279,17 @@ class KubernetesSource:
     def _list(self, stream: _Stream) -> None:
         objects: dict[ConfigMapRef, dict[str, Any]] = {}
         query: dict[str, str | int] = {"labelSelector": stream.selector, "limit": LIST_PAGE}
+        pace = Pacer()
         while True:
             answer = self.client.request("GET", stream.path, query=query)
             for item in answer.get("items") or []:
+                pace()
                 if isinstance(item, dict) and (ref := _ref(item)) is not None:
                     objects[ref] = _slim(item)
             metadata = answer.get("metadata") or {}
             if not metadata.get("continue"):
                 break
             query["continue"] = metadata["continue"]
-            yield_gil()
         version = str(metadata.get("resourceVersion") or "")
         self.stats["lists"] += 1
         with self._lock:
@@ -1296,16 +1297,19 @@ class KubernetesSource:
             # ConfigMaps that are new, changed or gone go to the map builder.
             held = stream.objects
             fresh: dict[ConfigMapRef, _Copy] = {}
-            for count, (ref, obj) in enumerate(objects.items(), start=1):
+            pace = Pacer()
+            for ref, obj in objects.items():
+                pace()
                 old = held.get(ref)
                 if old is not None and old.version == _version(obj) >= 0:
                     fresh[ref] = old
                 else:
                     fresh[ref] = self._copy(obj)
                     self._dirty.add(ref)
-                if count % 256 == 0:
-                    yield_gil()
-            self._dirty.update(ref for ref in held if ref not in fresh)
+            for ref in held:
+                pace()
+                if ref not in fresh:
+                    self._dirty.add(ref)
             stream.objects = fresh
             stream.resource_version = version or None
             stream.listed = True
@@ -1422,7 +1426,9 @@ class KubernetesSource:
             problems: dict[Hashable, ConfigMapError | None] = {}
             errors: list[ConfigMapError] = []
             turned: list[tuple[ConfigMapRef, str, ConfigMapError | None]] = []
-            for count, ref in enumerate(sorted(batch), start=1):
+            pace = Pacer()
+            for ref in sorted(batch):
+                pace()
                 config, uid, problem, fresh = self._resolve(ref)
                 if config != self._in_force.get(ref):
                     changes[ref] = config
@@ -1442,8 +1448,6 @@ class KubernetesSource:
                             turned.append((ref, uid, None))
                 if fresh is not None:
                     errors.append(fresh)
-                if count % 256 == 0:
-                    yield_gil()
             first = not self._published_once
             self._published_once = True
         # Only this thread applies, so changes are in force in the order they came.
