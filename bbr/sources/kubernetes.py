@@ -1589,6 +1589,8 @@ def error_reason(exc: BaseException) -> str:
         return "server_error" if exc.status >= 500 else "http_error"
     if isinstance(exc, ProxyError):
         return "proxy"
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "connection"  # closed during the handshake: the network, not TLS
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
         return "tls"
     if isinstance(exc, TimeoutError):
