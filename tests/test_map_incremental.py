@@ -25,7 +25,7 @@ from bbr.modelmap import (
     ModelConfig,
     ModelMap,
 )
-from bbr.sources.kubernetes import KubernetesSource, _Stream
+from bbr.sources.kubernetes import KubernetesSource, _slim, _Stream, decode_event, decode_page
 
 BASES = ["B0", "B1", "B2", "x0"]  # x0 is also an adapter name: a base may collide
 ADAPTERS = ["x0", "x1", "x2", "x3", "B1"]
@@ -323,3 +323,27 @@ def test_label_removed_without_the_other_removes_at_once() -> None:
     source._event(bbr, {"type": "DELETED", "object": _object(ref, 3, "B1", [], set())})
     _build(source)
     assert holder.current.lookup("B1") is None and not source._handover
+
+
+def test_lists_and_events_are_decoded_to_what_the_map_needs() -> None:
+    """Pages and watch events are decoded typed (managedFields and other data keys never
+    built); the result is what `_slim` makes of the whole object, also for an object
+    the API would not send (a non-string data value: the general decoder's turn)."""
+    full = _object(REFS[0], 7, "B0", ["x1"], {MANAGED_LABELS[0]})
+    full["metadata"]["labels"]["app"] = "other"
+    slim = _slim(full)
+    assert "managedFields" not in slim["metadata"] and "notes" not in slim["data"]
+    page = {"metadata": {"continue": "next", "resourceVersion": "9"}, "items": [full]}
+    decoded = decode_page(json.dumps(page).encode())
+    assert decoded == {"metadata": page["metadata"], "items": [slim]}
+    odd = json.loads(json.dumps(full))
+    odd["data"]["baseModel"] = 5  # not a string
+    assert decode_page(json.dumps({"items": [odd]}).encode())["items"] == [_slim(odd)]
+    for kind in ("ADDED", "MODIFIED", "DELETED"):
+        event = decode_event(json.dumps({"type": kind, "object": full}).encode())
+        assert event == {"type": kind, "object": slim}
+    gone = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}}
+    assert decode_event(json.dumps(gone).encode()) == {
+        "type": "ERROR",
+        "object": {"code": 410, "message": "too old"},
+    }
