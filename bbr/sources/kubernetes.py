@@ -309,8 +309,11 @@ def no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
             continue
         if entry == "*":
             return True
+        network = None
         with contextlib.suppress(ValueError):
-            if ip is not None and ip in ipaddress.ip_network(entry, strict=False):
+            network = ipaddress.ip_network(entry, strict=False)
+        if network is not None:  # an IP address or a CIDR: matches IP hosts only
+            if ip is not None and ip in network:
                 return True
             continue
         name, entry_port = entry, ""
@@ -321,8 +324,11 @@ def no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
             name, entry_port = entry.split(":")
         if entry_port and entry_port != str(port):
             continue
+        address = None
         with contextlib.suppress(ValueError):
-            if ip is not None and ip == ipaddress.ip_address(name):
+            address = ipaddress.ip_address(name)
+        if address is not None:  # an IP address with a port
+            if ip is not None and ip == address:
                 return True
             continue
         if name.startswith("*."):
