@@ -10,9 +10,11 @@ conflict (and its order), count and the /v1/models body.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +27,7 @@ from bbr.modelmap import (
     ModelConfig,
     ModelMap,
 )
+from bbr.sources import kubernetes
 from bbr.sources.kubernetes import KubernetesSource, _slim, _Stream, decode_event, decode_page
 
 BASES = ["B0", "B1", "B2", "x0"]  # x0 is also an adapter name: a base may collide
@@ -208,17 +211,26 @@ def _source() -> tuple[KubernetesSource, MapHolder]:
 
 
 def _events_for(
-    before: dict[str, Any] | None, after: dict[str, Any] | None, label: str
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    label: str,
+    version: int,
+    as_it_was: bool,
 ) -> list[dict[str, Any]]:
-    """What the API server sends the stream selecting `label` for one change."""
+    """What the API server sends the stream selecting `label` for one change. A DELETED
+    (deleted, or no longer matching) carries the object as it was with the change's
+    resourceVersion, as kube-apiserver sends it (`as_it_was`), or the object as it is."""
 
     def has(obj: dict[str, Any] | None) -> bool:
         return obj is not None and obj["metadata"]["labels"].get(label) == "true"
 
     if has(after):
         return [{"type": "MODIFIED" if has(before) else "ADDED", "object": after}]
-    if has(before):  # deleted, or stopped matching: the new object, or the last one
-        return [{"type": "DELETED", "object": after or before}]
+    if has(before):
+        assert before is not None
+        gone = json.loads(json.dumps(before))
+        gone["metadata"]["resourceVersion"] = str(version)
+        return [{"type": "DELETED", "object": gone if as_it_was or after is None else after}]
     return []
 
 
@@ -258,16 +270,23 @@ def test_source_events_equal_scratch(changes: list[Any], rnd: Any) -> None:
             truth[ref] = after
         else:
             truth.pop(ref, None)
+        as_it_was = rnd.random() < 0.5
         for label in MANAGED_LABELS:
-            queues[label].extend(_events_for(before, after, label))
+            queues[label].extend(_events_for(before, after, label, version, as_it_was))
     # Deliver the two streams' events interleaved at random, each in its own order.
     while any(queues.values()):
         label = rnd.choice([label for label, q in queues.items() if q])
         source._event(streams[label], queues[label].pop(0))
         if rnd.random() < 0.3:
             _build(source)
+    # Both streams catch up (a bookmark): what was only maybe moved is now known gone.
+    for stream in source._streams:
+        source._event(
+            stream, {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": str(version)}}}
+        )
+    source._expire_handovers()
     _build(source)
-    assert not source._handover  # both streams are caught up: nothing is in transit
+    assert not source._handover  # nothing is in transit
     managed = [
         api_config(
             ref,
@@ -290,9 +309,11 @@ def test_source_events_equal_scratch(changes: list[Any], rnd: Any) -> None:
             assert set(copy.obj["data"]) <= {"baseModel", "adapters"}
 
 
-def test_label_move_has_no_gap() -> None:
+@pytest.mark.parametrize("as_it_was", [True, False])
+def test_label_move_has_no_gap(as_it_was: bool) -> None:
     """Moving a ConfigMap between the two labels: the stream it leaves reports first
-    (DELETED), the one it joins later (ADDED); its names stay routable throughout."""
+    (DELETED, with the object as it was, as kube-apiserver sends it, or as it is), the
+    one it joins later (ADDED); its names stay routable throughout."""
     source, holder = _source()
     bbr, llmd = (next(s for s in source._streams if s.label == label) for label in MANAGED_LABELS)
     ref = REFS[0]
@@ -301,16 +322,42 @@ def test_label_move_has_no_gap() -> None:
     _build(source)
     assert holder.current.lookup("x1") == "B0"
     v2 = _object(ref, 3, "B0", ["x1"], {MANAGED_LABELS[1]})
-    source._event(bbr, {"type": "DELETED", "object": v2})
+    was = _object(ref, 3, "B0", ["x1"], {MANAGED_LABELS[0]})
+    source._event(bbr, {"type": "DELETED", "object": was if as_it_was else v2})
     _build(source)
     assert holder.current.lookup("x1") == "B0"  # in transit: still in force
     source._event(llmd, {"type": "ADDED", "object": v2})
     _build(source)
     assert holder.current.lookup("x1") == "B0" and not source._handover
-    # A real delete (the object still carries its label) removes it at once.
-    source._event(llmd, {"type": "DELETED", "object": v2})
+    # A delete: the other stream has passed it (a later event) without the ConfigMap.
+    source._event(
+        llmd, {"type": "DELETED", "object": _object(ref, 4, "B0", ["x1"], {MANAGED_LABELS[1]})}
+    )
+    source._event(bbr, {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "5"}}})
+    source._expire_handovers()
     _build(source)
-    assert holder.current.lookup("x1") is None
+    assert holder.current.lookup("x1") is None and not source._handover
+
+
+def test_a_delete_is_in_force_within_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DELETED that may be a move keeps the names DELETE_GRACE at most, then they go."""
+    monkeypatch.setattr(kubernetes, "DELETE_GRACE", 0.05)
+    source, holder = _source()
+    bbr = next(s for s in source._streams if s.label == MANAGED_LABELS[0])
+    ref = REFS[2]
+    source._event(
+        bbr, {"type": "ADDED", "object": _object(ref, 2, "B2", ["x2"], {MANAGED_LABELS[0]})}
+    )
+    _build(source)
+    source._event(
+        bbr, {"type": "DELETED", "object": _object(ref, 3, "B2", ["x2"], {MANAGED_LABELS[0]})}
+    )
+    _build(source)
+    assert holder.current.lookup("x2") == "B2"
+    time.sleep(0.06)
+    source._expire_handovers()
+    _build(source)
+    assert holder.current.lookup("x2") is None and not source._handover
 
 
 def test_label_removed_without_the_other_removes_at_once() -> None:

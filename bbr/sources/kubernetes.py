@@ -119,6 +119,10 @@ LIST_PAGE = 250  # ConfigMaps per list page: ~0.6 ms to decode at most
 # How long a ConfigMap that moved from one managed label to the other stays in force
 # waiting for the other label's stream to report it (it normally does within ms).
 HANDOVER_SECONDS = 5.0
+# A DELETED event does not say whether the ConfigMap was deleted or moved to the other
+# label (the API server sends the object as it was): its names stay this long at most
+# waiting for the other label's stream (SPEC §3: a delete is in force within 2 s).
+DELETE_GRACE = 1.0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -1472,29 +1476,41 @@ class KubernetesSource:
         stream.gone_streak = 0
         obj = _slim(obj)
         with self._lock:
-            # The server sends DELETED when an object stops matching the selector;
-            # checking the stream's own label as well costs nothing.
+            handover = self._handover.get(ref)
+            caught_up = (
+                handover is not None
+                and handover[1] == stream.label
+                and _version(obj) >= handover[0].version
+            )
+            if caught_up:  # the stream it went to has it now, or says it is gone too
+                del self._handover[ref]
+            # The server sends DELETED when an object stops matching the selector, with
+            # the object as it was before (its labels included) and the new
+            # resourceVersion: a delete and a move to the other label look the same.
             if kind == "DELETED" or not _labelled(obj, stream.label):
                 stream.objects.pop(ref, None)
                 target = next(
                     (label for label in MANAGED_LABELS if label != stream.label), stream.label
                 )
-                if not _labelled(obj, stream.label) and _labelled(obj, target):
-                    # Moved to the other label: its stream will say so; until then
-                    # this copy stays in force.
+                others = [s for s in self._streams if s is not stream and ref in s.objects]
+                if caught_up:
+                    pass
+                elif not _labelled(obj, stream.label) and _labelled(obj, target):
+                    # Moved to the other label (the object as it is now): its stream
+                    # will say so; until then this copy stays in force.
                     deadline = time.monotonic() + HANDOVER_SECONDS
                     self._handover[ref] = (self._copy(obj), target, deadline)
-                elif kind == "DELETED":
+                elif kind == "DELETED" and _labelled(obj, stream.label) and not others:
+                    # Deleted, or moved to the other label: its stream reports a move
+                    # within milliseconds. Keep it in force until then (no gap), for
+                    # DELETE_GRACE at most, or until that stream has passed this
+                    # resourceVersion without it (`_expire_handovers`).
+                    deadline = time.monotonic() + DELETE_GRACE
+                    self._handover[ref] = (self._copy(obj), target, deadline)
+                else:
                     self._handover.pop(ref, None)
             else:
                 stream.objects[ref] = self._copy(obj)
-            handover = self._handover.get(ref)
-            if (
-                handover is not None
-                and handover[1] == stream.label
-                and _version(obj) >= handover[0].version
-            ):
-                del self._handover[ref]  # the stream it went to has caught up
             if version:
                 stream.resource_version = str(version)
             self._dirty.add(ref)
