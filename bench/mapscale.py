@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import http.client
 import json
 import os
@@ -57,6 +58,7 @@ LABEL = "inference.networking.k8s.io/bbr-managed"
 RESULT = common.RESULTS / "mapscale-latest.json"
 TICK = 0.001  # the lag writer's period
 LANES = 16  # edits in flight at most
+RT_PRIORITY = 10
 
 
 # --- the probe: bbr's map side in a process of its own ---------------------------------
@@ -107,6 +109,7 @@ class _Lag:
     def start(self) -> None:
         read, write = os.pipe()
         self.samples = []
+        _GC_PAUSES.clear()
         self.buffer = b""
         self.writer = subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(write), str(TICK)], pass_fds=(write,)
@@ -136,7 +139,23 @@ class _Lag:
         self.writer.wait()
         self.loop.remove_reader(self.fd)
         os.close(self.fd)
-        return lag_stats(self.samples)
+        stats = lag_stats(self.samples)
+        pauses, _GC_PAUSES[:] = list(_GC_PAUSES), []
+        for generation in (0, 1, 2):
+            durations = [d for g, d in pauses if g == generation]
+            stats[f"gc{generation}_max_ms"] = round(max(durations, default=0) * 1000, 3)
+        return stats
+
+
+_GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds) of each collection
+_gc_started = [0.0]
+
+
+def _gc_callback(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        _GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
 
 
 _WRITER = """
@@ -187,9 +206,22 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def probe(kubeconfig: str, log_path: str) -> int:
+def realtime() -> bool:
+    """Run this process (and the threads and children it starts) under SCHED_FIFO, so
+    that the other processes of a busy machine cannot preempt it: what the loop then
+    still waits for is bbr's own threads holding the GIL. Needs root (CAP_SYS_NICE);
+    Linux keeps 5 % of each second for everything else (sched_rt_runtime_us)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def probe(kubeconfig: str, log_path: str, rt: bool) -> int:
     """The map side of `bbr serve --kubernetes --namespace '*'`, driven over stdin."""
     os.environ["KUBECONFIG"] = kubeconfig
+    rt = rt and realtime()
     from bbr import logs
     from bbr.modelmap import MapHolder
     from bbr.server import ServeConfig, build_sources
@@ -198,6 +230,7 @@ def probe(kubeconfig: str, log_path: str) -> int:
     logs.configure("info", "json", stream=log_file)
     holder = MapHolder()
     sources = build_sources(ServeConfig(kubernetes=True, namespaces=["*"]), holder)
+    gc.callbacks.append(_gc_callback)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -218,6 +251,7 @@ def probe(kubeconfig: str, log_path: str) -> int:
                 "ready": round(time.monotonic() - started, 3),
                 "names": len(holder.current),
                 "rss": common.rss_bytes(os.getpid()),
+                "realtime": rt,
             }
         )
         lines: asyncio.Queue[str] = asyncio.Queue()
@@ -270,9 +304,10 @@ def probe(kubeconfig: str, log_path: str) -> int:
 class Probe:
     """The orchestrator's handle on a probe process."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, rt: bool) -> None:
+        argv = ["--probe", str(kubeconfig), str(log_path), *(["--realtime"] if rt else [])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.mapscale", "--probe", str(kubeconfig), str(log_path)],
+            [sys.executable, "-m", "bench.mapscale", *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -515,7 +550,7 @@ def measure(
     editor: Editor, kubeconfig: Path, workdir: Path, names: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     configmaps = names // ADAPTERS
-    probe = Probe(kubeconfig, workdir / f"probe-{names}.log")
+    probe = Probe(kubeconfig, workdir / f"probe-{names}.log", args.realtime)
     try:
         ready = probe.wait_ready(600)
         print(f"  probe ready: {ready}", file=sys.stderr)
@@ -524,6 +559,7 @@ def measure(
             "names": ready["names"],
             "load_s": ready["ready"],
             "rss_mb": round(ready["rss"] / 2**20, 1),
+            "realtime": ready["realtime"],
         }
         result["per_event"] = per_event(editor, probe, args.edits, configmaps)
         print(f"  per event: {result['per_event']}", file=sys.stderr)
@@ -573,10 +609,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-seconds", type=float, default=10.0)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--json", type=Path, default=RESULT, help="where to write results")
+    parser.add_argument(
+        "--realtime",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the probe under SCHED_FIFO when permitted (default: yes)",
+    )
     parser.add_argument("--probe", nargs=2, metavar=("KUBECONFIG", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
-        return probe(*args.probe)
+        return probe(*args.probe, args.realtime)
 
     from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
 
