@@ -567,6 +567,13 @@ def copied(d: dict[Any, Any], pace: Callable[[], None]) -> dict[Any, Any]:
 
 
 _MISS: Any = object()
+_Frozen = tuple[dict[Any, Any], dict[Any, Any]]  # (base, delta) of a snapshot
+
+
+def _layered_get(frozen: _Frozen, key: Any) -> Any:
+    base, delta = frozen
+    hit = delta.get(key, _MISS)
+    return base.get(key) if hit is _MISS else hit
 
 
 def _merged(base: dict[Any, Any], delta: dict[Any, Any]) -> dict[Any, Any]:
@@ -580,9 +587,6 @@ def _merged(base: dict[Any, Any], delta: dict[Any, Any]) -> dict[Any, Any]:
         else:
             out[key] = value
     return out
-
-
-_Frozen = tuple[dict[Any, Any], dict[Any, Any]]  # (base, delta) of a snapshot
 
 
 class _Layered:
@@ -650,6 +654,7 @@ class ModelMap:
     __slots__ = (
         "_adapters",
         "_bases",
+        "_configs",
         "_conflicts",
         "_groups",
         "_models_body",
@@ -671,7 +676,12 @@ class ModelMap:
     # The base model serving a model name, or None when it is not in the map.
     lookup: Callable[[str], str | None]
     _routes: _Frozen
+    # name -> id() of the ModelConfig in force for it, and id -> that ModelConfig: ints
+    # are not tracked by Python's cyclic GC, so neither is the name-sized dict (a new
+    # 50 k-entry dict of ModelConfigs made the next GC passes take milliseconds); only
+    # the ConfigMap-sized `_configs` is.
     _owners: _Frozen
+    _configs: _Frozen
     _groups: _Frozen  # name -> its conflicts (_Group)
     base_count: int
     adapter_count: int
@@ -703,7 +713,9 @@ class ModelMap:
         bases = sum(1 for name, base in routes.items() if name == base)
         now = time.time()
         frozen = {name: tuple(group) for name, group in groups.items()}
-        self._init((routes, {}), (owners, {}), (frozen, {}), bases, len(routes) - bases)
+        ids = {name: id(config) for name, config in owners.items()}
+        by_id = {id(config): config for config in owners.values()}
+        self._init((routes, {}), (ids, {}), (by_id, {}), (frozen, {}), bases, len(routes) - bases)
         self.conflict_count = found
         self.created_at = self.changed_at = now
 
@@ -712,13 +724,14 @@ class ModelMap:
         cls,
         routes: _Frozen,
         owners: _Frozen,
+        configs: _Frozen,
         groups: _Frozen,
         counts: tuple[int, int, int],
         problems: tuple[ConfigMapError, ...],
         changed_at: float,
     ) -> ModelMap:
         snapshot = cls.__new__(cls)
-        snapshot._init(routes, owners, groups, counts[0], counts[1])
+        snapshot._init(routes, owners, configs, groups, counts[0], counts[1])
         snapshot.conflict_count = counts[2]
         snapshot.problems = problems
         snapshot.created_at = time.time()
@@ -726,10 +739,17 @@ class ModelMap:
         return snapshot
 
     def _init(
-        self, routes: _Frozen, owners: _Frozen, groups: _Frozen, bases: int, adapters: int
+        self,
+        routes: _Frozen,
+        owners: _Frozen,
+        configs: _Frozen,
+        groups: _Frozen,
+        bases: int,
+        adapters: int,
     ) -> None:
         self._routes = routes
         self._owners = owners
+        self._configs = configs
         self._groups = groups
         self.base_count = bases
         self.adapter_count = adapters
@@ -773,13 +793,18 @@ class ModelMap:
     def owners(self) -> dict[str, ModelConfig]:
         """Name -> the ConfigMap whose entry is in force (do not change it)."""
         if self._owners_all is None:
-            self._owners_all = _merged(*self._owners)
+            configs = _merged(*self._configs)
+            pace = Pacer()
+            owners = {}
+            for name, key in _merged(*self._owners).items():
+                pace()
+                owners[name] = configs[key]
+            self._owners_all = owners
         return self._owners_all
 
     def owner(self, name: str) -> ModelConfig | None:
-        base, delta = self._owners
-        hit = delta.get(name, _MISS)
-        return base.get(name) if hit is _MISS else hit
+        key = _layered_get(self._owners, name)
+        return None if key is None else _layered_get(self._configs, key)
 
     @property
     def conflicts(self) -> tuple[Conflict, ...]:
@@ -858,7 +883,9 @@ class MapHolder:
         # conflicts, and is settled without walking its claimants.
         self._claim_bases: dict[str, dict[str, int]] = {}
         self._routes = _Layered()
-        self._owners = _Layered()
+        self._owners = _Layered()  # name -> id(ModelConfig)
+        self._configs = _Layered()  # id -> ModelConfig, while it owns a name
+        self._owned: dict[int, int] = {}  # id(ModelConfig) -> how many names it owns
         self._groups = _Layered()
         self._conflict_count = 0
         self._counts = [0, 0]  # bases, adapters
@@ -992,7 +1019,7 @@ class MapHolder:
             pace()
             claims = self._claims.get(name)
             old_base = routes.full.get(name)
-            old_owner = owners.full.get(name)
+            old_owner = owners.full.get(name)  # an id
             old_conflicts = groups.full.get(name, ())
             if old_base is not None:
                 counts[old_base != name] -= 1
@@ -1001,6 +1028,8 @@ class MapHolder:
                 if old_base is not None:
                     routes.remove(name)
                     owners.remove(name)
+                    if old_owner is not None:
+                        self._disown(old_owner)
                     changed = True
                 new_conflicts: _Group = ()
             else:
@@ -1010,8 +1039,11 @@ class MapHolder:
                 if old_base != base:
                     routes.set(name, base)
                     changed = True
-                if old_owner is not winner:
-                    owners.set(name, winner)
+                if old_owner != id(winner):
+                    owners.set(name, id(winner))
+                    self._own(winner)
+                    if old_owner is not None:
+                        self._disown(old_owner)
                     changed = True
                 new_conflicts = ()
                 if len(self._claim_bases[name]) > 1:
@@ -1033,6 +1065,21 @@ class MapHolder:
                     groups.remove(name)
         return changed
 
+    def _own(self, config: ModelConfig) -> None:
+        key = id(config)
+        count = self._owned.get(key, 0)
+        if not count:
+            self._configs.set(key, config)
+        self._owned[key] = count + 1
+
+    def _disown(self, key: int) -> None:
+        count = self._owned[key] - 1
+        if count:
+            self._owned[key] = count
+        else:
+            del self._owned[key]
+            self._configs.remove(key)
+
     def _snapshot(self, changed: bool, pace: Callable[[], None]) -> ModelMap:
         previous = self.current
         problems = tuple(p for held in self._problems.values() for p in held.values())
@@ -1040,6 +1087,7 @@ class MapHolder:
             return ModelMap._make(
                 previous._routes,
                 previous._owners,
+                previous._configs,
                 previous._groups,
                 (previous.base_count, previous.adapter_count, previous.conflict_count),
                 problems,
@@ -1048,6 +1096,7 @@ class MapHolder:
         return ModelMap._make(
             self._routes.freeze(pace),
             self._owners.freeze(pace),
+            self._configs.freeze(pace),
             self._groups.freeze(pace),
             (self._counts[0], self._counts[1], self._conflict_count),
             problems,
