@@ -400,3 +400,23 @@ def test_lists_and_events_are_decoded_to_what_the_map_needs() -> None:
         "type": "ERROR",
         "object": {"code": 410, "message": "too old"},
     }
+
+
+def test_a_move_that_also_edits_puts_the_edit_in_force() -> None:
+    """The DELETED of a move carries the object as it was with the new resourceVersion:
+    the same version as the moved object's ADDED, other data. The edit must win."""
+    source, holder = _source()
+    bbr, llmd = (next(s for s in source._streams if s.label == label) for label in MANAGED_LABELS)
+    ref = REFS[3]
+    source._event(
+        bbr, {"type": "ADDED", "object": _object(ref, 2, "B0", ["x0"], {MANAGED_LABELS[0]})}
+    )
+    was = _object(ref, 3, "B0", ["x0"], {MANAGED_LABELS[0]})
+    source._event(bbr, {"type": "DELETED", "object": was})
+    _build(source)  # the copy as it was is parsed (version 3) and kept in force
+    assert holder.current.lookup("x0") == "B0"
+    source._event(
+        llmd, {"type": "ADDED", "object": _object(ref, 3, "B0", ["y0"], {MANAGED_LABELS[1]})}
+    )
+    _build(source)
+    assert holder.current.lookup("y0") == "B0" and holder.current.lookup("x0") is None

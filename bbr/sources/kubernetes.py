@@ -1154,6 +1154,9 @@ class _Parsed:
     version: str
     config: ModelConfig | None
     error: ConfigMapError | None
+    # A DELETED event carries the object as it was with the *new* resourceVersion, so the
+    # version alone does not say what was parsed: the data it was parsed from, too.
+    data: Any = None
 
 
 def _ref(obj: Mapping[str, Any]) -> ConfigMapRef | None:
@@ -1657,7 +1660,12 @@ class KubernetesSource:
         uid = str(_meta(obj, "uid") or "")
         parsed = self._parsed.get(ref)
         fresh = None
-        if parsed is None or parsed.version != version or not version:
+        if (
+            parsed is None
+            or parsed.version != version
+            or not version
+            or parsed.data != obj.get("data")
+        ):
             parsed = self._parse(ref, obj, version)
             self._parsed[ref] = parsed
             fresh = parsed.error
@@ -1675,13 +1683,13 @@ class KubernetesSource:
         try:
             config = parse_configmap(obj, source=f"configmap {ref}", rank=None, warnings=warnings)
         except ConfigMapParseError as exc:
-            return _Parsed(version, None, exc.error)
+            return _Parsed(version, None, exc.error, obj.get("data"))
         for warning in warnings:
             log.warning(
                 "ConfigMap loaded with a warning",
                 extra=fields(configmap=str(ref), key=warning.key, reason=str(warning)),
             )
-        return _Parsed(version, config, None)
+        return _Parsed(version, config, None, obj.get("data"))
 
     def uid_of(self, ref: ConfigMapRef) -> str | None:
         """The uid of a ConfigMap this source has in force, else None."""
