@@ -19,11 +19,22 @@ How it is kept current
     Each stream lists (paginated), then watches from the list's resourceVersion with
     bookmarks on, resuming from the last resourceVersion seen whenever a watch ends or
     the connection drops. `410 Gone` (as an HTTP status or an ERROR event) means the
-    resourceVersion was compacted away: the stream relists and replaces what it held.
-    While the API is unreachable the stream backs off (exponential, capped at
-    `BACKOFF_CAP` = 1 s, jittered) and the map in force does not change. The first
-    map is published only when every stream has completed its first full list, so
-    the server's readiness (`MapHolder.loaded`) waits for it.
+    resourceVersion was compacted away: the stream relists and replaces what it held
+    in one step (no gap). While the API fails the stream retries fast for the first
+    FAST_RETRY_SECONDS (0.125-1 s, jittered), then doubling to BACKOFF_CAP (30 s),
+    honouring Retry-After; the failure is logged with its reason at once and every
+    WARN_EVERY while it lasts, and counted (`bbr_kubernetes_watch_errors_total`), and
+    the map in force does not change. The first map is published only when every
+    stream has completed its first full list, so the server's readiness
+    (`MapHolder.loaded`) waits for it.
+
+    Events feed one map-builder thread: it takes every ConfigMap changed since its last
+    round (a burst coalesces) and puts them in force with one `MapHolder.apply`, which
+    costs work in proportion to them. Lists and events are decoded straight into what
+    the map needs (`decode_page`, `decode_event`). A DELETED event reads the same for a
+    delete and for a move to the other label (the object as it was, with the new
+    resourceVersion), so its copy stays in force until the other label's stream
+    reports it, passes that version without it, or DELETE_GRACE ends.
 
 ConfigMap rules are the files' rules: `parse_configmap(rank=None)` orders conflicts by
 creationTimestamp then namespace/name; an invalid ConfigMap keeps its last good
