@@ -3,14 +3,16 @@
 The view answers "is my adapter live?" without logs or a restart: each name with its
 base model, kind and the ConfigMap (and file) it comes from, the conflicts, the
 ConfigMaps that are invalid and why, and when the map last changed. It is rendered at
-most once per snapshot (cached on it), in steps that let the request loop run, and its
-size is bounded by the map's (about 200 bytes a name).
+most once per snapshot (cached on it), in paced steps that let the request loop run
+(sorted in runs, encoded in chunks), and its size is bounded by the map's (about 100
+bytes a name).
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -19,7 +21,7 @@ import msgspec
 from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from bbr.modelmap import ModelConfig, ModelMap, yield_gil
+from bbr.modelmap import ModelConfig, ModelMap, Pacer
 
 PATH = "/modelmap"
 CONTENT_TYPE = "application/json"
@@ -36,19 +38,65 @@ def _source(config: ModelConfig) -> dict[str, Any]:
     return {"configmap": str(config.ref), "file": None if from_api else config.source}
 
 
-def document(snapshot: ModelMap) -> dict[str, Any]:
-    """The view as a JSON-ready dict (see the README for its shape)."""
-    models: dict[str, Any] = {}
-    owners = snapshot.owners
-    for count, (name, base) in enumerate(snapshot.items(), start=1):
-        owner = owners[name]
-        models[name] = {
-            "base_model": base,
-            "kind": "base" if name == base else "adapter",
-            **_source(owner),
-        }
-        if count % 1024 == 0:
-            yield_gil()
+# The view is built on the metrics thread, which shares the GIL with the request loop: a
+# sort or an encode of a 50 k-name map in one C call would hold the loop for tens of ms.
+# So names are sorted in runs of SORT_RUN and merged, and encoded ENCODE_CHUNK at a time,
+# with a Pacer between the steps.
+SORT_RUN = 2048
+ENCODE_CHUNK = 512
+
+
+def _sorted(names: Iterable[str], pace: Callable[[], None]) -> Iterator[str]:
+    everything = list(names)
+    runs = []
+    for start in range(0, len(everything), SORT_RUN):
+        runs.append(sorted(everything[start : start + SORT_RUN]))
+        pace()
+    return heapq.merge(*runs)
+
+
+def _encode_object(pairs: Iterable[tuple[str, Any]], pace: Callable[[], None]) -> bytes:
+    """`{"k": v, ...}` of `pairs` (in their order), encoded a chunk at a time."""
+    parts: list[bytes] = []
+    chunk: dict[str, Any] = {}
+    for key, value in pairs:
+        pace()
+        chunk[key] = value
+        if len(chunk) == ENCODE_CHUNK:
+            parts.append(msgspec.json.encode(chunk)[1:-1])
+            chunk = {}
+    if chunk:
+        parts.append(msgspec.json.encode(chunk)[1:-1])
+    return b"{" + b",".join(parts) + b"}"
+
+
+def _encode_list(items: Iterable[Any], pace: Callable[[], None]) -> bytes:
+    parts: list[bytes] = []
+    chunk: list[Any] = []
+    for item in items:
+        pace()
+        chunk.append(item)
+        if len(chunk) == ENCODE_CHUNK:
+            parts.append(msgspec.json.encode(chunk)[1:-1])
+            chunk = []
+    if chunk:
+        parts.append(msgspec.json.encode(chunk)[1:-1])
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _models(snapshot: ModelMap, pace: Callable[[], None]) -> Iterator[tuple[str, Any]]:
+    routes = snapshot._all_routes()
+    for name in _sorted(routes, pace):
+        base = routes[name]
+        owner = snapshot.owner(name)
+        assert owner is not None
+        yield (
+            name,
+            {"base_model": base, "kind": "base" if name == base else "adapter"} | (_source(owner)),
+        )
+
+
+def _head(snapshot: ModelMap) -> dict[str, Any]:
     return {
         "last_change": _time(snapshot.changed_at),
         "updated": _time(snapshot.created_at),
@@ -58,27 +106,56 @@ def document(snapshot: ModelMap) -> dict[str, Any]:
             "conflicts": snapshot.conflict_count,
             "invalid": len(snapshot.problems),
         },
-        "models": models,
-        "conflicts": [
-            {
-                "name": c.name,
-                "winner": str(c.winner),
-                "winner_base": c.winner_base,
-                "loser": str(c.loser),
-                "loser_base": c.loser_base,
-            }
-            for c in snapshot.conflicts
-        ],
-        "invalid": [
-            {
-                "configmap": str(p.ref) if p.ref else None,
-                "source": p.source,
-                "key": p.key,
-                "reason": p.reason,
-            }
-            for p in snapshot.problems
-        ],
     }
+
+
+def _conflicts(snapshot: ModelMap) -> Iterator[dict[str, Any]]:
+    for c in snapshot.conflicts:
+        yield {
+            "name": c.name,
+            "winner": str(c.winner),
+            "winner_base": c.winner_base,
+            "loser": str(c.loser),
+            "loser_base": c.loser_base,
+        }
+
+
+def _invalid(snapshot: ModelMap) -> Iterator[dict[str, Any]]:
+    for p in snapshot.problems:
+        yield {
+            "configmap": str(p.ref) if p.ref else None,
+            "source": p.source,
+            "key": p.key,
+            "reason": p.reason,
+        }
+
+
+def document(snapshot: ModelMap) -> dict[str, Any]:
+    """The view as a JSON-ready dict (see the README for its shape)."""
+    pace = Pacer()
+    return _head(snapshot) | {
+        "models": dict(_models(snapshot, pace)),
+        "conflicts": list(_conflicts(snapshot)),
+        "invalid": list(_invalid(snapshot)),
+    }
+
+
+def _render(snapshot: ModelMap) -> bytes:
+    """`document(snapshot)` encoded, in paced steps (the same bytes as one encode)."""
+    pace = Pacer()
+    head = msgspec.json.encode(_head(snapshot))[:-1]
+    return b"".join(
+        (
+            head,
+            b',"models":',
+            _encode_object(_models(snapshot, pace), pace),
+            b',"conflicts":',
+            _encode_list(_conflicts(snapshot), pace),
+            b',"invalid":',
+            _encode_list(_invalid(snapshot), pace),
+            b"}",
+        )
+    )
 
 
 def render(snapshot: ModelMap) -> bytes:
@@ -88,7 +165,7 @@ def render(snapshot: ModelMap) -> bytes:
         with _render_lock:  # two scrapes at once build it once
             cached = snapshot._view
             if cached is None:
-                cached = snapshot._view = msgspec.json.encode(document(snapshot))
+                cached = snapshot._view = _render(snapshot)
     assert isinstance(cached, bytes)
     return cached
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -86,19 +87,31 @@ def record(done: Finished) -> None:
 
 
 def bind_base_models(bases: frozenset[str]) -> None:
-    """One bbr_model_requests_total child per base model in force; the others dropped."""
-    global _BY_BASE
-    old = _BY_BASE
-    _BY_BASE = {
-        base: old[base] if base in old else MODEL_REQUESTS.labels(base_model=base) for base in bases
-    }
-    if _CAN_PRUNE:
-        for base in old.keys() - bases:
+    """One bbr_model_requests_total child per base model in `bases`; the others dropped."""
+    _rebind({base: True for base in bases} | {base: False for base in _BY_BASE.keys() - bases})
+
+
+def _rebind(changes: Mapping[str, bool]) -> None:
+    """Bind the base models that came into the map (True), drop those that left (False).
+
+    Changed in place: the request path only does `_BY_BASE.get`, which the GIL keeps
+    atomic, and only the holder's listener (one at a time) changes or walks it."""
+    by_base = _BY_BASE
+    for base, present in changes.items():
+        if present:
+            if base not in by_base:
+                by_base[base] = MODEL_REQUESTS.labels(base_model=base)
+        elif by_base.pop(base, None) is not None and _CAN_PRUNE:
             MODEL_REQUESTS.remove(base)
 
 
 def observe_map(snapshot: ModelMap) -> None:
-    bind_base_models(snapshot.bases)
+    """Follow a new map in force: in proportion to what changed when the holder says
+    what did (`snapshot.changes`), else from the whole set of base models."""
+    if snapshot.changes is not None:
+        _rebind(snapshot.changes.bases)
+    else:
+        bind_base_models(snapshot.bases)
     _BASES.set(snapshot.base_count)
     _ADAPTERS.set(snapshot.adapter_count)
     MAP_CONFLICTS.set(snapshot.conflict_count)

@@ -510,10 +510,23 @@ def parse_file_text(
     return parsed
 
 
-# Dicts larger than this are copied in chunks, the GIL released in between, so that
-# building a snapshot never stalls the request loop (which shares the GIL) for long:
-# one C-level copy of 16 k entries takes ~0.1 ms.
-COPY_CHUNK = 16384
+# --- sharing the GIL with the request loop ---------------------------------------------
+#
+# The map is built on threads (the Kubernetes builder, the file watcher) that share the
+# GIL with the asyncio request loop. A thread running Python gives the GIL up only every
+# `sys.getswitchinterval()` (5 ms) when another asks for it, and a single C call (a dict
+# copy, a sort) never: so every long job here is cut into steps and calls a `Pacer`
+# between them, which releases the GIL whenever the job has run GIL_BUDGET seconds.
+
+GIL_BUDGET = 0.0005
+# Dicts are copied COPY_CHUNK entries at a time (one C call of ~0.1 ms), paced.
+COPY_CHUNK = 4096
+# A snapshot shares its predecessor's dicts (the base) and holds only what changed since
+# (the delta), so a change costs work in proportion to it, not to the map. The delta is
+# folded into a fresh base when it outgrows FOLD_MIN entries and 1/16 of the map: the
+# O(map) copy then happens once per map/16 names changed (amortized, and paced).
+FOLD_MIN = 1024
+FOLD_SHIFT = 4
 
 
 def yield_gil() -> None:
@@ -522,15 +535,89 @@ def yield_gil() -> None:
     time.sleep(0.00002)
 
 
-def _copied(d: dict[Any, Any]) -> dict[Any, Any]:
-    if len(d) <= 2 * COPY_CHUNK:
+class Pacer:
+    """Call between the steps of a long job: every `budget` seconds of the job's work
+    it releases the GIL, so the request loop never waits longer than that for it.
+    (Counting items cannot promise this: one item may cost a hundred times another.)"""
+
+    __slots__ = ("_budget", "_due")
+
+    def __init__(self, budget: float = GIL_BUDGET) -> None:
+        self._budget = budget
+        self._due = time.perf_counter() + budget
+
+    def __call__(self) -> None:
+        if time.perf_counter() >= self._due:
+            yield_gil()
+            self._due = time.perf_counter() + self._budget
+
+
+def copied(d: dict[Any, Any], pace: Callable[[], None]) -> dict[Any, Any]:
+    """A copy of `d`, made COPY_CHUNK entries at a time with `pace()` in between."""
+    if len(d) <= COPY_CHUNK:
         return d.copy()
     out: dict[Any, Any] = {}
     items = iter(d.items())
-    while chunk := list(islice(items, COPY_CHUNK)):
-        out.update(chunk)
-        yield_gil()
+    while True:
+        before = len(out)
+        out.update(islice(items, COPY_CHUNK))
+        if len(out) - before < COPY_CHUNK:
+            return out
+        pace()
+
+
+_MISS: Any = object()
+_Frozen = tuple[dict[Any, Any], dict[Any, Any]]  # (base, delta) of a snapshot
+
+
+def _layered_get(frozen: _Frozen, key: Any) -> Any:
+    base, delta = frozen
+    hit = delta.get(key, _MISS)
+    return base.get(key) if hit is _MISS else hit
+
+
+def _merged(base: dict[Any, Any], delta: dict[Any, Any]) -> dict[Any, Any]:
+    """`base` with `delta` applied (None in the delta: the key is gone)."""
+    if not delta:
+        return base
+    out = copied(base, Pacer())
+    for key, value in delta.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
     return out
+
+
+class _Layered:
+    """The holder's side of one of a snapshot's dicts: the whole dict (`full`, changed in
+    place), the base the snapshots share and the delta since that base."""
+
+    __slots__ = ("base", "delta", "full")
+
+    def __init__(self) -> None:
+        self.full: dict[Any, Any] = {}
+        self.base: dict[Any, Any] = {}
+        self.delta: dict[Any, Any] = {}
+
+    def set(self, key: Any, value: Any) -> None:
+        self.full[key] = value
+        self.delta[key] = value
+
+    def remove(self, key: Any) -> None:
+        del self.full[key]
+        if key in self.base:
+            self.delta[key] = None
+        else:
+            self.delta.pop(key, None)
+
+    def freeze(self, pace: Callable[[], None]) -> _Frozen:
+        """(base, delta) for a new snapshot, never to be changed; folds a large delta."""
+        if len(self.delta) > max(FOLD_MIN, len(self.full) >> FOLD_SHIFT):
+            self.base = copied(self.full, pace)
+            self.delta = {}
+            pace()
+        return self.base, self.delta.copy()
 
 
 def _positions(config: ModelConfig, name: str) -> Iterator[int]:
@@ -542,35 +629,60 @@ def _positions(config: ModelConfig, name: str) -> Iterator[int]:
 
 
 _Key = tuple[Any, ...]  # conflict order: (rank, arrival)
+_Group = tuple[tuple[_Key, Conflict], ...]  # one name's conflicts, each with its order
+
+
+@dataclass(frozen=True, slots=True)
+class MapChanges:
+    """What changed between the snapshot the holder's listeners saw last and this one,
+    so that they can follow the map in proportion to the change."""
+
+    bases: Mapping[str, bool]  # name -> whether it is a base model now
+    conflicted: frozenset[str]  # names whose conflicts changed
 
 
 class ModelMap:
     """An immutable snapshot of the model map. Never mutate one: build another.
 
     `ModelMap(configs)` builds one from scratch (`bbr validate`, tests); `MapHolder`
-    builds them incrementally. What only operators read (the `/v1/models` body, the
-    sets of names, the sorted conflicts) is computed on first use and cached.
+    builds them incrementally: a snapshot shares the dicts of an older one and holds
+    only what changed since (`lookup` reads both). What only operators read (the
+    `/v1/models` body, the sets of names, the sorted conflicts, the owners) is computed
+    on first use and cached.
     """
 
     __slots__ = (
         "_adapters",
         "_bases",
-        "_conflict_groups",
+        "_configs",
         "_conflicts",
+        "_groups",
         "_models_body",
+        "_owners",
+        "_owners_all",
         "_routes",
+        "_routes_all",
         "_view",
         "adapter_count",
         "base_count",
         "changed_at",
+        "changes",
         "conflict_count",
         "created_at",
-        "owners",
+        "lookup",
         "problems",
     )
 
-    _routes: dict[str, str]
-    owners: dict[str, ModelConfig]
+    # The base model serving a model name, or None when it is not in the map.
+    lookup: Callable[[str], str | None]
+    _routes: _Frozen
+    # name -> id() of the ModelConfig in force for it, and id -> that ModelConfig: ints
+    # are not tracked by Python's cyclic GC, so neither is the name-sized dict (a new
+    # 50 k-entry dict of ModelConfigs made the next GC passes take milliseconds); only
+    # the ConfigMap-sized `_configs` is.
+    _owners: _Frozen
+    _configs: _Frozen
+    _groups: _Frozen  # name -> its conflicts (_Group)
     base_count: int
     adapter_count: int
     conflict_count: int
@@ -579,13 +691,15 @@ class ModelMap:
     problems: tuple[ConfigMapError, ...]
     created_at: float  # when this snapshot was made
     changed_at: float  # when the names, their base models or owners last changed
-    _conflict_groups: tuple[tuple[tuple[_Key, Conflict], ...], ...]
+    # Set by the holder before its listeners see this snapshot; None: not known.
+    changes: MapChanges | None
     _conflicts: tuple[Conflict, ...] | None
 
     def __init__(self, configs: Iterable[ModelConfig] = ()) -> None:
         routes: dict[str, str] = {}
         owners: dict[str, ModelConfig] = {}
-        conflicts: list[Conflict] = []
+        groups: dict[str, list[tuple[_Key, Conflict]]] = {}
+        found = 0
         for config in sorted(configs, key=lambda c: c.rank):
             for name in (config.base_model, *config.adapters):
                 held = routes.get(name)
@@ -593,88 +707,132 @@ class ModelMap:
                     routes[name] = config.base_model
                     owners[name] = config
                 elif held != config.base_model:
-                    owner = owners[name]
-                    conflicts.append(Conflict(name, owner.ref, held, config.ref, config.base_model))
+                    conflict = Conflict(name, owners[name].ref, held, config.ref, config.base_model)
+                    groups.setdefault(name, []).append(((found,), conflict))
+                    found += 1
         bases = sum(1 for name, base in routes.items() if name == base)
         now = time.time()
-        self._init(routes, owners, bases, len(routes) - bases, (), (), now, now)
-        self._conflicts = tuple(conflicts)
-        self.conflict_count = len(conflicts)
+        frozen = {name: tuple(group) for name, group in groups.items()}
+        ids = {name: id(config) for name, config in owners.items()}
+        by_id = {id(config): config for config in owners.values()}
+        self._init((routes, {}), (ids, {}), (by_id, {}), (frozen, {}), bases, len(routes) - bases)
+        self.conflict_count = found
+        self.created_at = self.changed_at = now
 
     @classmethod
     def _make(
         cls,
-        routes: dict[str, str],
-        owners: dict[str, ModelConfig],
-        counts: tuple[int, int],
-        conflict_groups: tuple[tuple[tuple[_Key, Conflict], ...], ...],
-        conflict_count: int,
+        routes: _Frozen,
+        owners: _Frozen,
+        configs: _Frozen,
+        groups: _Frozen,
+        counts: tuple[int, int, int],
         problems: tuple[ConfigMapError, ...],
         changed_at: float,
     ) -> ModelMap:
         snapshot = cls.__new__(cls)
-        snapshot._init(routes, owners, *counts, conflict_groups, problems, time.time(), changed_at)
-        snapshot.conflict_count = conflict_count
+        snapshot._init(routes, owners, configs, groups, counts[0], counts[1])
+        snapshot.conflict_count = counts[2]
+        snapshot.problems = problems
+        snapshot.created_at = time.time()
+        snapshot.changed_at = changed_at
         return snapshot
 
     def _init(
         self,
-        routes: dict[str, str],
-        owners: dict[str, ModelConfig],
+        routes: _Frozen,
+        owners: _Frozen,
+        configs: _Frozen,
+        groups: _Frozen,
         bases: int,
         adapters: int,
-        conflict_groups: tuple[tuple[tuple[_Key, Conflict], ...], ...],
-        problems: tuple[ConfigMapError, ...],
-        created_at: float,
-        changed_at: float,
     ) -> None:
         self._routes = routes
-        self.owners = owners
+        self._owners = owners
+        self._configs = configs
+        self._groups = groups
         self.base_count = bases
         self.adapter_count = adapters
-        self._conflict_groups = conflict_groups
-        self.problems = problems
-        self.created_at = created_at
-        self.changed_at = changed_at
+        self.problems = ()
+        self.changes = None
         self._conflicts = None
         self._models_body: bytes | None = None
         self._bases: frozenset[str] | None = None
         self._adapters: frozenset[str] | None = None
+        self._routes_all: dict[str, str] | None = None
+        self._owners_all: dict[str, ModelConfig] | None = None
         self._view: Any = None
+        base, delta = routes
+        if not delta:
+            self.lookup = base.get
+        else:
 
-    def lookup(self, model: str) -> str | None:
-        """The base model serving `model`, or None when it is not in the map."""
-        return self._routes.get(model)
+            def lookup(
+                model: str, _delta: Any = delta.get, _base: Any = base.get, _miss: Any = _MISS
+            ) -> str | None:
+                hit = _delta(model, _miss)
+                return _base(model) if hit is _miss else hit  # type: ignore[no-any-return]
+
+            self.lookup = lookup
+
+    def _all_routes(self) -> dict[str, str]:
+        if self._routes_all is None:
+            self._routes_all = _merged(*self._routes)
+        return self._routes_all
 
     def items(self) -> Iterator[tuple[str, str]]:
-        return iter(sorted(self._routes.items()))
+        return iter(sorted(self._all_routes().items()))
 
     def __len__(self) -> int:
-        return len(self._routes)
+        return self.base_count + self.adapter_count
 
     def __contains__(self, model: object) -> bool:
-        return model in self._routes
+        return isinstance(model, str) and self.lookup(model) is not None
+
+    @property
+    def owners(self) -> dict[str, ModelConfig]:
+        """Name -> the ConfigMap whose entry is in force (do not change it)."""
+        if self._owners_all is None:
+            configs = _merged(*self._configs)
+            pace = Pacer()
+            owners = {}
+            for name, key in _merged(*self._owners).items():
+                pace()
+                owners[name] = configs[key]
+            self._owners_all = owners
+        return self._owners_all
+
+    def owner(self, name: str) -> ModelConfig | None:
+        key = _layered_get(self._owners, name)
+        return None if key is None else _layered_get(self._configs, key)
 
     @property
     def conflicts(self) -> tuple[Conflict, ...]:
         """Every name lost by a ConfigMap, in the loser's conflict order."""
         if self._conflicts is None:
-            found = sorted(
-                (pair for group in self._conflict_groups for pair in group), key=lambda p: p[0]
-            )
+            groups = _merged(*self._groups)
+            found = sorted((pair for group in groups.values() for pair in group), key=_first)
             self._conflicts = tuple(conflict for _, conflict in found)
         return self._conflicts
+
+    def conflicts_of(self, name: str) -> tuple[Conflict, ...]:
+        """The conflicts over one name (cheap: for following changes)."""
+        base, delta = self._groups
+        group = delta.get(name, _MISS)
+        if group is _MISS:
+            group = base.get(name)
+        return tuple(conflict for _, conflict in group or ())
 
     @property
     def bases(self) -> frozenset[str]:
         if self._bases is None:
-            self._bases = frozenset(n for n, b in self._routes.items() if n == b)
+            self._bases = frozenset(n for n, b in self._all_routes().items() if n == b)
         return self._bases
 
     @property
     def adapters(self) -> frozenset[str]:
         if self._adapters is None:
-            self._adapters = frozenset(n for n, b in self._routes.items() if n != b)
+            self._adapters = frozenset(n for n, b in self._all_routes().items() if n != b)
         return self._adapters
 
     @property
@@ -693,7 +851,7 @@ class ModelMap:
                             "created": owners[name].created,
                             "owned_by": "bbr",
                         }
-                        for name in sorted(self._routes)
+                        for name in sorted(self._all_routes())
                     ],
                 }
             )
@@ -707,8 +865,11 @@ class MapHolder:
     of them by key (`apply`). Either way only the names those ConfigMaps declare are
     recomputed: each name keeps its claimants ordered by conflict rank, so the winner
     is the first and a change touches only its names. The snapshot readers see
-    (`.current`) is a new immutable ModelMap, swapped in with one assignment; its
-    dicts are copies made in GIL-friendly chunks. Readers just read `.current`.
+    (`.current`) is a new immutable ModelMap, swapped in with one assignment; it shares
+    the dicts of an older snapshot and copies only the names changed since (folded into
+    new shared dicts, in paced chunks, once the changes outgrow a sixteenth of the map).
+    Readers just read `.current`. Listeners get each snapshot once, in order, with
+    `snapshot.changes` saying what changed since the one they saw before.
     """
 
     def __init__(self) -> None:
@@ -717,9 +878,15 @@ class MapHolder:
         self._entries: dict[str, dict[Hashable, tuple[_Key, ModelConfig]]] = {}
         self._problems: dict[str, dict[Hashable, ConfigMapError]] = {}
         self._claims: dict[str, list[tuple[_Key, ModelConfig]]] = {}
-        self._routes: dict[str, str] = {}
-        self._owners: dict[str, ModelConfig] = {}
-        self._conflicts: dict[str, tuple[tuple[_Key, Conflict], ...]] = {}
+        # name -> how many of its claimants name each base model: a name claimed by one
+        # base model only (a base model declared by 10 k ConfigMaps, say) has no
+        # conflicts, and is settled without walking its claimants.
+        self._claim_bases: dict[str, dict[str, int]] = {}
+        self._routes = _Layered()
+        self._owners = _Layered()  # name -> id(ModelConfig)
+        self._configs = _Layered()  # id -> ModelConfig, while it owns a name
+        self._owned: dict[int, int] = {}  # id(ModelConfig) -> how many names it owns
+        self._groups = _Layered()
         self._conflict_count = 0
         self._counts = [0, 0]  # bases, adapters
         self._seq = 0
@@ -727,6 +894,9 @@ class MapHolder:
         self._reported: set[str] = set()
         self.current: ModelMap = ModelMap()
         self._notified: ModelMap | None = None
+        # What changed since the listeners were last told (see MapChanges).
+        self._base_changes: dict[str, bool] = {}
+        self._conflicted: set[str] = set()
         self.loaded = threading.Event()
         self._listeners: list[Callable[[ModelMap], None]] = []
 
@@ -785,9 +955,11 @@ class MapHolder:
         changes: Mapping[Hashable, ModelConfig | None],
         problems: Mapping[Hashable, ConfigMapError | None] | None,
     ) -> ModelMap:
+        pace = Pacer()
         entries = self._entries.setdefault(source, {})
         touched: set[str] = set()
-        for count, (key, config) in enumerate(changes.items(), start=1):
+        for key, config in changes.items():
+            pace()
             old = entries.get(key)
             if old is not None and config is not None and old[1] == config:
                 continue
@@ -802,10 +974,10 @@ class MapHolder:
                 entries[key] = entry
                 for name in {config.base_model, *config.adapters}:
                     insort(self._claims.setdefault(name, []), entry, key=_first)
+                    bases = self._claim_bases.setdefault(name, {})
+                    bases[config.base_model] = bases.get(config.base_model, 0) + 1
                     touched.add(name)
-            if count % 256 == 0:
-                yield_gil()
-        changed = self._settle(touched)
+        changed = self._settle(touched, pace)
         problems_changed = False
         if problems:
             held = self._problems.setdefault(source, {})
@@ -818,7 +990,7 @@ class MapHolder:
         first = source not in self._reported
         self._reported.add(source)
         if changed or problems_changed or first:
-            self.current = self._snapshot(changed)
+            self.current = self._snapshot(changed, pace)
         if self._expected.issubset(self._reported):
             self.loaded.set()
         return self.current
@@ -830,81 +1002,121 @@ class MapHolder:
         del claims[index]
         if not claims:
             del self._claims[name]
+        bases = self._claim_bases[name]
+        base = entry[1].base_model
+        bases[base] -= 1
+        if not bases[base]:
+            del bases[base]
+            if not bases:
+                del self._claim_bases[name]
 
-    def _settle(self, names: Iterable[str]) -> bool:
+    def _settle(self, names: Iterable[str], pace: Callable[[], None]) -> bool:
         """Recompute the winner and the conflicts of each name; True if any changed."""
         changed = False
         counts = self._counts
-        for count, name in enumerate(names, start=1):
-            if count % 256 == 0:
-                yield_gil()
+        routes, owners, groups = self._routes, self._owners, self._groups
+        for name in names:
+            pace()
             claims = self._claims.get(name)
-            old_base = self._routes.get(name)
-            old_owner = self._owners.get(name)
-            old_conflicts = self._conflicts.get(name, ())
+            old_base = routes.full.get(name)
+            old_owner = owners.full.get(name)  # an id
+            old_conflicts = groups.full.get(name, ())
             if old_base is not None:
                 counts[old_base != name] -= 1
+            base = None
             if not claims:
                 if old_base is not None:
-                    del self._routes[name], self._owners[name]
+                    routes.remove(name)
+                    owners.remove(name)
+                    if old_owner is not None:
+                        self._disown(old_owner)
                     changed = True
-                new_conflicts: tuple[tuple[_Key, Conflict], ...] = ()
+                new_conflicts: _Group = ()
             else:
                 winner = claims[0][1]
                 base = winner.base_model
                 counts[base != name] += 1
-                if old_base != base or old_owner is not winner:
-                    self._routes[name] = base
-                    self._owners[name] = winner
+                if old_base != base:
+                    routes.set(name, base)
                     changed = True
-                new_conflicts = tuple(
-                    ((key, position), Conflict(name, winner.ref, base, c.ref, c.base_model))
-                    for key, c in claims[1:]
-                    if c.base_model != base
-                    for position in _positions(c, name)
-                )
+                if old_owner != id(winner):
+                    owners.set(name, id(winner))
+                    self._own(winner)
+                    if old_owner is not None:
+                        self._disown(old_owner)
+                    changed = True
+                new_conflicts = ()
+                if len(self._claim_bases[name]) > 1:
+                    new_conflicts = tuple(
+                        ((key, position), Conflict(name, winner.ref, base, c.ref, c.base_model))
+                        for key, c in claims[1:]
+                        if c.base_model != base
+                        for position in _positions(c, name)
+                    )
+            if (old_base == name) != (base == name):
+                self._base_changes[name] = base == name
             if new_conflicts != old_conflicts:
                 changed = True
+                self._conflicted.add(name)
                 self._conflict_count += len(new_conflicts) - len(old_conflicts)
                 if new_conflicts:
-                    self._conflicts[name] = new_conflicts
+                    groups.set(name, new_conflicts)
                 else:
-                    del self._conflicts[name]
+                    groups.remove(name)
         return changed
 
-    def _snapshot(self, changed: bool) -> ModelMap:
+    def _own(self, config: ModelConfig) -> None:
+        key = id(config)
+        count = self._owned.get(key, 0)
+        if not count:
+            self._configs.set(key, config)
+        self._owned[key] = count + 1
+
+    def _disown(self, key: int) -> None:
+        count = self._owned[key] - 1
+        if count:
+            self._owned[key] = count
+        else:
+            del self._owned[key]
+            self._configs.remove(key)
+
+    def _snapshot(self, changed: bool, pace: Callable[[], None]) -> ModelMap:
         previous = self.current
         problems = tuple(p for held in self._problems.values() for p in held.values())
         if not changed:
             return ModelMap._make(
                 previous._routes,
-                previous.owners,
-                (previous.base_count, previous.adapter_count),
-                previous._conflict_groups,
-                previous.conflict_count,
+                previous._owners,
+                previous._configs,
+                previous._groups,
+                (previous.base_count, previous.adapter_count, previous.conflict_count),
                 problems,
                 previous.changed_at,
             )
         return ModelMap._make(
-            _copied(self._routes),
-            _copied(self._owners),
-            (self._counts[0], self._counts[1]),
-            tuple(self._conflicts.values()),
-            self._conflict_count,
+            self._routes.freeze(pace),
+            self._owners.freeze(pace),
+            self._configs.freeze(pace),
+            self._groups.freeze(pace),
+            (self._counts[0], self._counts[1], self._conflict_count),
             problems,
             time.time(),
         )
 
     def _notify(self) -> None:
-        """Tell listeners about the map in force, in order, each snapshot once."""
+        """Tell listeners about the map in force, in order, each snapshot once, with
+        what changed since the snapshot they were told about before."""
         with self._notify_lock:
-            snapshot = self.current
-            if snapshot is self._notified:
-                return
+            with self._lock:
+                snapshot = self.current
+                if snapshot is self._notified:
+                    return
+                snapshot.changes = MapChanges(self._base_changes, frozenset(self._conflicted))
+                self._base_changes, self._conflicted = {}, set()
             self._notified = snapshot
             for listener in self._listeners:
                 listener(snapshot)
 
 
-def _first(entry: tuple[_Key, ModelConfig]) -> _Key:
+def _first(entry: tuple[_Key, Any]) -> _Key:
     return entry[0]

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -367,10 +367,11 @@ def count_reload(report: LoadReport) -> None:
 
 class MapAnnouncer:
     """Logs and counts each map put in force; a conflict is logged when it appears,
-    not again on every later change (at scale that would be every event)."""
+    not again on every later change (at scale that would be every event). It looks
+    only at the names whose conflicts changed (`snapshot.changes`), when known."""
 
     def __init__(self) -> None:
-        self._conflicts: frozenset[Conflict] = frozenset()
+        self._conflicts: dict[str, frozenset[Conflict]] = {}
 
     def __call__(self, snapshot: ModelMap) -> None:
         metrics.observe_map(snapshot)
@@ -382,13 +383,21 @@ class MapAnnouncer:
                 conflicts=snapshot.conflict_count,
             ),
         )
-        conflicts = frozenset(snapshot.conflicts) if snapshot.conflict_count else frozenset()
-        for conflict in snapshot.conflicts if conflicts - self._conflicts else ():
-            if conflict not in self._conflicts:
-                log.warning(
-                    "model name conflict", extra=fields(name=conflict.name, detail=str(conflict))
-                )
-        self._conflicts = conflicts
+        changes = snapshot.changes
+        if changes is not None:
+            names: Iterable[str] = changes.conflicted
+        else:
+            names = {c.name for c in snapshot.conflicts} | self._conflicts.keys()
+        for name in sorted(names):
+            seen = self._conflicts.pop(name, frozenset())
+            now = snapshot.conflicts_of(name)
+            for conflict in now:
+                if conflict not in seen:
+                    log.warning(
+                        "model name conflict", extra=fields(name=name, detail=str(conflict))
+                    )
+            if now:
+                self._conflicts[name] = frozenset(now)
 
 
 def build_sources(

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
+from bbr import metrics
+from bbr.modelmap import ConfigMapRef, MapHolder, ModelConfig
 from tests.conftest import (
     StartBbr,
     configmap_yaml,
@@ -70,3 +73,32 @@ def test_a_base_model_that_leaves_the_map_leaves_the_metric(
     assert per_base(bbr.metrics_text()) == {"llama": 1, "mistral": 0}
     send(bbr.channel(), "mistral")
     assert per_base(bbr.metrics_text()) == {"llama": 1, "mistral": 1}
+
+
+def test_follows_the_map_by_its_changes_only() -> None:
+    """In the server the series follow each map through what changed (`snapshot.changes`):
+    a base model declared by two ConfigMaps stays while either does, one that leaves is
+    dropped, one that arrives starts at 0, and no change walks the whole map."""
+
+    def config(name: str, base: str, *adapters: str) -> ModelConfig:
+        ref = ConfigMapRef("metric-test", name)
+        return ModelConfig(ref, base, adapters, (1, 0, ref.namespace, name), name, 0)
+
+    def series() -> dict[str, float]:
+        found = per_base(generate_latest(REGISTRY).decode())
+        return {base: value for base, value in found.items() if base.startswith("mt-")}
+
+    holder = MapHolder()
+    holder.subscribe(metrics.observe_map)
+    a, b = config("a", "mt-llama", "mt-food"), config("b", "mt-llama", "mt-movie")
+    holder.apply("api", {a.ref: a, b.ref: b, ("c",): config("c", "mt-qwen")})
+    assert series() == {"mt-llama": 0, "mt-qwen": 0}
+    metrics._BY_BASE["mt-llama"].inc(2)
+    holder.apply("api", {a.ref: None})  # b still declares mt-llama
+    assert holder.current._bases is None  # followed by changes, not by the set of bases
+    assert series() == {"mt-llama": 2, "mt-qwen": 0}
+    holder.apply("api", {b.ref: None, ("c",): config("c", "mt-mistral")})
+    assert holder.current._bases is None
+    assert series() == {"mt-mistral": 0}
+    holder.apply("api", {("c",): None})
+    assert series() == {}

@@ -9,10 +9,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from bbr import mapview
-from bbr.modelmap import MapHolder, parse_file_text
+from bbr.modelmap import ConfigMapError, ConfigMapRef, MapHolder, ModelConfig, parse_file_text
 from tests.conftest import (
     StartBbr,
     configmap_yaml,
@@ -185,3 +186,30 @@ def test_view_rendered_once_per_snapshot() -> None:
         "b2": {"base_model": "b2", "kind": "base", "configmap": "default/m", "file": "m.yaml#1"}
     }
     assert mapview.render(first) is body  # the old snapshot keeps its own view
+
+
+ENCODE_CHUNK = mapview.ENCODE_CHUNK
+
+
+def test_a_large_view_is_built_in_steps_and_reads_the_same() -> None:
+    """Past the sort run and the encode chunk (names, conflicts and invalid ConfigMaps
+    alike) the view built in paced steps is the same document, in name order."""
+    holder = MapHolder()
+    configs = {}
+    for i in range(1200):
+        ref = ConfigMapRef(f"ns-{i % 7}", f"cm-{i}")
+        adapters = tuple(f"a{i}-{j}" for j in range(3)) + (("shared",) if i % 2 else ())
+        configs[ref] = ModelConfig(ref, f"b{i % 9}", adapters, (1, i, ref.namespace, ref.name),
+                                   f"configmap {ref}", 0)  # fmt: skip
+    problems = {i: ConfigMapError(f"configmap ns/bad-{i}", "data", f"bad {i}") for i in range(600)}
+    holder.apply("kubernetes", configs, problems)
+    snapshot = holder.current
+    body = mapview.render(snapshot)
+    assert body == msgspec.json.encode(mapview.document(snapshot))
+    doc = json.loads(body)
+    assert list(doc["models"]) == sorted(dict(snapshot.items()))
+    assert len(doc["models"]) == 1200 * 3 + 9 + 1
+    # "shared": the oldest (cm-1, base b1) wins; every other base model's claim loses.
+    losers = sum(1 for i in range(1, 1200, 2) if i % 9 != 1)
+    assert len(doc["conflicts"]) == snapshot.conflict_count == losers > ENCODE_CHUNK
+    assert [p["reason"] for p in doc["invalid"]] == [f"bad {i}" for i in range(600)]

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -115,7 +115,7 @@ class EventRecorder:
         self._buckets: OrderedDict[tuple[ConfigMapRef, str], _Bucket] = OrderedDict()
         self._total = _Bucket(TOTAL_BURST)
         self._posted: OrderedDict[tuple[ConfigMapRef, str, str, str], _Posted] = OrderedDict()
-        self._conflicts: frozenset[Conflict] = frozenset()
+        self._conflicts: dict[str, frozenset[Conflict]] = {}  # name -> its conflicts
         self._thread: threading.Thread | None = None
         self._failed_logged = 0.0
         self.stats = {"posted": 0, "patched": 0, "dropped": 0, "failed": 0}
@@ -137,26 +137,39 @@ class EventRecorder:
         self._record(_Event(ref, uid, "Normal", VALID, "valid again; bbr has put it in force"))
 
     def observe(self, snapshot: ModelMap) -> None:
-        """Holder listener: an Event on the losing ConfigMap for each new conflict."""
-        if not snapshot.conflict_count and not self._conflicts:
+        """Holder listener: an Event on the losing ConfigMap for each new conflict.
+        Only the names whose conflicts changed are looked at (`snapshot.changes`)."""
+        changes = snapshot.changes
+        if changes is not None:
+            names: Iterable[str] = changes.conflicted
+        elif snapshot.conflict_count or self._conflicts:
+            names = {c.name for c in snapshot.conflicts} | self._conflicts.keys()
+        else:
             return
-        conflicts = frozenset(snapshot.conflicts)
-        for conflict in conflicts - self._conflicts:
-            uid = self.uid_of(conflict.loser)
-            if uid is None:  # not a ConfigMap of the API (a file's)
-                continue
-            self._record(
-                _Event(
-                    conflict.loser,
-                    uid,
-                    "Warning",
-                    CONFLICT,
-                    f"model {conflict.name!r} (base {conflict.loser_base!r}) is also claimed "
-                    f"by ConfigMap {conflict.winner} (base {conflict.winner_base!r}), which "
-                    "is older and wins; this ConfigMap's entry for it is ignored",
-                )
+        for name in names:
+            seen = self._conflicts.pop(name, frozenset())
+            now = snapshot.conflicts_of(name)
+            for conflict in now:
+                if conflict not in seen:
+                    self._conflict(conflict)
+            if now:
+                self._conflicts[name] = frozenset(now)
+
+    def _conflict(self, conflict: Conflict) -> None:
+        uid = self.uid_of(conflict.loser)
+        if uid is None:  # not a ConfigMap of the API (a file's)
+            return
+        self._record(
+            _Event(
+                conflict.loser,
+                uid,
+                "Warning",
+                CONFLICT,
+                f"model {conflict.name!r} (base {conflict.loser_base!r}) is also claimed "
+                f"by ConfigMap {conflict.winner} (base {conflict.winner_base!r}), which "
+                "is older and wins; this ConfigMap's entry for it is ignored",
             )
-        self._conflicts = conflicts
+        )
 
     def _record(self, event: _Event) -> None:
         event.message = event.message[:MAX_MESSAGE]

@@ -98,6 +98,36 @@ def test_llmd_label_and_both_labels(kube: Kube, namespace: str, watch: Start) ->
     w.wait_for({"b-llmd": "b-llmd"})
 
 
+def test_moving_between_the_labels_never_leaves_a_gap(
+    kube: Kube, namespace: str, watch: Start
+) -> None:
+    """One edit swaps the labels: the stream it leaves reports DELETED and the one it
+    joins ADDED, in either order. No map put in force in between may lack its names
+    (every snapshot is checked, not a sample)."""
+    w = watch([namespace])
+    kube.apply(namespace, "mover", base="moving", adapters=["m1"])
+    w.wait_for({"moving": "moving", "m1": "moving"})
+    seen: list[tuple[str | None, str | None]] = []
+    w.holder.subscribe(
+        lambda snapshot: seen.append((snapshot.lookup("m1"), snapshot.lookup("moving")))
+    )
+    labels: dict[str, str | None] = {}
+    for i in range(20):
+        labels = (
+            {BBR_LABEL: None, LLMD_LABEL: "true"}
+            if i % 2 == 0
+            else {BBR_LABEL: "true", LLMD_LABEL: None}
+        )
+        kube.labels(namespace, "mover", labels)
+        time.sleep(0.05)
+    final = {key: value for key, value in labels.items() if value}
+    kube.apply(namespace, "mover", base="moving", adapters=["m1", "done"], labels=final)
+    w.wait_for({"moving": "moving", "m1": "moving", "done": "moving"})
+    assert len(seen) >= 1
+    assert all(pair == ("moving", "moving") for pair in seen), seen
+    assert not w.source._handover  # nothing left in transit
+
+
 def test_unlabelled_ignored(kube: Kube, namespace: str, watch: Start) -> None:
     w = watch([namespace])
     kube.apply(namespace, "plain", base="nope", labels={})
@@ -259,6 +289,42 @@ def test_watch_expired_relists(api_etcd_watch: ApiServer, watch: Start) -> None:
         # And it keeps watching after the relist.
         kube.apply(namespace, "stay", base="v3")
         w.wait_for({"v3": "v3", "added-during-gap": "added-during-gap"})
+    finally:
+        proxy.close()
+
+
+def test_a_relist_never_leaves_a_gap(
+    api_etcd_watch: ApiServer, watch: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After 410 Gone the stream relists (paginated here) and replaces what it held in
+    one step: ConfigMaps that did not change stay routable in every map in between."""
+    api = api_etcd_watch
+    monkeypatch.setattr(kubernetes, "LIST_PAGE", 4)
+    kube = Kube(KubeClient.from_kubeconfig(str(api.kubeconfig())))
+    namespace = f"t-{os.urandom(3).hex()}"
+    kube.create_namespace(namespace)
+    for i in range(15):
+        kube.apply(namespace, f"keep-{i}", base="kept", adapters=[f"k{i}"])
+    proxy = CuttableProxy(api.port)
+    try:
+        w = watch([namespace], kubeconfig=api.kubeconfig(server=proxy.url))
+        kept = {"kept": "kept"} | {f"k{i}": "kept" for i in range(15)}
+        assert w.table() == kept
+        gaps: list[int] = []
+        w.holder.subscribe(
+            lambda snapshot: gaps.append(sum(snapshot.lookup(n) is None for n in kept))
+        )
+        lists = w.source.stats["lists"]
+        proxy.cut()
+        kube.apply(namespace, "new", base="during-the-gap")
+        kube.apply(namespace, "new", base="during-the-gap", adapters=["n1"])
+        api.compact()  # the revision after the one the streams know is gone
+        proxy.restore()
+        w.wait_for(
+            kept | {"during-the-gap": "during-the-gap", "n1": "during-the-gap"}, DEADLINE + 1
+        )
+        assert w.source.stats["gone"] > 0 and w.source.stats["lists"] > lists
+        assert gaps and not any(gaps), gaps
     finally:
         proxy.close()
 
