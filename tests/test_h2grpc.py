@@ -1025,6 +1025,8 @@ MALFORMED_REQUESTS = {
     "cr-lf in value": _with((b"x-request-id", b"1\r\nx-evil: 1")),
     "nul in value": _with((b"x-request-id", b"1\x002")),
     "value with leading space": _with((b"x-request-id", b" 1")),
+    "lf in value": _with((b"x-request-id", b"1\n2")),
+    "value ending in a tab": _with((b"x-request-id", b"1\t")),
     "unknown pseudo-header": _with((b":token", b"x")),
     "response pseudo-header": [(b":status", b"200"), *GRPC_REQUEST],
     "pseudo-header after a regular field": [*_without(b":authority"), (b":authority", b"h")],
@@ -1050,7 +1052,9 @@ def test_header_block_malformed_request_is_named(fields: list[tuple[bytes, bytes
 
 
 def test_header_block_well_formed_requests() -> None:
-    grpc_call = h2grpc.HeaderBlock(_with((b"grpc-timeout", b"5S"), (b"content-length", b"10")))
+    grpc_call = h2grpc.HeaderBlock(
+        _with((b"user-agent", b"grpc c\t1"), (b"x-empty", b""), (b"content-length", b"10"))
+    )
     assert grpc_call.request_error is None
     assert grpc_call.grpc and grpc_call.path == PROCESS and grpc_call.content_length == 10
     for fields, method in (
