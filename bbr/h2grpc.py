@@ -859,7 +859,12 @@ class Connection(asyncio.BufferedProtocol):
         if call.remote_closed:  # half-closed (remote)
             self._stream_error(call.stream_id, STREAM_CLOSED, call)
             return
-        if not flags & END_STREAM or decoded.trailer_error is not None or call.content_left > 0:
+        if (
+            not flags & END_STREAM
+            or flags & _SELF_DEPENDENT
+            or decoded.trailer_error is not None
+            or call.content_left > 0
+        ):
             self._stream_error(call.stream_id, PROTOCOL_ERROR, call)
             return
         call.remote_closed = True
@@ -996,7 +1001,7 @@ class Connection(asyncio.BufferedProtocol):
         self._closed[stream_id] = how
         self._closed_next = (slot + 1) % CLOSED_MEMORY
 
-    def _forget(self, call: Call, how: ClosedBy) -> None:
+    def _forget(self, call: Call, how: ClosedBy = ClosedBy.SENT_RST) -> None:
         self._remember(call.stream_id, how)
         self.calls.pop(call.stream_id, None)
         self._blocked.pop(call.stream_id, None)

@@ -1136,18 +1136,24 @@ def test_raw_malformed_request_is_reset_and_the_connection_goes_on(
     assert_connection_goes_on(client, 3)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-frame", "two-frames"])
+@pytest.mark.parametrize("ending", ["one-frame", "two-frames", "trailers", "headers-only"])
 def test_raw_content_length_must_match_the_data(
-    serve: Serve, raw: Callable[..., RawClient], split: bool
+    serve: Serve, raw: Callable[..., RawClient], ending: str
 ) -> None:
     client = raw(serve())
-    size = str(len(ROUTED_CALL) + 1).encode()
-    client.send(HeadersFrame(1, client.encoder.encode(_with((b"content-length", size)))))
-    client.send(ContinuationFrame(1, b"", flags={"END_HEADERS"}))
-    if split:
-        client.send(DataFrame(1, ROUTED_CALL[:10]), DataFrame(1, ROUTED_CALL[10:] + b"xx"))
+    size = str(len(ROUTED_CALL) + 1).encode()  # one byte more than will come
+    fields = client.encoder.encode(_with((b"content-length", size)))
+    if ending == "headers-only":
+        client.send(HeadersFrame(1, fields, flags=FIN))
     else:
+        client.send(HeadersFrame(1, fields), ContinuationFrame(1, b"", flags={"END_HEADERS"}))
+    if ending == "one-frame":
         client.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))
+    elif ending == "two-frames":  # too much: caught before the end
+        client.send(DataFrame(1, ROUTED_CALL[:10]), DataFrame(1, ROUTED_CALL[10:] + b"xx"))
+    elif ending == "trailers":
+        client.send(DataFrame(1, ROUTED_CALL))
+        client.send(HeadersFrame(1, client.encoder.encode([(b"x-checksum", b"1")]), flags=FIN))
     expect_stream_error(client, 1, ErrorCodes.PROTOCOL_ERROR)
     # The same call with the right length is answered.
     size = str(len(ROUTED_CALL)).encode()
