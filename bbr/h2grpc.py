@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import operator
 import re
 import socket
 import ssl
@@ -182,7 +183,6 @@ _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
 _CONNECTION_SPECIFIC = frozenset(
     (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
 )
-_CHECKED = _CONNECTION_SPECIFIC | {b"te", b"content-length", b"content-type"}
 
 
 class HeaderBlock:
@@ -206,10 +206,12 @@ class HeaderBlock:
     )
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        # Few Python steps, most of the scanning in C: this runs for every header block
+        # the cache does not answer.
         self.fields = fields
         self.content_length = -1  # none given
         error: str | None = None  # breaks a rule for any block
-        values = b"\n".join([value for _, value in fields])
+        values = b"\n".join(map(_second, fields))
         if (
             values.count(b"\n") > max(len(fields) - 1, 0)  # an LF inside a value
             or b"\x00" in values
@@ -220,40 +222,30 @@ class HeaderBlock:
             )
         ):
             error = "invalid field value"
-        count = 0  # pseudo-headers come first (§8.3)
-        for name, _ in fields:
-            if name[:1] != b":":
-                break
-            count += 1
+        names = list(map(_first, fields))
+        # Pseudo-headers come first (§8.3). One that does not lands among the regular
+        # names, whose check refuses ':', or leaves a regular name among the pseudo ones.
+        count = (b"\n" + b"\n".join(names)).count(b"\n:")
         pseudo = dict(fields[:count])
-        regular = fields[count:]
-        names = [name for name, _ in regular]
-        if b"".join(names).translate(None, _NAME_BYTES) or b"" in names:
+        regular = names[count:]
+        if b"".join(regular).translate(None, _NAME_BYTES) or b"" in regular:
             error = error or "invalid field name (or a pseudo-header after a regular field)"
-        content_type = b""
-        for name, value in regular:
-            if name not in _CHECKED:
-                continue
-            if name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                if (
-                    not value.isdigit()
-                    or len(value) > 18
-                    or self.content_length
-                    not in (
-                        -1,
-                        int(value),
-                    )
-                ):
-                    error = error or "invalid content-length"
-                else:
-                    self.content_length = int(value)
-            elif name == b"te":
-                if value != b"trailers":
+        by_name = dict(fields[count:])
+        content_type = by_name.get(b"content-type", b"")
+        if not _CONNECTION_SPECIFIC.isdisjoint(by_name):
+            error = error or "connection-specific field"
+        if len(by_name) == len(regular):  # no name twice: one look each
+            if by_name.get(b"te", b"trailers") != b"trailers":
+                error = error or "te other than trailers"
+            length = by_name.get(b"content-length")
+            if length is not None:
+                error = error or self._content_length(length)
+        else:
+            for name, value in fields[count:]:
+                if name == b"te" and value != b"trailers":
                     error = error or "te other than trailers"
-            else:
-                error = error or f"connection-specific field {_shown(name)}"
+                elif name == b"content-length":
+                    error = error or self._content_length(value)
         self.trailer_error = error or ("pseudo-header in trailers" if count else None)
         request_error: str | None = None
         if len(pseudo) != count:
@@ -275,6 +267,18 @@ class HeaderBlock:
         self.method = method or b""
         # gRPC over HTTP/2: POST with content-type application/grpc[+proto|;...].
         self.grpc = method == b"POST" and content_type.startswith(b"application/grpc")
+
+    def _content_length(self, value: bytes) -> str | None:
+        """Takes a content-length value; why it is malformed, if it is."""
+        if not value.isdigit() or len(value) > 18:
+            return "invalid content-length"
+        if self.content_length not in (-1, int(value)):
+            return "content-lengths that differ"
+        self.content_length = int(value)
+        return None
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _shown(name: bytes) -> str:
@@ -526,7 +530,8 @@ class Connection(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._in_callback = False
         self._blocked: dict[int, Call] = {}
-        # The last CLOSED_MEMORY streams closed, and how (a ring: O(1) per stream).
+        # The last CLOSED_MEMORY streams closed, and how (a ring: O(1) per stream; a
+        # dict trimmed from its front would rescan deleted slots).
         self._closed: dict[int, ClosedBy] = {}
         self._closed_ring = [0] * CLOSED_MEMORY
         self._closed_next = 0
