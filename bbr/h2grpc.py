@@ -281,10 +281,6 @@ class HeaderBlock:
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
-def _shown(name: bytes) -> str:
-    return repr(name[:64].decode("latin-1"))
-
-
 class HeaderDecoder:
     """hpack's decoder, with repeated header blocks answered from a cache.
 
@@ -533,7 +529,7 @@ class Connection(asyncio.BufferedProtocol):
         # The last CLOSED_MEMORY streams closed, and how (a ring: O(1) per stream; a
         # dict trimmed from its front would rescan deleted slots).
         self._closed: dict[int, ClosedBy] = {}
-        self._closed_ring = [0] * CLOSED_MEMORY
+        self._closed_ring: list[int] = []
         self._closed_next = 0
 
     # -- asyncio.Protocol --
@@ -999,12 +995,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def _remember(self, stream_id: int, how: ClosedBy) -> None:
         ring = self._closed_ring
-        slot = self._closed_next
-        if ring[slot]:
+        if len(ring) < CLOSED_MEMORY:  # grown as streams close: nothing for idle connections
+            ring.append(stream_id)
+        else:
+            slot = self._closed_next
             self._closed.pop(ring[slot], None)
-        ring[slot] = stream_id
+            ring[slot] = stream_id
+            self._closed_next = (slot + 1) % CLOSED_MEMORY
         self._closed[stream_id] = how
-        self._closed_next = (slot + 1) % CLOSED_MEMORY
 
     def _forget(self, call: Call, how: ClosedBy = ClosedBy.SENT_RST) -> None:
         self._remember(call.stream_id, how)

@@ -1430,3 +1430,20 @@ def test_raw_unknown_frame_types_are_ignored(serve: Serve, raw: Callable[..., Ra
     seen = _ping_acked(client)
     assert not [f for f in seen if isinstance(f, GoAwayFrame | RstStreamFrame)], seen
     assert_connection_goes_on(client, 1)
+
+
+def test_closed_streams_remembered_are_bounded(serve: Serve) -> None:
+    """How a stream closed is kept for the last CLOSED_MEMORY streams only: a client
+    opening streams for ever cannot grow a connection's memory through it."""
+    conn = h2grpc.Connection(serve().server)
+    for stream_id in range(1, 2001, 2):
+        conn.last_stream_id = stream_id
+        how = h2grpc.ClosedBy.SENT_RST if stream_id % 3 else h2grpc.ClosedBy.END_STREAM
+        conn._remember(stream_id, how)
+    assert len(conn._closed) == h2grpc.CLOSED_MEMORY
+    assert conn.closed_by(1999) is h2grpc.ClosedBy.SENT_RST
+    assert conn.closed_by(1995) is h2grpc.ClosedBy.END_STREAM
+    oldest = 1999 - 2 * (h2grpc.CLOSED_MEMORY - 1)
+    assert conn.closed_by(oldest) is not h2grpc.ClosedBy.UNKNOWN
+    assert conn.closed_by(oldest - 2) is h2grpc.ClosedBy.UNKNOWN
+    assert conn.stream_state(oldest - 2) is h2grpc.StreamState.CLOSED
