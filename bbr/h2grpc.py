@@ -85,10 +85,11 @@ class ClosedBy(enum.Enum):
     END_STREAM = "both sides ended it"  # a late DATA/HEADERS: connection error STREAM_CLOSED
     SENT_RST = "bbr reset it"  # frames already in flight: ignored
     RECEIVED_RST = "the client reset it"  # a late DATA/HEADERS: stream error STREAM_CLOSED
-    UNKNOWN = "never opened, or closed too long ago to remember"
+    NEVER_OPENED = "an id the client skipped"  # a late HEADERS: connection PROTOCOL_ERROR
 
 
-CLOSED_MEMORY = 128  # closed streams remembered per connection, most recent first
+CLOSED_MEMORY = 128  # resets remembered per connection (older ones count as ended)
+SKIPPED_MEMORY = 16  # ranges of stream ids a client skipped, remembered per connection
 _SELF_DEPENDENT = 0x100  # not a wire flag: marks a HEADERS whose priority names itself
 
 # Settings.
@@ -526,10 +527,11 @@ class Connection(asyncio.BufferedProtocol):
         self._out: list[bytes] = []
         self._in_callback = False
         self._blocked: dict[int, Call] = {}
-        # The last CLOSED_MEMORY streams closed, and how (a ring: O(1) per stream; a
-        # dict trimmed from its front would rescan deleted slots).
+        # The last CLOSED_MEMORY streams reset, and by whom (a ring: O(1) per stream; a
+        # dict trimmed from its front would rescan deleted slots); ids never opened.
         self._closed: dict[int, ClosedBy] = {}
         self._closed_ring: list[int] = []
+        self._skipped: list[tuple[int, int]] = []
         self._closed_next = 0
 
     # -- asyncio.Protocol --
@@ -823,6 +825,8 @@ class Connection(asyncio.BufferedProtocol):
             self._not_open(HEADERS, stream_id)
             return
         # idle -> open (or half-closed (remote) with END_STREAM): a new request.
+        if stream_id > self.last_stream_id + 2:  # ids skipped: closed, never opened (§5.1.1)
+            self._skip(self.last_stream_id + 2 if self.last_stream_id else 1, stream_id - 2)
         self.last_stream_id = stream_id
         if flags & _SELF_DEPENDENT:
             self._stream_error(stream_id, PROTOCOL_ERROR)
@@ -972,8 +976,16 @@ class Connection(asyncio.BufferedProtocol):
         return StreamState.CLOSED
 
     def closed_by(self, stream_id: int) -> ClosedBy:
-        """How a closed stream closed, while it is remembered."""
-        return self._closed.get(stream_id, ClosedBy.UNKNOWN)
+        """How a closed stream closed. Resets are remembered (the last CLOSED_MEMORY of
+        them) and so are the ids a client skipped; any other closed stream ended both ways,
+        the normal end, which therefore costs a call no bookkeeping."""
+        how = self._closed.get(stream_id)
+        if how is not None:
+            return how
+        for low, high in self._skipped:
+            if low <= stream_id <= high:
+                return ClosedBy.NEVER_OPENED
+        return ClosedBy.END_STREAM
 
     def _not_open(self, kind: int, stream_id: int) -> None:
         """A frame (DATA, HEADERS, RST_STREAM, WINDOW_UPDATE) on a stream that is not
@@ -983,12 +995,12 @@ class Connection(asyncio.BufferedProtocol):
             raise H2Error(PROTOCOL_ERROR, f"frame type {kind} on idle stream {stream_id}")
         if kind != DATA and kind != HEADERS:
             return  # WINDOW_UPDATE and RST_STREAM may cross our END_STREAM or RST_STREAM
-        how = self._closed.get(stream_id, ClosedBy.UNKNOWN)
+        how = self.closed_by(stream_id)
         if how is ClosedBy.SENT_RST:
             return  # sent before our RST_STREAM reached the client: ignore (§5.1)
         if how is ClosedBy.END_STREAM:
             raise H2Error(STREAM_CLOSED, f"frame type {kind} after END_STREAM on {stream_id}")
-        if how is ClosedBy.UNKNOWN and kind == HEADERS:
+        if how is ClosedBy.NEVER_OPENED and kind == HEADERS:
             # A new stream's id must exceed every earlier one (§5.1.1).
             raise H2Error(PROTOCOL_ERROR, f"HEADERS on closed stream {stream_id}")
         self._stream_error(stream_id, STREAM_CLOSED)  # then ignored like any we reset
@@ -1004,8 +1016,14 @@ class Connection(asyncio.BufferedProtocol):
             self._closed_next = (slot + 1) % CLOSED_MEMORY
         self._closed[stream_id] = how
 
+    def _skip(self, low: int, high: int) -> None:
+        if len(self._skipped) >= SKIPPED_MEMORY:
+            del self._skipped[0]
+        self._skipped.append((low, high))
+
     def _forget(self, call: Call, how: ClosedBy = ClosedBy.SENT_RST) -> None:
-        self._remember(call.stream_id, how)
+        if how is not ClosedBy.END_STREAM:  # the normal end needs no record (closed_by)
+            self._remember(call.stream_id, how)
         self.calls.pop(call.stream_id, None)
         self._blocked.pop(call.stream_id, None)
         call.pending.clear()

@@ -1433,17 +1433,21 @@ def test_raw_unknown_frame_types_are_ignored(serve: Serve, raw: Callable[..., Ra
 
 
 def test_closed_streams_remembered_are_bounded(serve: Serve) -> None:
-    """How a stream closed is kept for the last CLOSED_MEMORY streams only: a client
-    opening streams for ever cannot grow a connection's memory through it."""
+    """Resets are remembered for the last CLOSED_MEMORY streams only, skipped ids for the
+    last SKIPPED_MEMORY gaps: a client opening streams for ever cannot grow a
+    connection's memory through them. A forgotten reset counts as a normal end."""
     conn = h2grpc.Connection(serve().server)
     for stream_id in range(1, 2001, 2):
         conn.last_stream_id = stream_id
-        how = h2grpc.ClosedBy.SENT_RST if stream_id % 3 else h2grpc.ClosedBy.END_STREAM
+        how = h2grpc.ClosedBy.SENT_RST if stream_id % 3 else h2grpc.ClosedBy.RECEIVED_RST
         conn._remember(stream_id, how)
+        conn._skip(stream_id + 10_000, stream_id + 10_000)
     assert len(conn._closed) == h2grpc.CLOSED_MEMORY
+    assert len(conn._skipped) == h2grpc.SKIPPED_MEMORY
     assert conn.closed_by(1999) is h2grpc.ClosedBy.SENT_RST
-    assert conn.closed_by(1995) is h2grpc.ClosedBy.END_STREAM
+    assert conn.closed_by(1995) is h2grpc.ClosedBy.RECEIVED_RST
     oldest = 1999 - 2 * (h2grpc.CLOSED_MEMORY - 1)
-    assert conn.closed_by(oldest) is not h2grpc.ClosedBy.UNKNOWN
-    assert conn.closed_by(oldest - 2) is h2grpc.ClosedBy.UNKNOWN
-    assert conn.stream_state(oldest - 2) is h2grpc.StreamState.CLOSED
+    assert conn.closed_by(oldest) is not h2grpc.ClosedBy.END_STREAM
+    assert conn.closed_by(oldest - 2) is h2grpc.ClosedBy.END_STREAM
+    assert conn.closed_by(11_999) is h2grpc.ClosedBy.NEVER_OPENED
+    assert conn.closed_by(10_001) is h2grpc.ClosedBy.END_STREAM  # gap forgotten
