@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import yaml
@@ -35,6 +35,7 @@ from demo.processes import Child, envoy_argv, envoy_binary, stop_all
 from tests.e2e.harness import (
     DEEPSEEK,
     LLAMA,
+    REPO_ROOT,
     STARTUP_TIMEOUT,
     ModelServers,
     Reply,
@@ -271,6 +272,7 @@ class Gateway:
     pickers: dict[str, Picker]
     children: list[Child] = field(default_factory=list)
     servers: list[Any] = field(default_factory=list)
+    files: list[IO[Any]] = field(default_factory=list)
 
     def chat(self, model: Any, headers: dict[str, str] | None = None, **extra: Any) -> Reply:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
@@ -291,6 +293,8 @@ class Gateway:
         stop_all(self.children)
         for server in self.servers:
             server.stop(grace=None)
+        for handle in self.files:
+            handle.close()
 
 
 def host(service: str) -> str:
@@ -343,6 +347,7 @@ def start_gateway(
         config = workdir / "envoy.json"
         config.write_text(json.dumps(bootstrap, indent=1), encoding="utf-8")
         bbr_log = (workdir / "bbr.log").open("wb")
+        gateway.files.append(bbr_log)
         bbr = Child(
             f"bbr ({name})",
             bbr_argv(
@@ -352,11 +357,13 @@ def start_gateway(
                 metrics_port=bbr_ports["metrics"],
                 flags=["--max-body-bytes", str(LIMIT)],
             ),
+            cwd=REPO_ROOT,
             stdout=bbr_log,
             stderr=bbr_log,
         )
         gateway.children.append(bbr)
         envoy_log = (workdir / "envoy.log").open("wb")
+        gateway.files.append(envoy_log)
         proxy = Child(
             f"envoy ({name})",
             envoy_argv(config, binary=envoy),
