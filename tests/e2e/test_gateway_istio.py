@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -108,6 +108,9 @@ def user_objects() -> str:
                     "endpointPickerRef": {
                         "name": f"{pool}-epp",
                         "port": {"number": PICKER_PORT},
+                        # The CRD's default, which the API server fills in. Pilot reads
+                        # the field as given: without it the route is dropped.
+                        "failureMode": "FailClose",
                     },
                 },
             },
@@ -131,7 +134,7 @@ def user_objects() -> str:
     return "".join("---\n" + yaml.safe_dump(doc, sort_keys=False) for doc in docs)
 
 
-def chart_text(values: dict[str, Any] | None = None) -> str:
+def chart_text(values: Mapping[str, Any] | None = None) -> str:
     return template_text(values or VALUES, namespace=NAMESPACE)
 
 
@@ -200,13 +203,23 @@ def cluster_names(xds: dict[str, Any]) -> list[str]:
 # --- pilot's output as a static Envoy config ----------------------------------------------
 
 
-def _is_istio_proxy_only(http_filter: dict[str, Any]) -> bool:
-    kind = str(http_filter.get("typed_config", {}).get("@type", ""))
-    return (
-        http_filter["name"].startswith(ISTIO_PROXY_ONLY)
-        or "io.istio." in kind
-        or "istio.stats" in kind
+def _is_istio_proxy_only(entry: Any) -> bool:
+    """A filter that only istio-proxy has (telemetry, ALPN override, authentication)."""
+    if not isinstance(entry, dict) or "name" not in entry:
+        return False
+    kind = str(entry.get("typed_config", {}).get("@type", ""))
+    return str(entry["name"]).startswith(ISTIO_PROXY_ONLY) or any(
+        marker in kind for marker in ("istio", "metadataexchange")
     )
+
+
+def _drop_istio_proxy_only(node: Any) -> Any:
+    """``node`` without istio-proxy's own filters, wherever pilot put them."""
+    if isinstance(node, dict):
+        return {k: _drop_istio_proxy_only(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_drop_istio_proxy_only(v) for v in node if not _is_istio_proxy_only(v)]
+    return node
 
 
 def static_bootstrap(
@@ -222,7 +235,6 @@ def static_bootstrap(
     hcm = hcm_of(listener)
     routes = {r["name"]: r for r in xds["routes"]}
     hcm["route_config"] = routes[hcm.pop("rds")["route_config_name"]]
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if not _is_istio_proxy_only(f)]
     hcm.pop("tracing", None)
     clusters = []
     for original in xds["clusters"]:
@@ -249,13 +261,15 @@ def static_bootstrap(
         else:
             cluster.pop("transport_socket_matches", None)
         clusters.append(cluster)
-    return {
+    bootstrap = {
         "node": {"id": f"{GATEWAY}-istio-0.{NAMESPACE}", "cluster": f"{GATEWAY}-istio.{NAMESPACE}"},
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
         },
         "static_resources": {"listeners": [listener], "clusters": clusters},
     }
+    cleaned: dict[str, Any] = _drop_istio_proxy_only(bootstrap)
+    return cleaned
 
 
 # --- the running gateway ------------------------------------------------------------------
@@ -312,6 +326,7 @@ def start_gateway(
 ) -> Gateway:
     """bbr on the chart's ConfigMaps, a picker per pool, Envoy on pilot's ``xds``."""
     envoy = envoy_binary()
+    workdir.mkdir(parents=True, exist_ok=True)
     gateway = Gateway(name, workdir, xds, free_port(), {})
     try:
         upstreams: dict[str, int] = {}
@@ -543,9 +558,15 @@ def test_a_body_far_over_the_limit_gets_413_not_500(gateway: Gateway) -> None:
 # --- PILOT_FILTER_GATEWAY_CLUSTER_CONFIG=true -----------------------------------------------
 
 
+PICKERS = [f"{NAMESPACE}/{host(f'{pool}-epp')}" for pool in POOLS.values()]
+
+
 def test_filtered_gateway_clusters_keep_bbrs_cluster_and_route(
-    chart: str, model_servers: ModelServers, tmp_path: Path
+    model_servers: ModelServers, tmp_path: Path
 ) -> None:
+    """With provider.istio.referencedServices naming the pickers, everything routes."""
+    values = {**VALUES, "provider": {"name": "istio", "istio": {"referencedServices": PICKERS}}}
+    chart = chart_text(values)
     filtered = pilot(chart + user_objects(), tmp_path / "pilot", filter_clusters=True)
     ext_proc = hcm_of(gateway_listener(filtered))["http_filters"][0]["typed_config"]
     bbr_cluster = ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"]
@@ -572,3 +593,7 @@ def test_filtered_gateway_clusters_drop_bbr_without_the_chart_annotation(
     ext_proc = hcm_of(gateway_listener(filtered))["http_filters"][0]["typed_config"]
     bbr_cluster = ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"]
     assert bbr_cluster not in cluster_names(filtered)
+    # Istio drops the pools' endpoint pickers the same way (Istio's own limit): every
+    # request to a pool would fail; provider.istio.referencedServices lists them.
+    for pool in POOLS.values():
+        assert f"outbound|{PICKER_PORT}||{host(f'{pool}-epp')}" not in cluster_names(filtered)

@@ -37,6 +37,7 @@ import (
 	"istio.io/api/label"
 	"istio.io/istio/pilot/pkg/model"
 	"istio.io/istio/pilot/test/xds"
+	"istio.io/istio/pkg/config/schema/gvk"
 	"istio.io/istio/pkg/config/schema/gvr"
 	kubelib "istio.io/istio/pkg/kube"
 	"istio.io/istio/pkg/kube/kclient/clienttest"
@@ -249,6 +250,9 @@ func printStatus(s *xds.FakeDiscoveryServer) {
 		for _, o := range l.Items {
 			objects = append(objects, map[string]any{"service": o.Namespace + "/" + o.Name, "labels": o.Labels})
 		}
+	}
+	for _, vs := range s.Discovery.Env.ConfigStore.List(gvk.VirtualService, "") {
+		objects = append(objects, map[string]any{"virtualservice": vs.Namespace + "/" + vs.Name, "spec": vs.Spec})
 	}
 	b, err := yaml.Marshal(objects)
 	if err != nil {
