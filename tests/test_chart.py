@@ -607,6 +607,30 @@ def test_istio_names_bbr_for_filtered_gateway_clusters(domain: str) -> None:
     )
 
 
+def test_istio_referenced_services_add_to_bbrs_own() -> None:
+    picker = "llm/llama-epp.llm.svc.cluster.local"
+    manifests = render({"provider": {"name": "istio", "istio": {"referencedServices": [picker]}}})
+    annotations = one(manifests, "EnvoyFilter")["metadata"]["annotations"]
+    host = f"{one(manifests, 'Service')['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert annotations["envoyfilter.istio.io/referenced-services"] == f"{NAMESPACE}/{host},{picker}"
+    with pytest.raises(HelmError) as failure:
+        render({"provider": {"name": "istio", "istio": {"referencedServices": ["no-namespace"]}}})
+    assert "referencedServices" in str(failure.value)
+
+
+def test_istio_buffers_what_bbr_accepts_unless_streaming() -> None:
+    manifests = render({"provider": {"name": "istio"}, "bbr": {"maxBodyBytes": 1000}})
+    patches = one(manifests, "EnvoyFilter")["spec"]["configPatches"]
+    (listener,) = [p for p in patches if p["applyTo"] == "LISTENER"]
+    assert listener["patch"]["value"] == {"per_connection_buffer_limit_bytes": 1000 + 32768}
+    streamed = render({"provider": {"name": "istio"}, "bbr": {"streaming": True}})
+    patches = one(streamed, "EnvoyFilter")["spec"]["configPatches"]
+    assert not [p for p in patches if p["applyTo"] == "LISTENER"]
+    with pytest.raises(HelmError) as failure:
+        render({"provider": {"name": "istio"}, "bbr": {"maxBodyBytes": 2**32}})
+    assert "per_connection_buffer_limit_bytes" in str(failure.value)
+
+
 def test_cluster_domain_must_be_a_dns_name() -> None:
     with pytest.raises(HelmError) as failure:
         render({"provider": {"name": "istio"}, "clusterDomain": "svc/evil"})
