@@ -452,6 +452,27 @@ def test_bbr_is_the_first_filter_before_istios_picker(xds: dict[str, Any]) -> No
     assert filters[-1] == "envoy.filters.http.router", filters
 
 
+def test_an_anchor_before_the_router_would_put_bbr_after_the_picker(
+    chart: str, tmp_path: Path
+) -> None:
+    """Why the chart refuses anchors: pilot honours INSERT_BEFORE the router literally."""
+    docs = [d for d in yaml.safe_load_all(chart) if d]
+    for doc in docs:
+        for patch in (
+            doc.get("spec", {}).get("configPatches", []) if doc["kind"] == "EnvoyFilter" else []
+        ):
+            if patch["applyTo"] == "HTTP_FILTER":
+                patch["patch"]["operation"] = "INSERT_BEFORE"
+                patch["match"]["listener"]["filterChain"]["filter"]["subFilter"] = {
+                    "name": "envoy.filters.http.router"
+                }
+    anchored = "".join("---\n" + yaml.safe_dump(d) for d in docs)
+    filters = http_filters(pilot(anchored + user_objects(), tmp_path))
+    assert filters.index("envoy.filters.http.ext_proc") < filters.index(
+        "envoy.filters.http.ext_proc.bbr"
+    ), filters
+
+
 def test_client_routing_headers_are_removed_on_arrival(xds: dict[str, Any]) -> None:
     hcm = hcm_of(gateway_listener(xds))
     (early,) = hcm["early_header_mutation_extensions"]
