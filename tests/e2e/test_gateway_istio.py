@@ -509,14 +509,17 @@ def test_each_model_and_adapter_reaches_its_pool(
     gateway: Gateway, model_servers: ModelServers, base: str
 ) -> None:
     picker = gateway.pickers[POOLS[base]]
+    others = [p for pool, p in gateway.pickers.items() if pool != POOLS[base]]
     for model in [base, *ADAPTERS[base]]:
         before = len(picker.calls())
+        before_others = [len(p.calls()) for p in others]
         demo = reached(gateway, gateway.chat(model))
         assert demo["server"] == model_servers.name_of(base), model
         assert demo["base_model_header"] == base
         assert demo["model_header"] == model
-        # The pool's picker ran, after bbr's re-route, and saw bbr's header.
+        # The pool's picker ran, after bbr's re-route, and saw bbr's header; no other did.
         assert picker.calls()[before:] == [base], model
+        assert [len(p.calls()) for p in others] == before_others, model
 
 
 def test_an_unknown_model_reaches_no_pool(gateway: Gateway) -> None:
