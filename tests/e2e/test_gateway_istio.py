@@ -328,6 +328,7 @@ def start_gateway(
     chart: str,
     *,
     drop_bbr: bool = False,
+    streaming: bool = False,
 ) -> Gateway:
     """bbr on the chart's ConfigMaps, a picker per pool, Envoy on pilot's ``xds``."""
     envoy = envoy_binary()
@@ -375,6 +376,7 @@ def start_gateway(
                 grpc_port=bbr_ports["grpc"],
                 health_port=bbr_ports["health"],
                 metrics_port=bbr_ports["metrics"],
+                streaming=streaming,
                 flags=["--max-body-bytes", str(LIMIT)],
             ),
             cwd=REPO_ROOT,
@@ -626,3 +628,36 @@ def test_filtered_gateway_clusters_drop_bbr_without_the_chart_annotation(
     # request to a pool would fail; provider.istio.referencedServices lists them.
     for pool in POOLS.values():
         assert f"outbound|{PICKER_PORT}||{host(f'{pool}-epp')}" not in cluster_names(filtered)
+
+
+# --- bbr.streaming=true -------------------------------------------------------------------
+
+
+def test_streaming_mode_routes_through_each_pools_picker(
+    model_servers: ModelServers, tmp_path: Path
+) -> None:
+    """FULL_DUPLEX_STREAMED for bbr, then Istio's (also streamed) picker of the right pool."""
+    values = {**VALUES, "bbr": {**VALUES["bbr"], "streaming": True}}
+    chart = chart_text(values)
+    streamed = pilot(chart + user_objects(), tmp_path / "pilot")
+    bbr_filter = hcm_of(gateway_listener(streamed))["http_filters"][0]["typed_config"]
+    assert bbr_filter["processing_mode"]["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert "per_connection_buffer_limit_bytes" not in gateway_listener(streamed)
+    gw = start_gateway(
+        "istio-streaming", tmp_path / "gw", model_servers, streamed, chart, streaming=True
+    )
+    try:
+        for base, pool in POOLS.items():
+            for model in [base, *ADAPTERS[base]]:
+                demo = reached(gw, gw.chat(model, {BASE: "spoofed"}))
+                assert demo["server"] == model_servers.name_of(base), model
+                assert demo["base_model_header"] == base
+            assert gw.pickers[pool].calls() == [base] * (1 + len(ADAPTERS[base]))
+        body = big_body("ski-resorts", 1_000_000)
+        demo = reached(gw, gw.post(body))
+        assert demo["body_bytes"] == len(body)
+        reply = gw.post(big_body("ski-resorts", LIMIT + 1000))
+        assert reply.status == 413, f"{reply}\n{gw.logs()}"
+        assert reply.json()["error"]["code"] == "request_too_large"
+    finally:
+        gw.close()
