@@ -256,10 +256,17 @@ def service_port(manifests: Sequence[Manifest], port: int) -> dict[str, Any]:
     return entry
 
 
+def istio_ext_proc_patch(manifests: Sequence[Manifest]) -> dict[str, Any]:
+    """The EnvoyFilter patch that adds bbr's ext_proc filter to the gateway's chain."""
+    patches = one(manifests, "EnvoyFilter")["spec"]["configPatches"]
+    (patch,) = [p for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    return dict(patch)
+
+
 def envoy_modes(provider: str, manifests: Sequence[Manifest]) -> dict[str, str]:
     """The provider objects' processing mode, in Envoy's ProcessingMode terms."""
     if provider == "istio":
-        typed = one(manifests, "EnvoyFilter")["spec"]["configPatches"][0]["patch"]["value"]
+        typed = istio_ext_proc_patch(manifests)["patch"]["value"]
         return dict(typed["typed_config"]["processing_mode"])
     if provider == "kgateway":
         policy_mode = one(manifests, "TrafficPolicy")["spec"]["extProc"]["processingMode"]
@@ -441,8 +448,7 @@ def test_ext_proc_points_at_bbr_and_only_the_inference_gateway(
             "labels": {"gateway.networking.k8s.io/gateway-name": gw_name}
         }
         assert "targetRefs" not in spec
-        (patch,) = spec["configPatches"]
-        assert patch["applyTo"] == "HTTP_FILTER"
+        patch = istio_ext_proc_patch(manifests)
         assert patch["match"]["context"] == "GATEWAY"
         hcm = patch["match"]["listener"]["filterChain"]["filter"]
         assert hcm == {"name": "envoy.filters.network.http_connection_manager"}
@@ -561,24 +567,83 @@ def test_istio_secure_serving_originates_tls_to_bbr() -> None:
     assert serve_args(secure).secure_serving is True
 
 
-def test_istio_envoy_filter_anchor_options() -> None:
-    manifests = render(
-        {
-            "provider": {
-                "name": "istio",
-                "istio": {
-                    "envoyFilter": {
-                        "operation": "INSERT_BEFORE",
-                        "anchorSubFilter": "envoy.filters.http.ext_proc",
-                    }
-                },
-            }
-        }
+@pytest.mark.parametrize(
+    "envoy_filter",
+    [
+        {"operation": "INSERT_BEFORE", "anchorSubFilter": "envoy.filters.http.router"},
+        {"operation": "INSERT_BEFORE", "anchorSubFilter": "envoy.filters.http.ext_proc"},
+        {"operation": "INSERT_AFTER", "anchorSubFilter": "istio.stats"},
+        {"operation": "INSERT_FIRST", "anchorSubFilter": "envoy.filters.http.cors"},
+    ],
+)
+def test_istio_refuses_anchors_that_can_put_bbr_after_the_picker(
+    envoy_filter: dict[str, str],
+) -> None:
+    values = {"provider": {"name": "istio", "istio": {"envoyFilter": envoy_filter}}}
+    with pytest.raises(HelmError) as failure:
+        render(values)
+    message = str(failure.value)
+    assert "provider.istio.envoyFilter" in message
+    assert "use operation INSERT_FIRST and no anchor" in message
+    assert "InferencePool ext_proc" in message
+
+
+def test_istio_strips_client_routing_headers_before_any_route_is_chosen() -> None:
+    manifests = render({"provider": {"name": "istio"}})
+    patches = one(manifests, "EnvoyFilter")["spec"]["configPatches"]
+    (early,) = [p for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    assert early["match"]["context"] == "GATEWAY"
+    hcm = early["match"]["listener"]["filterChain"]["filter"]
+    assert hcm == {"name": "envoy.filters.network.http_connection_manager"}
+    assert early["patch"]["operation"] == "MERGE"
+    (extension,) = early["patch"]["value"]["typed_config"]["early_header_mutation_extensions"]
+    mutations = extension["typed_config"]["mutations"]
+    assert {m["remove"] for m in mutations} == {BASE_HEADER, "x-gateway-model-name"}
+
+
+@pytest.mark.parametrize("domain", ["cluster.local", "corp.example"])
+def test_istio_names_bbr_for_filtered_gateway_clusters(domain: str) -> None:
+    """PILOT_FILTER_GATEWAY_CLUSTER_CONFIG pushes only referenced clusters: bbr's is named."""
+    manifests = render({"provider": {"name": "istio"}, "clusterDomain": domain})
+    host = f"{one(manifests, 'Service')['metadata']['name']}.{NAMESPACE}.svc.{domain}"
+    envoy_filter = one(manifests, "EnvoyFilter")
+    annotations = envoy_filter["metadata"]["annotations"]
+    assert annotations["envoyfilter.istio.io/referenced-services"] == f"{NAMESPACE}/{host}"
+    cluster = istio_ext_proc_patch(manifests)["patch"]["value"]["typed_config"]["grpc_service"]
+    assert (
+        cluster["envoy_grpc"]["cluster_name"]
+        == f"outbound|{serve_args(manifests).grpc_port}||{host}"
     )
-    (patch,) = one(manifests, "EnvoyFilter")["spec"]["configPatches"]
-    assert patch["patch"]["operation"] == "INSERT_BEFORE"
-    sub = patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]
-    assert sub == {"name": "envoy.filters.http.ext_proc"}
+
+
+def test_istio_referenced_services_add_to_bbrs_own() -> None:
+    picker = "llm/llama-epp.llm.svc.cluster.local"
+    manifests = render({"provider": {"name": "istio", "istio": {"referencedServices": [picker]}}})
+    annotations = one(manifests, "EnvoyFilter")["metadata"]["annotations"]
+    host = f"{one(manifests, 'Service')['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert annotations["envoyfilter.istio.io/referenced-services"] == f"{NAMESPACE}/{host},{picker}"
+    with pytest.raises(HelmError) as failure:
+        render({"provider": {"name": "istio", "istio": {"referencedServices": ["no-namespace"]}}})
+    assert "referencedServices" in str(failure.value)
+
+
+def test_istio_buffers_what_bbr_accepts_unless_streaming() -> None:
+    manifests = render({"provider": {"name": "istio"}, "bbr": {"maxBodyBytes": 1000}})
+    patches = one(manifests, "EnvoyFilter")["spec"]["configPatches"]
+    (listener,) = [p for p in patches if p["applyTo"] == "LISTENER"]
+    assert listener["patch"]["value"] == {"per_connection_buffer_limit_bytes": 1000 + 32768}
+    streamed = render({"provider": {"name": "istio"}, "bbr": {"streaming": True}})
+    patches = one(streamed, "EnvoyFilter")["spec"]["configPatches"]
+    assert not [p for p in patches if p["applyTo"] == "LISTENER"]
+    with pytest.raises(HelmError) as failure:
+        render({"provider": {"name": "istio"}, "bbr": {"maxBodyBytes": 2**32}})
+    assert "per_connection_buffer_limit_bytes" in str(failure.value)
+
+
+def test_cluster_domain_must_be_a_dns_name() -> None:
+    with pytest.raises(HelmError) as failure:
+        render({"provider": {"name": "istio"}, "clusterDomain": "svc/evil"})
+    assert "clusterDomain" in str(failure.value)
 
 
 def test_gke_serves_tls_over_http2() -> None:

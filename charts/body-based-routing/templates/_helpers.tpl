@@ -47,9 +47,9 @@ helm.sh/chart: {{ include "bbr.chart" . }}
 {{- default .Release.Namespace .Values.inferenceGateway.namespace -}}
 {{- end -}}
 
-{{/* In-cluster DNS name of the bbr Service. */}}
+{{/* In-cluster DNS name of the bbr Service (clusterDomain: the cluster's DNS domain). */}}
 {{- define "bbr.serviceHost" -}}
-{{- printf "%s.%s.svc.cluster.local" (include "bbr.name" .) .Release.Namespace -}}
+{{- printf "%s.%s.svc.%s" (include "bbr.name" .) .Release.Namespace (.Values.clusterDomain | default "cluster.local" | trimSuffix ".") -}}
 {{- end -}}
 
 {{/* "true" when bbr streams (FULL_DUPLEX_STREAMED): asked for, or required by gke. */}}
