@@ -68,6 +68,7 @@ class ServeConfig:
     drain_seconds: float = DRAIN_SECONDS
     stream_idle_seconds: float = STREAM_IDLE_SECONDS
     tracing: bool = False
+    limits: h2grpc.Limits = field(default_factory=h2grpc.Limits)
     # Set in the worker processes of a multi-worker bbr: where to say "ready".
     ready_fd: int | None = None
 
@@ -269,7 +270,9 @@ REFLECTED_SERVICES = (
 )
 
 
-def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server:
+def h2_server(
+    processor: Processor, health: Health, limit: int, limits: h2grpc.Limits | None = None
+) -> h2grpc.Server:
     """The ext_proc port on `bbr.h2grpc`: Process, health Check and reflection."""
     servicer = reflection.ReflectionServicer(REFLECTED_SERVICES)
     process = processor.call if processor.tracing is None else processor.traced_call
@@ -282,6 +285,7 @@ def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server
             ),
         },
         max_message=limit,
+        limits=limits,
     )
 
 
@@ -309,22 +313,50 @@ def finished(done: Finished) -> None:
 TRIM_SECONDS = 2.0
 
 
-async def trim_when_idle(processor: Processor) -> None:
+async def trim_when_idle(processor: Processor, server: h2grpc.Server | None = None) -> None:
     """Give freed body buffers back to the OS once traffic pauses.
 
     glibc keeps freed memory in its arenas, so after a burst of large bodies RSS would
-    stay at its peak; malloc_trim(0) while no stream is open returns it.
+    stay at its peak; malloc_trim(0) while no stream is open returns it. Closed
+    connections count as work too (a client that never opened a Process stream may
+    have made bbr buffer, queue and free plenty).
     """
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
         return
-    trimmed_at = 0
+    trimmed_at = (0, 0)
     while True:
         await asyncio.sleep(TRIM_SECONDS)
-        if processor.active == 0 and processor.started != trimmed_at:
-            trimmed_at = processor.started
+        work = (processor.started, server.closed if server is not None else 0)
+        if processor.active == 0 and work != trimmed_at:
+            trimmed_at = work
             trim(0)
+
+
+FD_RESERVE = 64  # fds for the health and metrics ports, map files, the API watch
+
+
+def raise_fd_limit(connections: int) -> None:
+    """Let the connection cap, not the fd limit, be what refuses clients.
+
+    Raises the soft RLIMIT_NOFILE to the hard one; warns when even that is below
+    --max-connections plus what bbr needs for itself.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < connections + FD_RESERVE:
+        log.warning(
+            "the fd limit is below --max-connections: accept() will fail first",
+            extra=fields(fd_limit=soft, max_connections=connections),
+        )
 
 
 def check_port(port: int, flag: str) -> None:
@@ -495,7 +527,8 @@ async def serve(config: ServeConfig) -> int:
             ssl_context = server_tls(config.cert_path, config.client_ca).context
         except TLSError as exc:
             raise StartupError(str(exc)) from None
-    server = h2_server(processor, health, limit)
+    server = h2_server(processor, health, limit, config.limits)
+    raise_fd_limit(config.limits.max_connections)
     try:
         await server.listen(
             "0.0.0.0", config.grpc_port, reuse_port=config.workers > 1, ssl_context=ssl_context
@@ -534,7 +567,7 @@ async def serve(config: ServeConfig) -> int:
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     ready = asyncio.create_task(mark_serving())
-    trimmer = asyncio.create_task(trim_when_idle(processor))
+    trimmer = asyncio.create_task(trim_when_idle(processor, server))
     log.info(
         "bbr starting",
         extra=fields(
