@@ -216,8 +216,10 @@ class Call:
         "recv_window",
         "remote_closed",
         "reserved",
+        "retained",
         "send_window",
         "stream_id",
+        "swept",
         "trailers",
         "waiting",
     )
@@ -235,6 +237,8 @@ class Call:
         self.loose = 0  # buffered bytes of a message not admitted
         self.reserved = 0  # the admitted message's size, counted in the budgets
         self.waiting = 0  # the size of a message waiting for admission
+        self.swept = 0  # buffered bytes when the sweep last looked
+        self.retained = 0  # bytes of consumed messages the call still keeps (see `hold`)
         self.last_data = self.born = conn.now
         self._buffer = bytearray()
         self.pending: deque[memoryview] = deque()
@@ -265,6 +269,16 @@ class Call:
         if not self.done:
             self.conn.finish(self, code, message)
 
+    def hold(self, nbytes: int) -> None:
+        """The call keeps `nbytes` of what it was sent (a streamed body held until its
+        model is known): counted in the budgets, and while they are full its window
+        stays shut."""
+        delta = nbytes - self.retained
+        if delta:
+            self.retained = nbytes
+            self.conn.reserved += delta
+            self.conn.server.reserved += delta
+
     # -- the transport's side --
 
     def feed(self, data: memoryview) -> None:
@@ -285,7 +299,7 @@ class Call:
         conn = self.conn
         limit = conn.server.max_message
         while size - pos >= 5:
-            if conn.out_bytes >= conn.limits.connection_output:
+            if conn.out_bytes and conn.out_bytes >= conn.limits.connection_output:
                 conn.stall(self)
                 break
             if view[pos]:
@@ -366,8 +380,9 @@ class Connection(asyncio.BufferedProtocol):
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = FRAME_LIMIT
         self.send_window = DEFAULT_WINDOW
-        self.recv_window = server.connection_window
+        self._half_connection_window = server.connection_window // 2
         self.recv_unacked = 0
+        self._acked = 0  # DATA bytes whose connection window went back
         self.last_stream_id = 0
         self.goaway_sent = False
         self.closing = False
@@ -390,9 +405,11 @@ class Connection(asyncio.BufferedProtocol):
         self.loose = 0
         self.reserved = 0
         self.partial: dict[int, Call] = {}  # calls holding part of a message
-        self.fresh: deque[Call] = deque()  # calls still owing their first message
+        self._half_window = self.limits.stream_window // 2
+        self.withheld: dict[int, Call] = {}  # calls whose window waits for budget room
         # Flood counters.
         self._empty = 0
+        self._empty_mark = 0
         self._priority = 0
         self._window_updates = 0
         self._opened = 0
@@ -431,20 +448,16 @@ class Connection(asyncio.BufferedProtocol):
         if self._receive is None:
             self._receive = bytearray(FIRST_BUFFER)
             self._receive_view = memoryview(self._receive)
-        elif len(self._receive) - self._filled < FRAME_LIMIT:
-            self._grow()
         return self._receive_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._filled += nbytes
         self.now = self.server.clock()
         self._turn()
-        receive = self._receive
         if (
-            receive is not None
-            and len(receive) < RECEIVE_BUFFER
-            and self._filled + FRAME_LIMIT + 9 > len(receive)
-            and nbytes > FRAME_LIMIT
+            nbytes > FRAME_LIMIT
+            and self._receive is not None
+            and len(self._receive) < RECEIVE_BUFFER
         ):
             self._grow()  # reads fill the small buffer: this client sends in bulk
 
@@ -480,9 +493,13 @@ class Connection(asyncio.BufferedProtocol):
             asyncio.get_running_loop().call_soon(self._next_turn)
         elif self._paused & _PAUSE_TURN:
             self._resume(_PAUSE_TURN)
-        if not self.reserved and (
-            self.loose > self.limits.connection_buffer
-            or self.server.held > self.limits.process_buffer
+        if (
+            self.loose
+            and not self.reserved
+            and (
+                self.loose > self.limits.connection_buffer
+                or self.server.held > self.limits.process_buffer
+            )
         ):
             self._pause(_PAUSE_BUDGET)  # resumed by the server's sweep
 
@@ -528,7 +545,6 @@ class Connection(asyncio.BufferedProtocol):
         for call in calls:
             self._release(call)
             self._close_call(call)
-        self.fresh.clear()
         self._receive_view.release()
         self._receive = None
         self.server.connection_gone()
@@ -759,6 +775,9 @@ class Connection(asyncio.BufferedProtocol):
             self._resets, self._resets_start = 1, now
 
     def _count_empty(self) -> None:
+        mark = self._acked + self.recv_unacked  # DATA with payload since: not consecutive
+        if mark != self._empty_mark:
+            self._empty_mark, self._empty = mark, 0
         self._empty += 1
         if self._empty > self.limits.max_empty_frames:
             raise H2Error(ENHANCE_YOUR_CALM, "flood of frames without payload")
@@ -766,19 +785,16 @@ class Connection(asyncio.BufferedProtocol):
     def _on_data(self, flags: int, stream_id: int, payload: memoryview, length: int) -> None:
         if not stream_id:
             raise H2Error(PROTOCOL_ERROR, "DATA on stream 0")
-        self.recv_window -= length
-        if self.recv_window < 0:
-            raise H2Error(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         self.recv_unacked += length
-        if self.recv_unacked >= self.server.connection_window // 2:
+        if self.recv_unacked >= self._half_connection_window:
+            if self.recv_unacked > self.server.connection_window:
+                raise H2Error(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
             # The connection window comes back as data is accounted: the stream windows
             # and the budgets bound what is held.
             self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
-            self.recv_window += self.recv_unacked
+            self._acked += self.recv_unacked
             self.recv_unacked = 0
-        if length:
-            self._empty = 0
-        elif not flags & END_STREAM:
+        if not length and not flags & END_STREAM:
             self._count_empty()
         call = self.calls.get(stream_id)
         if call is None or call.remote_closed or call.done:
@@ -792,23 +808,23 @@ class Connection(asyncio.BufferedProtocol):
             return
         if flags & PADDED:
             payload = _unpad(payload)
-        call.last_data = self.now
+            padding = length - len(payload)
+            if padding and not flags & END_STREAM:
+                call.recv_window += padding  # padding is consumed at once
+                self.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(padding)))
         if flags & END_STREAM:
             call.remote_closed = True
         if payload:
             before = len(call._buffer)
             call.feed(payload)
-            self._after_feed(call, before, len(payload))
-            padding = length - len(payload)
-        else:
-            padding = length
+            if call.reserved and len(call._buffer) == before + len(payload):
+                pass  # the admitted message grows: already counted, window already open
+            elif before or call._buffer or call.recv_window <= self._half_window:
+                self._after_feed(call, before, len(payload))
         if call.done:
             return
-        if padding and not call.remote_closed:
-            call.recv_window += padding  # padding is consumed at once
-            self.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(padding)))
         if flags & END_STREAM:
-            if call.stream_id in self._stalled:
+            if self._stalled and stream_id in self._stalled:
                 call.eos_pending = True
             else:
                 _guarded(call, call.half_closed)
@@ -844,6 +860,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             if not before:
                 self.partial[call.stream_id] = call
+                call.last_data, call.swept = self.now, after
             need = 5 + _U32.unpack_from(call._buffer, 1)[0] if after >= 5 else 5
             if call.reserved:
                 target = call.reserved
@@ -856,6 +873,9 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 target = self.limits.stream_window
         grant = target - after - call.recv_window
+        if grant > 0 and call.retained and self.over_budget():
+            self.withheld[call.stream_id] = call  # the sweep looks again
+            return
         if grant > 0 and (
             call.reserved
             or grant >= self.limits.stream_window // 2
@@ -863,6 +883,12 @@ class Connection(asyncio.BufferedProtocol):
         ):
             call.recv_window += grant
             self.write(frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(grant)))
+
+    def over_budget(self) -> bool:
+        return (
+            self.reserved > self.limits.connection_buffer
+            or self.server.held > self.limits.process_buffer
+        )
 
     def admit(self, call: Call) -> bool:
         """Count `call`'s waiting message against the budgets and open its window for it."""
@@ -902,6 +928,10 @@ class Connection(asyncio.BufferedProtocol):
             self.server.loose -= call.loose
             call.loose = 0
         call.waiting = 0
+        if call.retained:
+            self.reserved -= call.retained
+            self.server.reserved -= call.retained
+            call.retained = 0
         if call.pending:
             self.out_bytes -= sum(len(chunk) for chunk in call.pending)
             call.pending.clear()
@@ -987,8 +1017,6 @@ class Connection(asyncio.BufferedProtocol):
         call.last_data = self.now
         if flags & END_STREAM:
             call.remote_closed = True
-        else:
-            self.fresh.append(call)
         _guarded(call, call.start)
         if flags & END_STREAM and not call.done:
             _guarded(call, call.half_closed)
@@ -1052,11 +1080,18 @@ class Connection(asyncio.BufferedProtocol):
         self.control(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
 
     def _forget(self, call: Call) -> None:
-        self.calls.pop(call.stream_id, None)
-        self._blocked.pop(call.stream_id, None)
-        self._stalled.pop(call.stream_id, None)
-        self.partial.pop(call.stream_id, None)
-        self._release(call)
+        stream_id = call.stream_id
+        self.calls.pop(stream_id, None)
+        if self._blocked:
+            self._blocked.pop(stream_id, None)
+        if self._stalled:
+            self._stalled.pop(stream_id, None)
+        if self.partial:
+            self.partial.pop(stream_id, None)
+        if self.withheld:
+            self.withheld.pop(stream_id, None)
+        if call.reserved or call.loose or call.retained or call.waiting or call.pending:
+            self._release(call)
         self._close_call(call)
         if not self.calls:
             self.idle_since = self.now
@@ -1117,16 +1152,19 @@ class Connection(asyncio.BufferedProtocol):
                 self._receive = None
                 self._receive_view = memoryview(b"")
             return
-        fresh = self.fresh
+        if self.withheld and not self.over_budget():
+            for call in list(self.withheld.values()):
+                del self.withheld[call.stream_id]
+                if not call.done:
+                    size = len(call._buffer)
+                    self._after_feed(call, size, 0)
         deadline = now - limits.first_message_timeout
-        while fresh:
-            call = fresh[0]
-            if call.done or call.fed or call.remote_closed:
-                fresh.popleft()
-                continue
-            if call.born > deadline:
-                break
-            fresh.popleft()
+        late = [
+            call
+            for call in self.calls.values()
+            if call.born < deadline and not (call.fed or call.done or call.remote_closed)
+        ]
+        for call in late:
             call.finish(
                 DEADLINE_EXCEEDED,
                 f"no complete message within {limits.first_message_timeout:g} s",
@@ -1134,7 +1172,10 @@ class Connection(asyncio.BufferedProtocol):
         if self.partial:
             deadline = now - limits.stream_idle_timeout
             for call in list(self.partial.values()):
-                if call.last_data < deadline and not call.done and not call.waiting:
+                size = len(call._buffer)
+                if size != call.swept:  # DATA came since the last look
+                    call.swept, call.last_data = size, now
+                elif call.last_data < deadline and not call.done and not call.waiting:
                     call.finish(
                         DEADLINE_EXCEEDED,
                         f"part of a message and no DATA for {limits.stream_idle_timeout:g} s",

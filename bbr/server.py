@@ -150,6 +150,8 @@ class ProcessCall(h2grpc.Call):
             return
         for reply in replies:
             self.send(reply.SerializeToString())
+        if self.retained or self._stream.holding:
+            self.hold(self._stream.held_bytes)  # counted in the port's memory budgets
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
