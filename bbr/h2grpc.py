@@ -194,6 +194,7 @@ class Limits:
     max_outbound_frames: int = 10000  # frames queued while the peer does not read
     max_outbound_control_frames: int = 1000  # of which PING/SETTINGS ACKs and RST_STREAMs
     frames_per_turn: int = 1000  # frames handled per read callback before yielding
+    # (a HEADERS frame counts 10, a SETTINGS frame one per entry)
 
 
 # --- calls -------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ class Call:
         conn = self.conn
         limit = conn.server.max_message
         while size - pos >= 5:
-            if conn.out_bytes and conn.out_bytes >= conn.limits.connection_output:
+            if conn.out_bytes and conn.output_full():
                 conn.stall(self)
                 break
             if view[pos]:
@@ -361,7 +362,7 @@ FIRST_BUFFER = 2 * (FRAME_LIMIT + 9)  # until reads fill it: a silent client cos
 
 # Why reading is paused (bits): the peer does not read; a turn's frame budget is spent;
 # request data over the budgets.
-_PAUSE_WRITE, _PAUSE_TURN, _PAUSE_BUDGET = 1, 2, 4
+_PAUSE_WRITE, _PAUSE_TURN = 1, 2
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -493,15 +494,6 @@ class Connection(asyncio.BufferedProtocol):
             asyncio.get_running_loop().call_soon(self._next_turn)
         elif self._paused & _PAUSE_TURN:
             self._resume(_PAUSE_TURN)
-        if (
-            self.loose
-            and not self.reserved
-            and (
-                self.loose > self.limits.connection_buffer
-                or self.server.held > self.limits.process_buffer
-            )
-        ):
-            self._pause(_PAUSE_BUDGET)  # resumed by the server's sweep
 
     def _next_turn(self) -> None:
         self._more = False
@@ -608,6 +600,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         call.pending.append(memoryview(prefix + payload))
         self.out_bytes += size
+        self.server.out_bytes += size
         self._send_pending(call)
 
     def finish(self, call: Call, code: int, message: str) -> None:
@@ -648,6 +641,7 @@ class Connection(asyncio.BufferedProtocol):
             call.send_window -= size
             self.send_window -= size
             self.out_bytes -= size
+            self.server.out_bytes -= size
             self._data_sent += 1
             self.write(_frame_head(size, DATA, 0, call.stream_id) + piece.tobytes())
         self._blocked.pop(call.stream_id, None)
@@ -666,6 +660,14 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- output budget --
 
+    def output_full(self) -> bool:
+        """Answers queued behind the peer's windows fill this connection's budget, or
+        everything held fills the process's."""
+        return (
+            self.out_bytes >= self.limits.connection_output
+            or self.server.held > self.limits.process_buffer
+        )
+
     def stall(self, call: Call) -> None:
         """`call` has messages but the answers already queued fill the output budget."""
         self._stalled[call.stream_id] = call
@@ -678,7 +680,7 @@ class Connection(asyncio.BufferedProtocol):
         self._in_callback = True
         try:
             for call in list(self._stalled.values()):
-                if self.out_bytes >= self.limits.connection_output:
+                if self.output_full():
                     break
                 del self._stalled[call.stream_id]
                 if call.done:
@@ -719,6 +721,7 @@ class Connection(asyncio.BufferedProtocol):
             if kind == DATA:
                 self._on_data(flags, stream_id, payload, length)
             elif kind == HEADERS:
+                turn = max(0, turn - 10)  # a new call costs about ten frames' work
                 self._on_headers(flags, stream_id, payload)
             elif kind == CONTINUATION:
                 self._on_continuation(flags, stream_id, payload)
@@ -730,6 +733,7 @@ class Connection(asyncio.BufferedProtocol):
                     raise H2Error(ENHANCE_YOUR_CALM, "WINDOW_UPDATE flood")
                 self._on_window_update(stream_id, payload)
             elif kind == SETTINGS:
+                turn = max(0, turn - length // 6)  # each entry is work
                 self._on_settings(flags, stream_id, payload)
             elif kind == PING:
                 if length != 8 or stream_id:
@@ -845,8 +849,17 @@ class Connection(asyncio.BufferedProtocol):
                 self._unreserve(call)
         loose = after if not call.reserved else 0
         if loose != call.loose:
-            self.loose += loose - call.loose
-            server.loose += loose - call.loose
+            delta = loose - call.loose
+            if delta > 0 and (
+                self.loose + delta > self.limits.connection_buffer // 4
+                or server.loose + delta > self.limits.process_buffer // 4
+            ):
+                # Beginnings of messages on too many streams at once: shed this one.
+                self._reset(call.stream_id, CANCEL if call.fed else REFUSED_STREAM)
+                self._forget(call)
+                return
+            self.loose += delta
+            server.loose += delta
             call.loose = loose
         if call.done or call.remote_closed:
             if call.stream_id in self.partial and not after:
@@ -896,7 +909,7 @@ class Connection(asyncio.BufferedProtocol):
         server = self.server
         if (
             self.reserved + need > self.limits.connection_buffer
-            or server.reserved + need > self.limits.process_buffer
+            or server.held - call.loose + need > self.limits.process_buffer
         ):
             return False
         call.waiting = 0
@@ -933,7 +946,9 @@ class Connection(asyncio.BufferedProtocol):
             self.server.reserved -= call.retained
             call.retained = 0
         if call.pending:
-            self.out_bytes -= sum(len(chunk) for chunk in call.pending)
+            queued = sum(len(chunk) for chunk in call.pending)
+            self.out_bytes -= queued
+            self.server.out_bytes -= queued
             call.pending.clear()
 
     def _on_headers(self, flags: int, stream_id: int, payload: memoryview) -> None:
@@ -1054,8 +1069,7 @@ class Connection(asyncio.BufferedProtocol):
         if len(payload) % 6:
             raise H2Error(FRAME_SIZE_ERROR, "bad SETTINGS")
         window = None
-        for offset in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, offset)
+        for key, value in _SETTING.iter_unpack(payload):
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise H2Error(FLOW_CONTROL_ERROR, "initial window too large")
@@ -1237,6 +1251,7 @@ class Server:
         self.closed = 0  # connections ever closed: tells the memory trimmer about new work
         self.loose = 0
         self.reserved = 0
+        self.out_bytes = 0
         self.waiting: deque[Call] = deque()
         self.refused = 0
         self._refused_logged = 0
@@ -1266,8 +1281,8 @@ class Server:
 
     @property
     def held(self) -> int:
-        """Request data held by every connection: admitted messages and loose bytes."""
-        return self.loose + self.reserved
+        """What every connection holds: admitted messages, loose bytes, queued answers."""
+        return self.loose + self.reserved + self.out_bytes
 
     def admit(self) -> None:
         """Admit waiting messages, oldest first, while the budgets have room."""
@@ -1369,12 +1384,11 @@ class Server:
                     conn.sweep(now)
                 except Exception:  # the sweep must go on for the others
                     log.exception("error sweeping a connection")
-                if (
-                    conn._paused & _PAUSE_BUDGET
-                    and conn.loose <= self.limits.connection_buffer
-                    and not over
-                ):
-                    conn._resume(_PAUSE_BUDGET)
+                if conn._stalled and not over and not conn._unstall_soon:
+                    conn._unstall_soon = True
+                    conn._unstall()
+            if self.waiting:
+                self.admit()
 
     def connection_gone(self) -> None:
         self.closed += 1
