@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -40,10 +42,55 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = rang
 WINDOW_UPDATE, CONTINUATION = 8, 9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 
-# Error codes (RFC 9113 §7).
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
-ENHANCE_YOUR_CALM = 11
+
+class ErrorCode(enum.IntEnum):
+    """HTTP/2 error codes (RFC 9113 §7), as RST_STREAM and GOAWAY carry them."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    SETTINGS_TIMEOUT = 0x4
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    CONNECT_ERROR = 0xA
+    ENHANCE_YOUR_CALM = 0xB
+    INADEQUATE_SECURITY = 0xC
+    HTTP_1_1_REQUIRED = 0xD
+
+
+NO_ERROR, PROTOCOL_ERROR = ErrorCode.NO_ERROR, ErrorCode.PROTOCOL_ERROR
+INTERNAL_ERROR, FLOW_CONTROL_ERROR = ErrorCode.INTERNAL_ERROR, ErrorCode.FLOW_CONTROL_ERROR
+STREAM_CLOSED, FRAME_SIZE_ERROR = ErrorCode.STREAM_CLOSED, ErrorCode.FRAME_SIZE_ERROR
+REFUSED_STREAM, CANCEL = ErrorCode.REFUSED_STREAM, ErrorCode.CANCEL
+COMPRESSION_ERROR, ENHANCE_YOUR_CALM = ErrorCode.COMPRESSION_ERROR, ErrorCode.ENHANCE_YOUR_CALM
+
+
+class StreamState(enum.Enum):
+    """A client stream's state (RFC 9113 §5.1). bbr never pushes, so the reserved states
+    never occur, and it answers only after the request began, so half-closed (local) is
+    reached only on the way to closed (an answer that ends early resets the stream)."""
+
+    IDLE = "idle"
+    OPEN = "open"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class ClosedBy(enum.Enum):
+    """How a closed stream closed: it decides what a late frame on it means (§5.1)."""
+
+    END_STREAM = "both sides ended it"  # a late DATA/HEADERS: connection error STREAM_CLOSED
+    SENT_RST = "bbr reset it"  # frames already in flight: ignored
+    RECEIVED_RST = "the client reset it"  # a late DATA/HEADERS: stream error STREAM_CLOSED
+    UNKNOWN = "never opened, or closed too long ago to remember"
+
+
+CLOSED_MEMORY = 128  # closed streams remembered per connection, most recent first
+_SELF_DEPENDENT = 0x100  # not a wire flag: marks a HEADERS whose priority names itself
 
 # Settings.
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 1, 2, 3, 4
@@ -97,6 +144,17 @@ def literal(name: bytes, value: bytes) -> bytes:
 # :status 200 (static index 8) and content-type (static name 31): application/grpc.
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7, 0) + b"application/grpc"
 OK_TRAILERS = literal(b"grpc-status", b"0")
+# The answer to a request that is not gRPC (`NotGrpc`).
+NOT_GRPC_BODY = (
+    b"bbr: this port speaks gRPC (Envoy ext_proc): POST with content-type application/grpc\n"
+)
+NOT_GRPC_HEADERS = {
+    status: literal(b":status", str(status).encode())
+    + literal(b"content-type", b"text/plain; charset=utf-8")
+    + literal(b"content-length", str(len(NOT_GRPC_BODY)).encode())
+    + (literal(b"allow", b"POST") if status == 405 else b"")
+    for status in (405, 415)
+}
 
 
 def trailers_block(code: int, message: str = "") -> bytes:
@@ -110,6 +168,105 @@ def trailers_block(code: int, message: str = "") -> bytes:
     return block
 
 
+# --- request headers (RFC 9113 §8.2, §8.3) ------------------------------------------------
+
+# A field name may not hold controls, space, upper case, DEL, non-ASCII, or ':' (except
+# the leading one of a pseudo-header); a value may not hold NUL, CR or LF, nor start or
+# end with a space or tab.
+_BAD_NAME = re.compile(rb"[\x00-\x20A-Z\x7f-\xff:]")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
+# Meaningful in HTTP/1.1 only: a request carrying one is malformed (§8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
+)
+_CHECKED = _CONNECTION_SPECIFIC | {b"te", b"content-length", b"content-type"}
+
+
+class HeaderBlock:
+    """A decoded header block and what the RFC's rules say of it, worked out once.
+
+    `request_error` (as the first HEADERS of a stream) and `trailer_error` (as a later
+    one) are None when the block is well-formed for that role, else why it is malformed:
+    a stream error PROTOCOL_ERROR (§8.1.1). A block served from the decoder's cache was
+    checked when it was first decoded, so a repeated block costs no checking at all.
+    """
+
+    __slots__ = (
+        "content_length",
+        "fields",
+        "grpc",
+        "method",
+        "path",
+        "request_error",
+        "trailer_error",
+    )
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.fields = fields
+        self.content_length = -1  # none given
+        self.grpc = False
+        self.request_error: str | None = None
+        self.trailer_error: str | None = None
+        pseudo: dict[bytes, bytes] = {}
+        error: str | None = None  # breaks a rule for any block
+        request_error: str | None = None  # breaks a rule for request headers only
+        regular = False
+        content_type = b""
+        for name, value in fields:
+            if _BAD_VALUE.search(value) is not None:
+                error = error or f"invalid value of {_shown(name)}"
+            if name[:1] == b":":
+                if regular:
+                    request_error = request_error or "pseudo-header after a regular field"
+                if name not in _REQUEST_PSEUDO:
+                    request_error = request_error or f"pseudo-header {_shown(name)} in a request"
+                elif name in pseudo:
+                    request_error = request_error or f"duplicated {_shown(name)}"
+                pseudo[name] = value
+                continue
+            regular = True
+            if not name or _BAD_NAME.search(name) is not None:
+                error = error or f"invalid field name {_shown(name)}"
+            elif name in _CHECKED:
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"content-length":
+                    if (
+                        not value.isdigit()
+                        or len(value) > 18
+                        or self.content_length not in (-1, int(value))
+                    ):
+                        error = error or "invalid content-length"
+                    else:
+                        self.content_length = int(value)
+                elif name == b"te":
+                    if value != b"trailers":
+                        error = error or "te other than trailers"
+                else:
+                    error = error or f"connection-specific field {_shown(name)}"
+        self.trailer_error = error or ("pseudo-header in trailers" if pseudo else None)
+        method = pseudo.get(b":method")
+        if method is None:
+            request_error = request_error or "no :method"
+        elif method == b"CONNECT":  # §8.5: authority only
+            if b":scheme" in pseudo or b":path" in pseudo or b":authority" not in pseudo:
+                request_error = request_error or "malformed CONNECT"
+        elif not pseudo.get(b":scheme"):
+            request_error = request_error or "no :scheme"
+        elif not pseudo.get(b":path"):
+            request_error = request_error or "no :path"
+        self.request_error = error or request_error
+        self.path = pseudo.get(b":path", b"")
+        self.method = method or b""
+        # gRPC over HTTP/2: POST with content-type application/grpc[+proto|;...].
+        self.grpc = method == b"POST" and content_type.startswith(b"application/grpc")
+
+
+def _shown(name: bytes) -> str:
+    return repr(name[:64].decode("latin-1"))
+
+
 class HeaderDecoder:
     """hpack's decoder, with repeated header blocks answered from a cache.
 
@@ -117,14 +274,15 @@ class HeaderDecoder:
     all references to the table (a few bytes). Decoding such a block changes nothing, so
     its result only depends on the table: while the table is unchanged, the same bytes
     give the same headers. Every insertion and resize is counted, and any change empties
-    the cache; a block whose decoding changed the table is never cached.
+    the cache; a block whose decoding changed the table is never cached. What is cached
+    is the checked `HeaderBlock`, so a hit is neither decoded nor checked again.
     """
 
     __slots__ = ("_cache", "_changes", "_decoder", "_state")
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=HEADER_LIST_LIMIT)
-        self._cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._cache: dict[bytes, HeaderBlock] = {}
         self._changes = 0
         table = self._decoder.header_table
         add = table.add
@@ -139,24 +297,25 @@ class HeaderDecoder:
     def _table_state(self) -> tuple[int, int]:
         return (self._changes, self._decoder.header_table.maxsize)
 
-    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+    def decode(self, block: bytes) -> HeaderBlock:
         found = self._cache.get(block)
         if found is not None:
             return found
-        headers: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
+        fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
+        decoded = HeaderBlock(fields)
         state = self._table_state()
         if state != self._state:
             self._state = state
             self._cache.clear()
         elif len(self._cache) < 64 and len(block) <= 512:
-            self._cache[block] = headers
-        return headers
+            self._cache[block] = decoded
+        return decoded
 
 
 class H2Error(Exception):
     """The peer broke HTTP/2: the connection ends with GOAWAY and this code."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
 
@@ -207,6 +366,7 @@ class Call:
         "_buffer",
         "born",
         "conn",
+        "content_left",
         "done",
         "eos_pending",
         "fed",
@@ -241,6 +401,7 @@ class Call:
         self.swept = 0  # buffered bytes when the sweep last looked
         self.retained = 0  # bytes of consumed messages the call still keeps (see `hold`)
         self.last_data = self.born = conn.now
+        self.content_left = -1  # request bytes still due by its content-length (-1: none)
         self._buffer = bytearray()
         self.pending: deque[memoryview] = deque()
         self.trailers: bytes | None = None
@@ -354,6 +515,27 @@ class Ended(Call):
         self.finish(self._code, self._message)
 
 
+class NotGrpc(Call):
+    """A request that is not gRPC (a browser, curl, a conformance tester): once it has
+    ended, an HTTP answer saying what this port speaks (415, or 405 for a method other
+    than POST), with a short text body and trailers naming the gRPC status. Its body is
+    counted (content-length, flow control) but not kept."""
+
+    __slots__ = ("_status",)
+
+    def __init__(self, conn: Connection, stream_id: int, method: bytes) -> None:
+        super().__init__(conn, stream_id)
+        self._status = 415 if method == b"POST" else 405
+
+    def feed(self, data: memoryview) -> None:
+        pass
+
+    def half_closed(self) -> None:
+        status = self._status
+        self.conn.respond(self, NOT_GRPC_HEADERS[status], NOT_GRPC_BODY)
+        self.finish(UNIMPLEMENTED, "not a gRPC request")
+
+
 # --- the connection ----------------------------------------------------------------------
 
 
@@ -423,6 +605,10 @@ class Connection(asyncio.BufferedProtocol):
         self._queued_control = 0
         loop = server.loop
         self.now = self.opened_at = self.idle_since = loop.time() if loop else 0.0
+        # The last CLOSED_MEMORY streams closed, and how (a ring: O(1) per stream).
+        self._closed: dict[int, ClosedBy] = {}
+        self._closed_ring = [0] * CLOSED_MEMORY
+        self._closed_next = 0
 
     # -- asyncio.Protocol --
 
@@ -603,6 +789,16 @@ class Connection(asyncio.BufferedProtocol):
         self.server.out_bytes += size
         self._send_pending(call)
 
+    def respond(self, call: Call, block: bytes, body: bytes) -> None:
+        """An HTTP answer: HEADERS `block`, then `body` as the windows allow; the call's
+        `finish` adds the trailers after it."""
+        call.headers_sent = True
+        self.write(frame(HEADERS, END_HEADERS, call.stream_id, block))
+        call.pending.append(memoryview(body))
+        self.out_bytes += len(body)
+        self.server.out_bytes += len(body)
+        self._send_pending(call)
+
     def finish(self, call: Call, code: int, message: str) -> None:
         """End the call with a status: trailers after whatever data is still queued."""
         call.done = True
@@ -621,7 +817,9 @@ class Connection(asyncio.BufferedProtocol):
         if not call.remote_closed:
             # The client may still be sending: tell it to stop (gRPC's convention).
             self.write(frame(RST_STREAM, 0, call.stream_id, _U32.pack(NO_ERROR)))
-        self._forget(call)
+            self._forget(call, ClosedBy.SENT_RST)
+        else:
+            self._forget(call, ClosedBy.END_STREAM)
 
     def _send_pending(self, call: Call) -> None:
         """Send queued DATA as far as the windows allow, then the trailers if due."""
@@ -736,27 +934,27 @@ class Connection(asyncio.BufferedProtocol):
                 turn = max(0, turn - length // 6)  # each entry is work
                 self._on_settings(flags, stream_id, payload)
             elif kind == PING:
-                if length != 8 or stream_id:
-                    raise H2Error(FRAME_SIZE_ERROR, "bad PING")
+                if stream_id:
+                    raise H2Error(PROTOCOL_ERROR, "PING on a stream")
+                if length != 8:
+                    raise H2Error(FRAME_SIZE_ERROR, "PING of other than 8 bytes")
                 if not flags & ACK:
                     self._count_control()
                     self.control(frame(PING, ACK, 0, payload.tobytes()))
             elif kind == RST_STREAM:
-                if length != 4 or not stream_id:
-                    raise H2Error(FRAME_SIZE_ERROR, "bad RST_STREAM")
-                call = self.calls.get(stream_id)
-                if call is not None:
-                    self._count_reset()
-                    self._forget(call)
+                self._on_rst_stream(stream_id, length)
             elif kind == PRIORITY:
                 self._priority += 1
                 if self._priority > self.limits.max_priority_per_stream * (1 + self._opened):
                     raise H2Error(ENHANCE_YOUR_CALM, "PRIORITY flood")
+                self._on_priority(stream_id, payload)
             elif kind == GOAWAY:
+                if stream_id:
+                    raise H2Error(PROTOCOL_ERROR, "GOAWAY on a stream")
                 self.goaway()
             elif kind == PUSH_PROMISE:
                 raise H2Error(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-            else:  # unknown types are ignored, as RFC 9113 asks, but not for free
+            else:  # unknown types are ignored (RFC 9113 §4.1), but not for free
                 self._count_control()
         return pos
 
@@ -789,6 +987,8 @@ class Connection(asyncio.BufferedProtocol):
     def _on_data(self, flags: int, stream_id: int, payload: memoryview, length: int) -> None:
         if not stream_id:
             raise H2Error(PROTOCOL_ERROR, "DATA on stream 0")
+        if flags & PADDED:
+            payload = _unpad(payload)  # a frame check, whatever the stream's state
         self.recv_unacked += length
         if self.recv_unacked >= self._half_connection_window:
             if self.recv_unacked > self.server.connection_window:
@@ -801,17 +1001,26 @@ class Connection(asyncio.BufferedProtocol):
         if not length and not flags & END_STREAM:
             self._count_empty()
         call = self.calls.get(stream_id)
-        if call is None or call.remote_closed or call.done:
-            if stream_id > self.last_stream_id:
-                raise H2Error(PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream we ended (or are ending): its data goes nowhere
+        if call is None:
+            self._not_open(DATA, stream_id)
+            return
+        if call.remote_closed:  # half-closed (remote): the client said it was done
+            self._stream_error(stream_id, STREAM_CLOSED, call)
+            return
+        if call.done:  # answered, trailers still queued: the rest of the request goes nowhere
+            call.remote_closed = bool(flags & END_STREAM)
+            return
         call.recv_window -= length
         if call.recv_window < 0:
-            self._reset(stream_id, FLOW_CONTROL_ERROR)
-            self._forget(call)
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, call)
             return
+        if call.content_left >= 0:  # the DATA must add up to the content-length (§8.1.1)
+            left = call.content_left - len(payload)
+            if left < 0 or (left and flags & END_STREAM):
+                self._stream_error(stream_id, PROTOCOL_ERROR, call)
+                return
+            call.content_left = left
         if flags & PADDED:
-            payload = _unpad(payload)
             padding = length - len(payload)
             if padding and not flags & END_STREAM:
                 call.recv_window += padding  # padding is consumed at once
@@ -957,6 +1166,10 @@ class Connection(asyncio.BufferedProtocol):
         if flags & PADDED:
             payload = _unpad(payload)
         if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise H2Error(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
+                flags |= _SELF_DEPENDENT  # a stream error, once the block is decoded
             payload = payload[5:]
         if payload:
             self._empty = 0
@@ -989,45 +1202,43 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_header_block(self, flags: int, stream_id: int, block: bytes) -> None:
         try:
-            headers = self.decoder.decode(block)  # always: it keeps the table in step
+            decoded = self.decoder.decode(block)  # always: it keeps the table in step
         except Exception as exc:  # hpack's errors, and whatever a hostile block provokes
             raise H2Error(COMPRESSION_ERROR, f"header block: {exc}") from None
         call = self.calls.get(stream_id)
-        if call is not None:  # trailers from the client
-            if call.done or call.remote_closed:
-                return
-            if not flags & END_STREAM:
-                self._reset(stream_id, PROTOCOL_ERROR)
-                self._forget(call)
-                return
-            call.remote_closed = True
-            if call.stream_id in self._stalled:
-                call.eos_pending = True
-            else:
-                _guarded(call, call.half_closed)
+        if call is not None:
+            self._on_trailers(flags, call, decoded)
             return
         if stream_id <= self.last_stream_id:
-            return  # trailers for a stream we already ended (RFC 9113 §5.4.2: ignore)
+            self._not_open(HEADERS, stream_id)
+            return
+        # idle -> open (or half-closed (remote) with END_STREAM): a new request.
         self.last_stream_id = stream_id
+        if flags & _SELF_DEPENDENT:
+            self._stream_error(stream_id, PROTOCOL_ERROR)
+            return
+        if decoded.request_error is not None or (flags & END_STREAM and decoded.content_length > 0):
+            log.debug("malformed request", extra=fields(reason=decoded.request_error))
+            self._stream_error(stream_id, PROTOCOL_ERROR)
+            return
         if self.goaway_sent or len(self.calls) >= self.limits.max_streams:
-            self._reset(stream_id, REFUSED_STREAM)
+            self._stream_error(stream_id, REFUSED_STREAM)
             return
         self._opened += 1
-        path = b""
-        for name, value in headers:
-            if name == b":path":
-                path = value
-                break
-        factory = self.server.routes.get(path)
-        if factory is None:
-            message = f"Method not found: {path.decode('latin-1')[:200]}"
-            call = Ended(self, stream_id, UNIMPLEMENTED, message)
+        if not decoded.grpc:
+            call = NotGrpc(self, stream_id, decoded.method)
         else:
-            try:
-                call = factory(self, stream_id, headers)
-            except Exception:
-                log.exception("error starting a gRPC call")
-                call = Ended(self, stream_id, INTERNAL, "internal error")
+            factory = self.server.routes.get(decoded.path)
+            if factory is None:
+                message = f"Method not found: {decoded.path.decode('latin-1')[:200]}"
+                call = Ended(self, stream_id, UNIMPLEMENTED, message)
+            else:
+                try:
+                    call = factory(self, stream_id, decoded.fields)
+                except Exception:
+                    log.exception("error starting a gRPC call")
+                    call = Ended(self, stream_id, INTERNAL, "internal error")
+        call.content_left = decoded.content_length
         self.calls[stream_id] = call
         call.last_data = self.now
         if flags & END_STREAM:
@@ -1035,6 +1246,43 @@ class Connection(asyncio.BufferedProtocol):
         _guarded(call, call.start)
         if flags & END_STREAM and not call.done:
             _guarded(call, call.half_closed)
+
+    def _on_trailers(self, flags: int, call: Call, decoded: HeaderBlock) -> None:
+        """A second HEADERS on an open stream: trailers, which must end the request."""
+        if call.remote_closed:  # half-closed (remote)
+            self._stream_error(call.stream_id, STREAM_CLOSED, call)
+            return
+        if not flags & END_STREAM or decoded.trailer_error is not None or call.content_left > 0:
+            self._stream_error(call.stream_id, PROTOCOL_ERROR, call)
+            return
+        call.remote_closed = True
+        if call.done:
+            return
+        if self._stalled and call.stream_id in self._stalled:
+            call.eos_pending = True
+        else:
+            _guarded(call, call.half_closed)
+
+    def _on_priority(self, stream_id: int, payload: memoryview) -> None:
+        """PRIORITY is advice bbr does not take (RFC 9113 §5.3.2), but it is checked."""
+        if not stream_id:
+            raise H2Error(PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            self._stream_error(stream_id, FRAME_SIZE_ERROR, self.calls.get(stream_id))
+        elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
+            self._stream_error(stream_id, PROTOCOL_ERROR, self.calls.get(stream_id))
+
+    def _on_rst_stream(self, stream_id: int, length: int) -> None:
+        if not stream_id:
+            raise H2Error(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if length != 4:
+            raise H2Error(FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes")
+        call = self.calls.get(stream_id)
+        if call is not None:
+            self._count_reset()
+            self._forget(call, ClosedBy.RECEIVED_RST)
+        else:
+            self._not_open(RST_STREAM, stream_id)
 
     def _on_window_update(self, stream_id: int, payload: memoryview) -> None:
         if len(payload) != 4:
@@ -1050,12 +1298,15 @@ class Connection(asyncio.BufferedProtocol):
             return
         call = self.calls.get(stream_id)
         if call is None:
+            self._not_open(WINDOW_UPDATE, stream_id)
             return
         if not increment:
-            self._reset(stream_id, PROTOCOL_ERROR)
-            self._forget(call)
+            self._stream_error(stream_id, PROTOCOL_ERROR, call)
             return
         call.send_window += increment
+        if call.send_window > MAX_WINDOW:
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, call)
+            return
         if call.pending:
             self._send_pending(call)
 
@@ -1063,6 +1314,8 @@ class Connection(asyncio.BufferedProtocol):
         if stream_id:
             raise H2Error(PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
+            if payload:
+                raise H2Error(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         self._count_control()
         self.established = True
@@ -1074,6 +1327,9 @@ class Connection(asyncio.BufferedProtocol):
                 if value > MAX_WINDOW:
                     raise H2Error(FLOW_CONTROL_ERROR, "initial window too large")
                 window = value  # applied once per frame: the last value is the one in force
+            elif key == ENABLE_PUSH:
+                if value > 1:
+                    raise H2Error(PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1")
             elif key == MAX_FRAME_SIZE:
                 if not FRAME_LIMIT <= value <= 16777215:
                     raise H2Error(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
@@ -1090,11 +1346,60 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- stream and connection ends --
 
-    def _reset(self, stream_id: int, code: int) -> None:
+    def _reset(self, stream_id: int, code: ErrorCode) -> None:
         self.control(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
 
-    def _forget(self, call: Call) -> None:
+    def _stream_error(self, stream_id: int, code: ErrorCode, call: Call | None = None) -> None:
+        """RST_STREAM with `code`: the stream is closed, the rest of the connection goes on."""
+        self._reset(stream_id, code)
+        if call is not None:
+            self._forget(call, ClosedBy.SENT_RST)
+        else:
+            self._remember(stream_id, ClosedBy.SENT_RST)
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The state of a client stream (RFC 9113 §5.1), as bbr sees it now."""
+        call = self.calls.get(stream_id)
+        if call is not None:
+            return StreamState.HALF_CLOSED_REMOTE if call.remote_closed else StreamState.OPEN
+        if stream_id > self.last_stream_id or not stream_id & 1:  # even: never opened
+            return StreamState.IDLE
+        return StreamState.CLOSED
+
+    def closed_by(self, stream_id: int) -> ClosedBy:
+        """How a closed stream closed, while it is remembered."""
+        return self._closed.get(stream_id, ClosedBy.UNKNOWN)
+
+    def _not_open(self, kind: int, stream_id: int) -> None:
+        """A frame (DATA, HEADERS, RST_STREAM, WINDOW_UPDATE) on a stream that is not
+        open: what RFC 9113 §5.1 asks of idle and closed streams."""
+        if self.stream_state(stream_id) is StreamState.IDLE:
+            # Only HEADERS and PRIORITY may open a stream (HEADERS never gets here).
+            raise H2Error(PROTOCOL_ERROR, f"frame type {kind} on idle stream {stream_id}")
+        if kind != DATA and kind != HEADERS:
+            return  # WINDOW_UPDATE and RST_STREAM may cross our END_STREAM or RST_STREAM
+        how = self._closed.get(stream_id, ClosedBy.UNKNOWN)
+        if how is ClosedBy.SENT_RST:
+            return  # sent before our RST_STREAM reached the client: ignore (§5.1)
+        if how is ClosedBy.END_STREAM:
+            raise H2Error(STREAM_CLOSED, f"frame type {kind} after END_STREAM on {stream_id}")
+        if how is ClosedBy.UNKNOWN and kind == HEADERS:
+            # A new stream's id must exceed every earlier one (§5.1.1).
+            raise H2Error(PROTOCOL_ERROR, f"HEADERS on closed stream {stream_id}")
+        self._stream_error(stream_id, STREAM_CLOSED)  # then ignored like any we reset
+
+    def _remember(self, stream_id: int, how: ClosedBy) -> None:
+        ring = self._closed_ring
+        slot = self._closed_next
+        if ring[slot]:
+            self._closed.pop(ring[slot], None)
+        ring[slot] = stream_id
+        self._closed[stream_id] = how
+        self._closed_next = (slot + 1) % CLOSED_MEMORY
+
+    def _forget(self, call: Call, how: ClosedBy = ClosedBy.SENT_RST) -> None:
         stream_id = call.stream_id
+        self._remember(stream_id, how)
         self.calls.pop(stream_id, None)
         if self._blocked:
             self._blocked.pop(stream_id, None)

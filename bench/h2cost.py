@@ -1,0 +1,166 @@
+"""CPU of bbr's HTTP/2 server (bbr/h2grpc.py) per ext_proc call, in-process.
+
+    python -m bench.h2cost [--calls 20000] [--batch 100] [--repeat 3]
+
+The server runs on an event loop in a thread; a client on raw sockets sends calls as
+Envoy does (HEADERS whose HPACK block is, after the first, a few table references, then
+one DATA with request_headers + request_body and END_STREAM), `--batch` at a time, and
+waits for every call's trailers. What is reported is the loop thread's own CPU time
+(time.thread_time), so the client's work is not counted. Two header shapes:
+
+    cached    the same header block every call: the decoder's cache answers it (Envoy)
+    decoded   a new `x-request-id` value each call: every block is decoded and validated
+
+Use it to show one change's effect on the hot path: run it before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import struct
+import threading
+import time
+
+import hpack
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from bbr.decision import Options
+from bbr.modelmap import MapHolder, parse_file_text
+from bbr.server import SERVICE_NAME, Health, Processor, h2_server
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAP = """
+kind: ConfigMap
+metadata: {name: llama}
+data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
+"""
+CHAT = b'{"messages": [{"role": "user", "content": "hi"}], "model": "food-review-1"}'
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    size = len(payload)
+    return struct.pack(">BHBBL", size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
+
+
+def request_messages() -> bytes:
+    headers = pb.ProcessingRequest()
+    for name, value in ((":method", "POST"), (":path", "/v1/chat/completions")):
+        headers.request_headers.headers.headers.add(key=name, raw_value=value.encode())
+    headers.request_headers.headers.headers.add(key="content-type", raw_value=b"application/json")
+    body = pb.ProcessingRequest()
+    body.request_body.body = CHAT
+    body.request_body.end_of_stream = True
+    out = b""
+    for message in (headers, body):
+        data = message.SerializeToString()
+        out += b"\x00" + struct.pack(">I", len(data)) + data
+    return out
+
+
+def request_headers(extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", f"/{SERVICE_NAME}/Process".encode()),
+        (b":authority", b"bbr"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        *extra,
+    ]
+
+
+class Client:
+    """Raw frames: enough of HTTP/2 to send calls and count the ends of their answers."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.encoder = hpack.Encoder()
+        self.next_id = 1
+        self.buffer = b""
+        # Big windows: the answers never wait for a WINDOW_UPDATE.
+        settings = struct.pack(">HL", 4, 2**31 - 1)
+        self.sock.sendall(
+            PREFACE + frame(4, 0, 0, settings) + frame(8, 0, 0, struct.pack(">L", 2**31 - 65536))
+        )
+        self.body = request_messages()
+
+    def batch(self, count: int, unique: bool) -> None:
+        out = []
+        for _ in range(count):
+            stream_id = self.next_id
+            self.next_id += 2
+            extra = [(b"x-request-id", str(stream_id).encode())] if unique else []
+            block = self.encoder.encode(request_headers(extra))
+            out.append(frame(1, 0x4, stream_id, block))
+            out.append(frame(0, 0x1, stream_id, self.body))
+        self.sock.sendall(b"".join(out))
+        ended = 0
+        while ended < count:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise RuntimeError("server closed the connection")
+            buffer = self.buffer + data
+            pos = 0
+            while len(buffer) - pos >= 9:
+                high, low, kind, flags, _ = struct.unpack_from(">BHBBL", buffer, pos)
+                end = pos + 9 + ((high << 16) | low)
+                if end > len(buffer):
+                    break
+                if kind == 3:
+                    raise RuntimeError("a call was reset")
+                if kind == 1 and flags & 0x1:
+                    ended += 1
+                pos = end
+            self.buffer = buffer[pos:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    holder = MapHolder()
+    holder.publish("bench", parse_file_text(MAP, path="m.yaml").configs)
+
+    async def start() -> int:
+        processor = Processor(holder, Options(), streaming=False)
+        server = h2_server(processor, Health(), 16 * 1024 * 1024 + 65536)
+        return await server.listen("127.0.0.1", 0)
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+
+    def loop_cpu() -> float:
+        done: asyncio.Future[float] = asyncio.run_coroutine_threadsafe(_thread_time(), loop)
+        return done.result(5)
+
+    logging.disable(logging.INFO)  # the request log is not the transport's cost
+    for shape, unique in (("cached", False), ("decoded", True)):
+        best = float("inf")
+        for _ in range(args.repeat):
+            client = Client(port)
+            client.batch(args.batch, unique)  # warm: tables, caches
+            before = loop_cpu()
+            for _ in range(args.calls // args.batch):
+                client.batch(args.batch, unique)
+            cpu = loop_cpu() - before
+            client.sock.close()
+            best = min(best, cpu)
+        per_call = best / args.calls * 1e6
+        print(f"{shape:8} {args.calls} calls: server CPU {best:.3f} s ({per_call:.1f} µs/call)")
+    return 0
+
+
+async def _thread_time() -> float:
+    return time.thread_time()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
