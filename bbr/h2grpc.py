@@ -437,9 +437,18 @@ class Call:
         stays shut."""
         delta = nbytes - self.retained
         if delta:
+            conn = self.conn
+            limits = conn.limits
+            if delta > 0 and (
+                conn.reserved > limits.connection_buffer + limits.connection_buffer // 4
+                or conn.server.held > limits.process_buffer + limits.process_buffer // 4
+            ):
+                # Windows are shut while over budget; past a quarter more, shed the call.
+                self.finish(RESOURCE_EXHAUSTED, "bbr holds too much request data; retry")
+                return
             self.retained = nbytes
-            self.conn.reserved += delta
-            self.conn.server.reserved += delta
+            conn.reserved += delta
+            conn.server.reserved += delta
 
     # -- the transport's side --
 
