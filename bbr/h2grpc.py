@@ -1096,10 +1096,19 @@ class Connection(asyncio.BufferedProtocol):
             if call.reserved:
                 target = call.reserved
             elif need > after + call.recv_window and need > self.limits.stream_window:
+                if call.retained:
+                    # A streamed body already held never waits in line (its holders would
+                    # wait on each other): admitted within the slack, or shed.
+                    call.waiting = need
+                    if not self.admit(call, slack=True):
+                        call.waiting = 0
+                        call.finish(RESOURCE_EXHAUSTED, "bbr holds too much request data; retry")
+                    return
                 if not call.waiting:
                     call.waiting = need
-                    server.waiting.append(call)
-                    server.admit()
+                    if server.waiting or not self.admit(call):  # first come, first served
+                        server.waiting.append(call)
+                        server.admit()
                 return
             else:
                 target = self.limits.stream_window
@@ -1121,14 +1130,18 @@ class Connection(asyncio.BufferedProtocol):
             or self.server.held > self.limits.process_buffer
         )
 
-    def admit(self, call: Call) -> bool:
-        """Count `call`'s waiting message against the budgets and open its window for it."""
+    def admit(self, call: Call, *, slack: bool = False) -> bool:
+        """Count `call`'s waiting message against the budgets and open its window for it.
+
+        With `slack` (a call holding a streamed body) the budgets stretch by a quarter.
+        """
         need = call.waiting
         server = self.server
-        if (
-            self.reserved + need > self.limits.connection_buffer
-            or server.held - call.loose + need > self.limits.process_buffer
-        ):
+        limits = self.limits
+        connection, process = limits.connection_buffer, limits.process_buffer
+        if slack:
+            connection, process = connection + connection // 4, process + process // 4
+        if self.reserved + need > connection or server.held - call.loose + need > process:
             return False
         call.waiting = 0
         call.reserved = need

@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,9 @@ from tests.conftest import (
     BbrProcess,
     StartBbr,
     configmap_yaml,
+    request,
     route,
+    set_headers,
     write_model_map,
 )
 
@@ -542,3 +545,26 @@ def test_silent_tls_connections_are_closed_after_the_handshake_timeout(
     finally:
         for sock in silent:
             sock.close()
+
+
+# --- and honest clients still get through --------------------------------------------
+
+
+def test_bodies_up_to_the_limit_many_at_once_wait_their_turn(bbr: BbrProcess) -> None:
+    """Twelve buffered 1 MiB bodies at once on one connection whose budget holds three:
+    each is admitted in turn (none deadlocks, none is refused); then three streamed ones
+    at once (bbr holds a streamed body until its end), within the budget, all routed."""
+    payload = b'{"model": "food", "messages": [{"content": "' + b"x" * (MAX_BODY - 100) + b'"}]}'
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{bbr.grpc_port}", options=CHANNEL_OPTIONS) as chan,
+        ThreadPoolExecutor(12) as pool,
+    ):
+        buffered = list(pool.map(lambda i: set_headers(request(chan, payload)), range(12)))
+        streamed = list(
+            pool.map(
+                lambda i: set_headers(request(chan, payload, streaming=True, chunks=16)),
+                range(3),
+            )
+        )
+    for result in [*buffered, *streamed]:
+        assert result.get("x-gateway-base-model-name") == "llama", result
