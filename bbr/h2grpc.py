@@ -774,6 +774,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _calm_later(self, reason: str) -> None:
         log.info("http2 connection error", extra=fields(code=ENHANCE_YOUR_CALM, reason=reason))
+        self.server.on_close(ENHANCE_YOUR_CALM.name)
         self.abort()
 
     def send_message(self, call: Call, payload: bytes) -> None:
@@ -1467,6 +1468,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _abort(self, code: int, reason: str) -> None:
         log.info("http2 connection error", extra=fields(code=code, reason=reason))
+        self.server.on_close(_code_name(code))
         self._send_goaway(code, reason)
         self._close_soon()
 
@@ -1482,10 +1484,12 @@ class Connection(asyncio.BufferedProtocol):
         if not self.established:
             if now - self.opened_at > limits.handshake_timeout:
                 log.debug("http2 preface timeout")
+                self.server.on_close("handshake_timeout")
                 self.abort()
             return
         if not self.calls:
             if now - self.idle_since > limits.idle_timeout:
+                self.server.on_close("idle_timeout")
                 self.goaway()
                 self._close_soon()
             elif self._receive is not None and not self._filled:
@@ -1581,6 +1585,9 @@ class Server:
         self.out_bytes = 0
         self.waiting: deque[Call] = deque()
         self.refused = 0
+        # Told why bbr closed a connection: an HTTP/2 error code's name, "refused" (the
+        # cap), "handshake_timeout", "idle_timeout" (bbr.server counts them).
+        self.on_close: Callable[[str], None] = _ignore
         self._refused_logged = 0
         self._refused_at = -LOG_EVERY
         self._accept_errors = 0
@@ -1628,6 +1635,7 @@ class Server:
         """The protocol for an accepted socket: a Connection, or a refusal over the cap."""
         if len(self.accepted) >= self.limits.max_connections:
             self.refused += 1
+            self.on_close("refused")
             now = self.clock()
             if now - self._refused_at >= LOG_EVERY:
                 log.warning(
@@ -1704,6 +1712,7 @@ class Server:
                 if conn.transport is None:
                     if now - conn.opened_at > 2 * self.limits.handshake_timeout:
                         self.accepted.discard(conn)  # a TLS handshake that never finished
+                        self.on_close("handshake_timeout")
                     continue
                 if conn.closing:
                     continue
@@ -1744,3 +1753,14 @@ class Server:
 
 def _no_clock() -> float:
     return 0.0
+
+
+def _ignore(reason: str) -> None:
+    pass
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)

@@ -278,7 +278,7 @@ def h2_server(
     """The ext_proc port on `bbr.h2grpc`: Process, health Check and reflection."""
     servicer = reflection.ReflectionServicer(REFLECTED_SERVICES)
     process = processor.call if processor.tracing is None else processor.traced_call
-    return h2grpc.Server(
+    server = h2grpc.Server(
         {
             f"/{SERVICE_NAME}/Process": process,
             "/grpc.health.v1.Health/Check": health.check,
@@ -289,6 +289,8 @@ def h2_server(
         max_message=limit,
         limits=limits,
     )
+    server.on_close = lambda reason: metrics.CONNECTIONS_CLOSED.labels(reason=reason).inc()
+    return server
 
 
 def finished(done: Finished) -> None:

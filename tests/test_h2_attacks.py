@@ -427,6 +427,8 @@ def test_flood_is_calmed(bbr: BbrProcess, attackers: Callable[..., Attacker], ki
     assert ENHANCE_YOUR_CALM in codes, f"{kind} flood: GOAWAY codes {codes}"
     assert rss(bbr.pid) - before < bound(1) + MARGIN
     still_serving(bbr)
+    calmed = bbr.metric("bbr_grpc_connections_closed_total", reason="ENHANCE_YOUR_CALM")
+    assert calmed is not None and calmed >= 1
 
 
 def test_rapid_reset_is_calmed(bbr: BbrProcess, attackers: Callable[..., Attacker]) -> None:
@@ -516,6 +518,7 @@ def test_connections_over_the_cap_are_refused_and_logged_once(
         assert route(chan, "food")["x-gateway-base-model-name"] == "llama"
     lines = [r for r in process.log_records() if "too many connections" in str(r.get("msg"))]
     assert len(lines) == 1, lines  # rate-limited: one line for the 30 refusals
+    assert process.metric("bbr_grpc_connections_closed_total", reason="refused") == 30
 
 
 def test_silent_tls_connections_are_closed_after_the_handshake_timeout(
