@@ -996,3 +996,427 @@ def test_raw_repeated_header_block_is_decoded_against_the_current_table(
             assert reply.status == b"0"
             [answer] = grpc_messages(bytes(reply.data))
             assert health_pb2.HealthCheckResponse.FromString(answer).status == SERVING
+
+
+# --- RFC 9113 conformance: request headers --------------------------------------------------
+
+GRPC_REQUEST = request_headers()
+FIN = {"END_HEADERS", "END_STREAM"}
+GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+
+
+def _with(*extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [*GRPC_REQUEST, *extra]
+
+
+def _without(name: bytes) -> list[tuple[bytes, bytes]]:
+    return [(n, v) for n, v in GRPC_REQUEST if n != name]
+
+
+def _replaced(name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    return [(n, value if n == name else v) for n, v in GRPC_REQUEST]
+
+
+MALFORMED_REQUESTS = {
+    "upper-case name": _with((b"X-Request-Id", b"1")),
+    "space in name": _with((b"x request", b"1")),
+    "colon in name": _with((b"x:y", b"1")),
+    "empty name": _with((b"", b"1")),
+    "cr-lf in value": _with((b"x-request-id", b"1\r\nx-evil: 1")),
+    "nul in value": _with((b"x-request-id", b"1\x002")),
+    "value with leading space": _with((b"x-request-id", b" 1")),
+    "unknown pseudo-header": _with((b":token", b"x")),
+    "response pseudo-header": [(b":status", b"200"), *GRPC_REQUEST],
+    "pseudo-header after a regular field": [*_without(b":authority"), (b":authority", b"h")],
+    "connection header": _with((b"connection", b"keep-alive")),
+    "transfer-encoding": _with((b"transfer-encoding", b"chunked")),
+    "upgrade": _with((b"upgrade", b"h2c")),
+    "te other than trailers": _replaced(b"te", b"trailers, deflate"),
+    "empty :path": _replaced(b":path", b""),
+    "no :method": _without(b":method"),
+    "no :scheme": _without(b":scheme"),
+    "no :path": _without(b":path"),
+    "duplicated :method": [(b":method", b"POST"), *GRPC_REQUEST],
+    "duplicated :path": [(b":path", PROCESS), *GRPC_REQUEST],
+    "content-length not a number": _with((b"content-length", b"12a")),
+    "two content-lengths that differ": _with((b"content-length", b"1"), (b"content-length", b"2")),
+    "CONNECT with :path": _replaced(b":method", b"CONNECT"),
+}
+
+
+@pytest.mark.parametrize("fields", MALFORMED_REQUESTS.values(), ids=MALFORMED_REQUESTS.keys())
+def test_header_block_malformed_request_is_named(fields: list[tuple[bytes, bytes]]) -> None:
+    assert h2grpc.HeaderBlock(fields).request_error is not None
+
+
+def test_header_block_well_formed_requests() -> None:
+    grpc_call = h2grpc.HeaderBlock(_with((b"grpc-timeout", b"5S"), (b"content-length", b"10")))
+    assert grpc_call.request_error is None
+    assert grpc_call.grpc and grpc_call.path == PROCESS and grpc_call.content_length == 10
+    for fields, method in (
+        (
+            [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/"), (b"accept", b"*")],
+            b"GET",
+        ),
+        ([(b":method", b"CONNECT"), (b":authority", b"example:443")], b"CONNECT"),
+        (_replaced(b"content-type", b"application/json"), b"POST"),
+    ):
+        block = h2grpc.HeaderBlock(fields)
+        assert block.request_error is None, fields
+        assert not block.grpc and block.method == method
+    assert h2grpc.HeaderBlock(_replaced(b"content-type", b"application/grpc+proto")).grpc
+
+
+def test_header_block_trailers() -> None:
+    assert h2grpc.HeaderBlock([(b"x-checksum", b"1")]).trailer_error is None
+    assert h2grpc.HeaderBlock([]).trailer_error is None
+    assert h2grpc.HeaderBlock([(b":method", b"POST")]).trailer_error is not None
+    assert h2grpc.HeaderBlock([(b"Upper", b"1")]).trailer_error is not None
+    # A request block's own trailer check is separate: pseudo-headers belong there.
+    assert h2grpc.HeaderBlock(GRPC_REQUEST).trailer_error is not None
+
+
+def test_header_decoder_caches_the_checked_block() -> None:
+    """A repeated block comes from the cache with its checks done; a malformed one too."""
+    decoder, encoder = h2grpc.HeaderDecoder(), hpack.Encoder()
+    for fields in (GRPC_REQUEST, MALFORMED_REQUESTS["upper-case name"]):
+        decoder.decode(encoder.encode(fields))  # the first block fills the table
+        repeated = encoder.encode(fields)  # references to it only
+        first = decoder.decode(repeated)
+        assert decoder.decode(repeated) is first
+        assert (first.request_error is None) == (fields is GRPC_REQUEST)
+
+
+def expect_stream_error(client: RawClient, stream_id: int, code: ErrorCodes) -> None:
+    """The server resets `stream_id` with `code`, and does not end the connection."""
+    frames = client.frames_until(
+        lambda f: isinstance(f, RstStreamFrame | GoAwayFrame) and f.stream_id in (0, stream_id)
+    )
+    last = frames[-1]
+    assert isinstance(last, RstStreamFrame), f"a connection error, not a stream error: {last}"
+    assert last.error_code == code, f"RST_STREAM {ErrorCodes(last.error_code)!r}, not {code!r}"
+
+
+def expect_connection_error(client: RawClient, code: ErrorCodes) -> None:
+    """The server sends GOAWAY with `code` and closes the connection."""
+    frames = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
+    goaway = frames[-1]
+    assert isinstance(goaway, GoAwayFrame)
+    assert goaway.error_code == code, f"GOAWAY {ErrorCodes(goaway.error_code)!r}, not {code!r}"
+    assert client.closed_within(2)
+
+
+def assert_connection_goes_on(client: RawClient, stream_id: int) -> None:
+    """A routed call on `stream_id` of the same connection is answered."""
+    client.send(
+        HeadersFrame(stream_id, client.block(), flags={"END_HEADERS"}),
+        DataFrame(stream_id, ROUTED_CALL, flags={"END_STREAM"}),
+    )
+    assert_routed(client.reply(stream_id))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [MALFORMED_REQUESTS[k] for k in ("upper-case name", "response pseudo-header", "no :path")],
+    ids=["upper-case name", "response pseudo-header", "no :path"],
+)
+def test_raw_malformed_request_is_reset_and_the_connection_goes_on(
+    serve: Serve, raw: Callable[..., RawClient], fields: list[tuple[bytes, bytes]]
+) -> None:
+    running = serve()
+    client = raw(running)
+    client.send(HeadersFrame(1, client.encoder.encode(fields), flags={"END_HEADERS"}))
+    client.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))  # ignored: stream 1 is reset
+    expect_stream_error(client, 1, ErrorCodes.PROTOCOL_ERROR)
+    assert running.processor.active == 0  # it never became a call
+    assert_connection_goes_on(client, 3)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-frame", "two-frames"])
+def test_raw_content_length_must_match_the_data(
+    serve: Serve, raw: Callable[..., RawClient], split: bool
+) -> None:
+    client = raw(serve())
+    size = str(len(ROUTED_CALL) + 1).encode()
+    client.send(HeadersFrame(1, client.encoder.encode(_with((b"content-length", size)))))
+    client.send(ContinuationFrame(1, b"", flags={"END_HEADERS"}))
+    if split:
+        client.send(DataFrame(1, ROUTED_CALL[:10]), DataFrame(1, ROUTED_CALL[10:] + b"xx"))
+    else:
+        client.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))
+    expect_stream_error(client, 1, ErrorCodes.PROTOCOL_ERROR)
+    # The same call with the right length is answered.
+    size = str(len(ROUTED_CALL)).encode()
+    client.send(
+        HeadersFrame(
+            3, client.encoder.encode(_with((b"content-length", size))), flags={"END_HEADERS"}
+        ),
+        DataFrame(3, ROUTED_CALL, flags={"END_STREAM"}),
+    )
+    assert_routed(client.reply(3))
+
+
+def test_raw_trailers_are_checked(serve: Serve, raw: Callable[..., RawClient]) -> None:
+    client = raw(serve())
+    trailers = {"END_HEADERS", "END_STREAM"}
+    client.send(HeadersFrame(1, client.block(), flags={"END_HEADERS"}), DataFrame(1, ROUTED_CALL))
+    client.send(HeadersFrame(1, client.encoder.encode([(b":path", b"/x")]), flags=trailers))
+    expect_stream_error(client, 1, ErrorCodes.PROTOCOL_ERROR)
+    # Well-formed trailers end the request like END_STREAM on DATA.
+    client.send(HeadersFrame(3, client.block(), flags={"END_HEADERS"}), DataFrame(3, ROUTED_CALL))
+    client.send(HeadersFrame(3, client.encoder.encode([(b"x-checksum", b"1")]), flags=trailers))
+    assert_routed(client.reply(3))
+
+
+@pytest.mark.parametrize(
+    ("method", "status"), [(b"GET", b"405"), (b"POST", b"415")], ids=["GET", "POST-json"]
+)
+def test_raw_a_request_that_is_not_grpc_gets_an_http_answer(
+    serve: Serve, raw: Callable[..., RawClient], method: bytes, status: bytes
+) -> None:
+    client = raw(serve())
+    fields = [
+        (b":method", method),
+        (b":scheme", b"http"),
+        (b":path", b"/v1/chat/completions"),
+        (b"content-type", b"application/json"),
+    ]
+    end = {"END_HEADERS"} if method == b"POST" else {"END_HEADERS", "END_STREAM"}
+    client.send(HeadersFrame(1, client.encoder.encode(fields), flags=end))
+    if method == b"POST":
+        client.send(DataFrame(1, b'{"model": "x"}', flags={"END_STREAM"}))
+    reply = client.reply(1)
+    assert reply.headers[b":status"] == status
+    assert reply.headers[b"content-type"].startswith(b"text/plain")
+    assert b"gRPC" in reply.data
+    assert reply.headers[b"content-length"] == str(len(reply.data)).encode()
+    assert reply.status == b"12"  # UNIMPLEMENTED, for a gRPC client that mislabelled itself
+
+
+# --- RFC 9113 conformance: stream states -------------------------------------------------------
+
+
+def _ping_acked(client: RawClient) -> list[Frame]:
+    """Frames up to the answer to a PING: the server read everything sent before it."""
+    client.send(PingFrame(0, b"conform!"))
+    return client.frames_until(lambda f: isinstance(f, PingFrame) and "ACK" in f.flags)
+
+
+def test_raw_data_on_a_half_closed_stream_is_stream_closed(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    # A request the client has ended, whose answer waits for a window (0): half-closed.
+    client.send(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}))
+    client.send(HeadersFrame(1, client.encoder.encode(GET), flags=FIN))
+    client.frames_until(lambda f: isinstance(f, HeadersFrame) and f.stream_id == 1)
+    client.send(DataFrame(1, b"more"))
+    expect_stream_error(client, 1, ErrorCodes.STREAM_CLOSED)
+    client.send(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65535}))
+    assert_connection_goes_on(client, 3)
+
+
+def test_raw_frames_after_the_servers_reset_are_ignored(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    """An answer before the request ended resets the stream (NO_ERROR); what the client
+    had already sent on it is then dropped quietly, as RFC 9113 §5.1 requires: Envoy
+    races its body against bbr's early answer, and must not lose the connection."""
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(b"/no.such/Method"), flags={"END_HEADERS"}))
+    reply = client.reply(1)
+    assert reply.status == b"12"
+    client.send(DataFrame(1, b"late"), HeadersFrame(1, client.encoder.encode([]), flags=FIN))
+    seen = _ping_acked(client)
+    errors = [f for f in seen if isinstance(f, GoAwayFrame | RstStreamFrame) and f.error_code]
+    assert not errors, errors
+    assert_connection_goes_on(client, 3)
+
+
+def test_raw_data_after_the_clients_reset_is_stream_closed(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(), flags={"END_HEADERS"}))
+    client.send(RstStreamFrame(1, error_code=ErrorCodes.CANCEL), DataFrame(1, b"late"))
+    expect_stream_error(client, 1, ErrorCodes.STREAM_CLOSED)
+    assert_connection_goes_on(client, 3)
+
+
+def test_raw_headers_after_both_ends_is_a_connection_error(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(), flags={"END_HEADERS"}))
+    client.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))
+    assert_routed(client.reply(1))
+    client.send(HeadersFrame(1, client.block(), flags=FIN))
+    expect_connection_error(client, ErrorCodes.STREAM_CLOSED)
+
+
+def test_raw_stream_ids_must_grow(serve: Serve, raw: Callable[..., RawClient]) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(5, client.block(), flags={"END_HEADERS"}))
+    client.send(HeadersFrame(3, client.block(), flags={"END_HEADERS"}))
+    expect_connection_error(client, ErrorCodes.PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        RstStreamFrame(1, error_code=ErrorCodes.CANCEL),
+        h2grpc.frame(h2grpc.WINDOW_UPDATE, 0, 1, struct.pack(">L", 100)),
+        DataFrame(1, b"x"),
+        RstStreamFrame(2, error_code=ErrorCodes.CANCEL),  # even: never a client's stream
+    ],
+    ids=["RST_STREAM", "WINDOW_UPDATE", "DATA", "RST_STREAM-even"],
+)
+def test_raw_frame_on_an_idle_stream_is_a_protocol_error(
+    serve: Serve, raw: Callable[..., RawClient], sent: Frame | bytes
+) -> None:
+    client = raw(serve())
+    client.send(sent)
+    expect_connection_error(client, ErrorCodes.PROTOCOL_ERROR)
+
+
+def test_raw_window_update_and_rst_after_the_end_are_accepted(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(), flags={"END_HEADERS"}))
+    client.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))
+    assert_routed(client.reply(1))
+    client.send(
+        h2grpc.frame(h2grpc.WINDOW_UPDATE, 0, 1, struct.pack(">L", 100)),
+        RstStreamFrame(1, error_code=ErrorCodes.CANCEL),
+    )
+    seen = _ping_acked(client)
+    assert not [f for f in seen if isinstance(f, GoAwayFrame | RstStreamFrame)], seen
+
+
+def test_stream_states_as_the_connection_sees_them(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    running = serve(streaming=True)
+    client = raw(running)
+    _open_held_call(client)  # stream 1: open, the server holding its body
+    _ping_acked(client)
+    [conn] = running.server.connections
+    state, closed_by = conn.stream_state, conn.closed_by
+    assert [state(1), state(3), state(2)] == [
+        h2grpc.StreamState.OPEN,
+        h2grpc.StreamState.IDLE,
+        h2grpc.StreamState.IDLE,
+    ]
+    client.send(HeadersFrame(3, client.block(), flags=FIN))  # half-closed (remote) at once
+    client.send(HeadersFrame(5, client.block(), flags={"END_HEADERS"}))
+    client.send(RstStreamFrame(5, error_code=ErrorCodes.CANCEL))
+    _ping_acked(client)
+    assert state(1) is h2grpc.StreamState.OPEN
+    assert state(3) is h2grpc.StreamState.CLOSED  # answered at once: empty request
+    assert closed_by(3) is h2grpc.ClosedBy.END_STREAM
+    assert state(5) is h2grpc.StreamState.CLOSED and closed_by(5) is h2grpc.ClosedBy.RECEIVED_RST
+    _assert_held_call_answered(_finish_held_call(client))
+    assert state(1) is h2grpc.StreamState.CLOSED and closed_by(1) is h2grpc.ClosedBy.END_STREAM
+
+
+def test_raw_streams_beyond_the_advertised_limit_are_refused(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}))
+    # Answers that cannot be sent (window 0) keep every stream open.
+    limit = h2grpc.MAX_STREAMS
+    client.send(
+        *(HeadersFrame(1 + 2 * i, client.encoder.encode(GET), flags=FIN) for i in range(limit))
+    )
+    last = 1 + 2 * limit
+    client.send(HeadersFrame(last, client.encoder.encode(GET), flags=FIN))
+    expect_stream_error(client, last, ErrorCodes.REFUSED_STREAM)
+
+
+# --- RFC 9113 conformance: frames ------------------------------------------------------------
+
+
+def test_raw_priority_frames_are_checked(serve: Serve, raw: Callable[..., RawClient]) -> None:
+    client = raw(serve())
+    client.send(h2grpc.frame(h2grpc.PRIORITY, 0, 1, b"\x00\x00\x00\x00"))  # 4 bytes, not 5
+    expect_stream_error(client, 1, ErrorCodes.FRAME_SIZE_ERROR)
+    client.send(h2grpc.frame(h2grpc.PRIORITY, 0, 3, b"\x00\x00\x00\x03\x10"))  # on itself
+    expect_stream_error(client, 3, ErrorCodes.PROTOCOL_ERROR)
+    head = HeadersFrame(5, client.block(), flags={"END_HEADERS", "PRIORITY"})
+    head.depends_on, head.stream_weight = 5, 16
+    client.send(head)
+    expect_stream_error(client, 5, ErrorCodes.PROTOCOL_ERROR)
+    client.send(h2grpc.frame(h2grpc.PRIORITY, 0, 9, b"\x00\x00\x00\x00\x10"))  # fine: ignored
+    assert_connection_goes_on(client, 7)
+    client.send(h2grpc.frame(h2grpc.PRIORITY, 0, 0, b"\x00\x00\x00\x01\x10"))
+    expect_connection_error(client, ErrorCodes.PROTOCOL_ERROR)
+
+
+@pytest.mark.parametrize(
+    ("sent", "code"),
+    [
+        (
+            h2grpc.frame(h2grpc.SETTINGS, h2grpc.ACK, 0, b"\x00\x02\x00\x00\x00\x00"),
+            "FRAME_SIZE_ERROR",
+        ),
+        (SettingsFrame(0, settings={SettingsFrame.ENABLE_PUSH: 2}), "PROTOCOL_ERROR"),
+        (
+            SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 2**31}),
+            "FLOW_CONTROL_ERROR",
+        ),
+        (SettingsFrame(0, settings={SettingsFrame.MAX_FRAME_SIZE: 16383}), "PROTOCOL_ERROR"),
+        (h2grpc.frame(h2grpc.PING, 0, 1, b"12345678"), "PROTOCOL_ERROR"),
+        (h2grpc.frame(h2grpc.PING, 0, 0, b"1234567"), "FRAME_SIZE_ERROR"),
+        (h2grpc.frame(h2grpc.RST_STREAM, 0, 0, b"\x00\x00\x00\x08"), "PROTOCOL_ERROR"),
+        (h2grpc.frame(h2grpc.GOAWAY, 0, 1, b"\x00" * 8), "PROTOCOL_ERROR"),
+        (h2grpc.frame(h2grpc.WINDOW_UPDATE, 0, 0, b"\x7f\xff\xff\xff"), "FLOW_CONTROL_ERROR"),
+    ],
+    ids=[
+        "SETTINGS-ACK-with-payload",
+        "ENABLE_PUSH-2",
+        "INITIAL_WINDOW_SIZE-2^31",
+        "MAX_FRAME_SIZE-too-small",
+        "PING-on-a-stream",
+        "PING-7-bytes",
+        "RST_STREAM-on-stream-0",
+        "GOAWAY-on-a-stream",
+        "connection-window-past-2^31-1",
+    ],
+)
+def test_raw_bad_frame_is_a_connection_error(
+    serve: Serve, raw: Callable[..., RawClient], sent: Frame | bytes, code: str
+) -> None:
+    client = raw(serve())
+    client.send(sent)
+    expect_connection_error(client, ErrorCodes[code])
+
+
+def test_raw_stream_window_past_the_maximum_is_a_stream_error(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(), flags={"END_HEADERS"}))
+    increment = struct.pack(">L", 2**31 - 1)
+    client.send(h2grpc.frame(h2grpc.WINDOW_UPDATE, 0, 1, increment))
+    expect_stream_error(client, 1, ErrorCodes.FLOW_CONTROL_ERROR)
+    assert_connection_goes_on(client, 3)
+
+
+def test_raw_bad_padding_on_a_closed_stream_is_still_a_protocol_error(
+    serve: Serve, raw: Callable[..., RawClient]
+) -> None:
+    client = raw(serve())
+    client.send(HeadersFrame(1, client.block(b"/no.such/Method"), flags={"END_HEADERS"}))
+    client.reply(1)  # answered and reset: stream 1 is closed
+    client.send(h2grpc.frame(h2grpc.DATA, h2grpc.PADDED, 1, b"\x06Test"))  # pad 6 > 4 bytes
+    expect_connection_error(client, ErrorCodes.PROTOCOL_ERROR)
+
+
+def test_raw_unknown_frame_types_are_ignored(serve: Serve, raw: Callable[..., RawClient]) -> None:
+    client = raw(serve())
+    client.send(h2grpc.frame(0x42, 0xFF, 0, b"whatever"), h2grpc.frame(0x43, 0, 1, b"x"))
+    seen = _ping_acked(client)
+    assert not [f for f in seen if isinstance(f, GoAwayFrame | RstStreamFrame)], seen
+    assert_connection_goes_on(client, 1)
