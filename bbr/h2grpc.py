@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import re
 import socket
 import ssl
@@ -592,6 +593,7 @@ class Connection(asyncio.BufferedProtocol):
         self._unstall_soon = False
         self._paused = 0
         self._more = False  # frames left over when a turn's budget ran out
+        self._discarding = False  # a connection error was sent: input is dropped
         # Budgets (bytes): answers queued behind the peer's windows; request data held.
         self.out_bytes = 0
         self.loose = 0
@@ -647,6 +649,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._receive_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._discarding:
+            return  # after a connection error: dropped unread
         self._filled += nbytes
         self.now = self.server.clock()
         self._turn()
@@ -692,7 +696,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _next_turn(self) -> None:
         self._more = False
-        if self.closing or self._receive is None:
+        if self.closing or self._receive is None or self._discarding:
             return
         self.now = self.server.clock()
         self._turn()
@@ -1470,7 +1474,21 @@ class Connection(asyncio.BufferedProtocol):
         log.info("http2 connection error", extra=fields(code=code, reason=reason))
         self.server.on_close(_code_name(code))
         self._send_goaway(code, reason)
-        self._close_soon()
+        self.flush()
+        if self.transport is None or self.transport.is_closing():
+            return
+        # Closing with the client's frames unread would make the kernel answer with a
+        # reset, which can destroy the GOAWAY before the client reads it: read and drop
+        # for a moment (nothing is parsed), then close.
+        self._discarding = True
+        self._paused = 0
+        self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._linger_end)
+
+    def _linger_end(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -1562,7 +1580,10 @@ class _Refused(asyncio.Protocol):
 
 # --- the server --------------------------------------------------------------------------
 
+ACCEPT_BATCH = 16  # connections accepted per loop turn (fds open before the cap is checked)
+LISTEN_BACKLOG = 1024
 LOG_EVERY = 10.0  # seconds between two log lines about refused connections or accept errors
+LINGER_SECONDS = 1.0  # after a connection error, how long input is read and dropped
 
 
 class Server:
@@ -1671,8 +1692,16 @@ class Server:
             reuse_port=reuse_port or None,
             ssl=ssl_context,
             ssl_handshake_timeout=self.limits.handshake_timeout if ssl_context else None,
-            backlog=1024,
+            # asyncio accepts up to `backlog` sockets per loop turn, all holding fds before
+            # any over the cap is closed: a small batch keeps that overshoot small ...
+            backlog=ACCEPT_BATCH,
         )
+        for listening in self._listener.sockets:  # ... while the kernel queue stays long
+            with (
+                contextlib.suppress(OSError),
+                socket.socket(fileno=os.dup(listening.fileno())) as dup,
+            ):
+                dup.listen(LISTEN_BACKLOG)
         self._sweeper = asyncio.create_task(self._sweep())
         bound: int = self._listener.sockets[0].getsockname()[1]
         return bound
@@ -1725,6 +1754,10 @@ class Server:
                     conn._unstall()
             if self.waiting:
                 self.admit()
+
+    def busy(self) -> bool:
+        """Any call open on any connection."""
+        return any(conn.calls for conn in self.connections)
 
     def connection_gone(self) -> None:
         self.closed += 1

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import logging
 import os
@@ -333,34 +334,47 @@ async def trim_when_idle(processor: Processor, server: h2grpc.Server | None = No
     while True:
         await asyncio.sleep(TRIM_SECONDS)
         work = (processor.started, server.closed if server is not None else 0)
-        if processor.active == 0 and work != trimmed_at:
+        if (
+            processor.active == 0
+            and work != trimmed_at
+            and (server is None or not server.busy())  # a trim can take a while: only idle
+        ):
             trimmed_at = work
             trim(0)
 
 
-FD_RESERVE = 64  # fds for the health and metrics ports, map files, the API watch
+FD_RESERVE = 64  # fds bbr opens after start: health and metrics ports, map files, the API
 
 
-def raise_fd_limit(connections: int) -> None:
+def raise_fd_limit(connections: int) -> int:
     """Let the connection cap, not the fd limit, be what refuses clients.
 
-    Raises the soft RLIMIT_NOFILE to the hard one; warns when even that is below
-    --max-connections plus what bbr needs for itself.
+    Raises the soft RLIMIT_NOFILE to the hard one. When even that leaves no room for
+    --max-connections plus what bbr needs for itself, the cap is lowered to fit (and
+    said so): a refused connection is closed at once, while running out of fds makes
+    accept() fail over and over.
     """
     try:
         import resource
     except ImportError:  # not POSIX
-        return
+        return connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    if soft != resource.RLIM_INFINITY and soft < connections + FD_RESERVE:
+    try:  # what is open already, plus room for what bbr opens later
+        reserve = len(os.listdir("/proc/self/fd")) + FD_RESERVE + 4 * h2grpc.ACCEPT_BATCH
+    except OSError:
+        reserve = 2 * FD_RESERVE + 4 * h2grpc.ACCEPT_BATCH
+    if soft != resource.RLIM_INFINITY and soft < connections + reserve:
+        fitted = max(1, soft - reserve)
         log.warning(
-            "the fd limit is below --max-connections: accept() will fail first",
-            extra=fields(fd_limit=soft, max_connections=connections),
+            "--max-connections lowered to fit the open-file limit",
+            extra=fields(fd_limit=soft, max_connections=connections, lowered_to=fitted),
         )
+        return fitted
+    return connections
 
 
 def check_port(port: int, flag: str) -> None:
@@ -531,8 +545,11 @@ async def serve(config: ServeConfig) -> int:
             ssl_context = server_tls(config.cert_path, config.client_ca).context
         except TLSError as exc:
             raise StartupError(str(exc)) from None
-    server = h2_server(processor, health, limit, config.limits)
-    raise_fd_limit(config.limits.max_connections)
+    limits = config.limits
+    cap = raise_fd_limit(limits.max_connections)
+    if cap != limits.max_connections:
+        limits = dataclasses.replace(limits, max_connections=cap)
+    server = h2_server(processor, health, limit, limits)
     try:
         await server.listen(
             "0.0.0.0", config.grpc_port, reuse_port=config.workers > 1, ssl_context=ssl_context

@@ -10,10 +10,13 @@ answered, promptly.
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 import ssl
 import statistics
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +32,12 @@ from grpc_reflection.v1alpha import reflection_pb2
 from tests.conftest import (
     CHANNEL_OPTIONS,
     EXT_PROC_SERVICE,
+    REPO_ROOT,
     BbrProcess,
     StartBbr,
+    clean_env,
     configmap_yaml,
+    free_ports,
     request,
     route,
     set_headers,
@@ -247,8 +253,9 @@ def probing(bbr: BbrProcess) -> Iterator[HealthProbe]:
     finally:
         p99 = probe.stop()
     assert probe.failures == 0
-    # The target is 10 ms; the bound is generous for a loaded 2-core test machine.
-    assert p99 < 0.5, f"health check p99 {p99 * 1000:.0f} ms during the attack"
+    # The target is 10 ms (docs/performance.md has the figures); this bound only says
+    # the health check was never starved, with room for a loaded 2-core test machine.
+    assert p99 < 1.5, f"health check p99 {p99 * 1000:.0f} ms during the attack"
 
 
 # --- memory ------------------------------------------------------------------------------
@@ -571,3 +578,48 @@ def test_bodies_up_to_the_limit_many_at_once_wait_their_turn(bbr: BbrProcess) ->
         )
     for result in [*buffered, *streamed]:
         assert result.get("x-gateway-base-model-name") == "llama", result
+
+
+def test_a_low_fd_limit_lowers_the_cap_instead_of_failing_accept(
+    simple_map: Path, tmp_path: Path
+) -> None:
+    """With 256 fds and --max-connections 1000, bbr fits the cap to the fds: extra
+    connections are refused and logged once, never an accept() error storm."""
+    grpc_port, health_port, metrics_port = free_ports(3)
+    argv = [sys.executable, "-m", "bbr", "serve", "--model-map", str(simple_map)]
+    argv += ["--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port)]
+    argv += ["--metrics-port", str(metrics_port), "--max-connections", "1000"]
+    argv += ["--handshake-timeout", "30"]
+    stderr = tmp_path / "stderr"
+
+    def low_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(
+            argv, cwd=REPO_ROOT, env=clean_env(), stderr=err, preexec_fn=low_fds
+        )
+    held: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 15
+        while b'"serving"' not in stderr.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.1)
+        for _ in range(300):
+            held.append(socket.create_connection(("127.0.0.1", grpc_port)))
+        time.sleep(2)
+        text = stderr.read_text()
+        assert "lowered to fit the open-file limit" in text
+        assert text.count("too many connections") == 1
+        assert "accept failed" not in text and "out of system resource" not in text
+        for sock in held:
+            sock.close()
+        held.clear()
+        time.sleep(0.5)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as chan:
+            assert route(chan, "food")["x-gateway-base-model-name"] == "llama"
+    finally:
+        for sock in held:
+            sock.close()
+        proc.terminate()
+        proc.wait(10)
