@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import operator
 import os
 import re
 import socket
@@ -87,10 +88,11 @@ class ClosedBy(enum.Enum):
     END_STREAM = "both sides ended it"  # a late DATA/HEADERS: connection error STREAM_CLOSED
     SENT_RST = "bbr reset it"  # frames already in flight: ignored
     RECEIVED_RST = "the client reset it"  # a late DATA/HEADERS: stream error STREAM_CLOSED
-    UNKNOWN = "never opened, or closed too long ago to remember"
+    NEVER_OPENED = "an id the client skipped"  # a late HEADERS: connection PROTOCOL_ERROR
 
 
-CLOSED_MEMORY = 128  # closed streams remembered per connection, most recent first
+CLOSED_MEMORY = 128  # resets remembered per connection (older ones count as ended)
+SKIPPED_MEMORY = 16  # ranges of stream ids a client skipped, remembered per connection
 _SELF_DEPENDENT = 0x100  # not a wire flag: marks a HEADERS whose priority names itself
 
 # Settings.
@@ -173,15 +175,16 @@ def trailers_block(code: int, message: str = "") -> bytes:
 
 # A field name may not hold controls, space, upper case, DEL, non-ASCII, or ':' (except
 # the leading one of a pseudo-header); a value may not hold NUL, CR or LF, nor start or
-# end with a space or tab.
-_BAD_NAME = re.compile(rb"[\x00-\x20A-Z\x7f-\xff:]")
-_BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
+# end with a space or tab (RFC 9113 §8.2.1).
+_NAME_BYTES = bytes(
+    c for c in range(256) if not (c <= 0x20 or 0x41 <= c <= 0x5A or c >= 0x7F or c == 0x3A)
+)
+_EDGE_SPACE = re.compile(rb"\n[ \t]|[ \t]\n")  # in values joined and framed by LF
 _REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
 # Meaningful in HTTP/1.1 only: a request carrying one is malformed (§8.2.2).
 _CONNECTION_SPECIFIC = frozenset(
     (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
 )
-_CHECKED = _CONNECTION_SPECIFIC | {b"te", b"content-length", b"content-type"}
 
 
 class HeaderBlock:
@@ -190,7 +193,8 @@ class HeaderBlock:
     `request_error` (as the first HEADERS of a stream) and `trailer_error` (as a later
     one) are None when the block is well-formed for that role, else why it is malformed:
     a stream error PROTOCOL_ERROR (§8.1.1). A block served from the decoder's cache was
-    checked when it was first decoded, so a repeated block costs no checking at all.
+    checked when it was first decoded, so a repeated block costs no checking at all; a
+    new one costs a few scans of its joined names and values, not a regex per field.
     """
 
     __slots__ = (
@@ -204,49 +208,52 @@ class HeaderBlock:
     )
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        # Few Python steps, most of the scanning in C: this runs for every header block
+        # the cache does not answer.
         self.fields = fields
         self.content_length = -1  # none given
-        self.grpc = False
-        self.request_error: str | None = None
-        self.trailer_error: str | None = None
-        pseudo: dict[bytes, bytes] = {}
         error: str | None = None  # breaks a rule for any block
-        request_error: str | None = None  # breaks a rule for request headers only
-        regular = False
-        content_type = b""
-        for name, value in fields:
-            if _BAD_VALUE.search(value) is not None:
-                error = error or f"invalid value of {_shown(name)}"
-            if name[:1] == b":":
-                if regular:
-                    request_error = request_error or "pseudo-header after a regular field"
-                if name not in _REQUEST_PSEUDO:
-                    request_error = request_error or f"pseudo-header {_shown(name)} in a request"
-                elif name in pseudo:
-                    request_error = request_error or f"duplicated {_shown(name)}"
-                pseudo[name] = value
-                continue
-            regular = True
-            if not name or _BAD_NAME.search(name) is not None:
-                error = error or f"invalid field name {_shown(name)}"
-            elif name in _CHECKED:
-                if name == b"content-type":
-                    content_type = value
+        values = b"\n".join(map(_second, fields))
+        if (
+            values.count(b"\n") > max(len(fields) - 1, 0)  # an LF inside a value
+            or b"\x00" in values
+            or b"\r" in values
+            or (
+                (b" " in values or b"\t" in values)
+                and _EDGE_SPACE.search(b"\n" + values + b"\n") is not None
+            )
+        ):
+            error = "invalid field value"
+        names = list(map(_first, fields))
+        # Pseudo-headers come first (§8.3). One that does not lands among the regular
+        # names, whose check refuses ':', or leaves a regular name among the pseudo ones.
+        count = (b"\n" + b"\n".join(names)).count(b"\n:")
+        pseudo = dict(fields[:count])
+        regular = names[count:]
+        if b"".join(regular).translate(None, _NAME_BYTES) or b"" in regular:
+            error = error or "invalid field name (or a pseudo-header after a regular field)"
+        by_name = dict(fields[count:])
+        content_type = by_name.get(b"content-type", b"")
+        if not _CONNECTION_SPECIFIC.isdisjoint(by_name):
+            error = error or "connection-specific field"
+        if len(by_name) == len(regular):  # no name twice: one look each
+            if by_name.get(b"te", b"trailers") != b"trailers":
+                error = error or "te other than trailers"
+            length = by_name.get(b"content-length")
+            if length is not None:
+                error = error or self._content_length(length)
+        else:
+            for name, value in fields[count:]:
+                if name == b"te" and value != b"trailers":
+                    error = error or "te other than trailers"
                 elif name == b"content-length":
-                    if (
-                        not value.isdigit()
-                        or len(value) > 18
-                        or self.content_length not in (-1, int(value))
-                    ):
-                        error = error or "invalid content-length"
-                    else:
-                        self.content_length = int(value)
-                elif name == b"te":
-                    if value != b"trailers":
-                        error = error or "te other than trailers"
-                else:
-                    error = error or f"connection-specific field {_shown(name)}"
-        self.trailer_error = error or ("pseudo-header in trailers" if pseudo else None)
+                    error = error or self._content_length(value)
+        self.trailer_error = error or ("pseudo-header in trailers" if count else None)
+        request_error: str | None = None
+        if len(pseudo) != count:
+            request_error = "duplicated pseudo-header"
+        elif not _REQUEST_PSEUDO.issuperset(pseudo):
+            request_error = "pseudo-header other than a request's"
         method = pseudo.get(b":method")
         if method is None:
             request_error = request_error or "no :method"
@@ -256,16 +263,24 @@ class HeaderBlock:
         elif not pseudo.get(b":scheme"):
             request_error = request_error or "no :scheme"
         elif not pseudo.get(b":path"):
-            request_error = request_error or "no :path"
+            request_error = request_error or "no or empty :path"
         self.request_error = error or request_error
         self.path = pseudo.get(b":path", b"")
         self.method = method or b""
         # gRPC over HTTP/2: POST with content-type application/grpc[+proto|;...].
         self.grpc = method == b"POST" and content_type.startswith(b"application/grpc")
 
+    def _content_length(self, value: bytes) -> str | None:
+        """Takes a content-length value; why it is malformed, if it is."""
+        if not value.isdigit() or len(value) > 18:
+            return "invalid content-length"
+        if self.content_length not in (-1, int(value)):
+            return "content-lengths that differ"
+        self.content_length = int(value)
+        return None
 
-def _shown(name: bytes) -> str:
-    return repr(name[:64].decode("latin-1"))
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class HeaderDecoder:
@@ -616,9 +631,11 @@ class Connection(asyncio.BufferedProtocol):
         self._queued_control = 0
         loop = server.loop
         self.now = self.opened_at = self.idle_since = loop.time() if loop else 0.0
-        # The last CLOSED_MEMORY streams closed, and how (a ring: O(1) per stream).
+        # The last CLOSED_MEMORY streams reset, and by whom (a ring: O(1) per stream; a
+        # dict trimmed from its front would rescan deleted slots); ids never opened.
         self._closed: dict[int, ClosedBy] = {}
-        self._closed_ring = [0] * CLOSED_MEMORY
+        self._closed_ring: list[int] = []
+        self._skipped: list[tuple[int, int]] = []
         self._closed_next = 0
 
     # -- asyncio.Protocol --
@@ -1240,6 +1257,8 @@ class Connection(asyncio.BufferedProtocol):
             self._not_open(HEADERS, stream_id)
             return
         # idle -> open (or half-closed (remote) with END_STREAM): a new request.
+        if stream_id > self.last_stream_id + 2:  # ids skipped: closed, never opened (§5.1.1)
+            self._skip(self.last_stream_id + 2 if self.last_stream_id else 1, stream_id - 2)
         self.last_stream_id = stream_id
         if flags & _SELF_DEPENDENT:
             self._stream_error(stream_id, PROTOCOL_ERROR)
@@ -1279,7 +1298,12 @@ class Connection(asyncio.BufferedProtocol):
         if call.remote_closed:  # half-closed (remote)
             self._stream_error(call.stream_id, STREAM_CLOSED, call)
             return
-        if not flags & END_STREAM or decoded.trailer_error is not None or call.content_left > 0:
+        if (
+            not flags & END_STREAM
+            or flags & _SELF_DEPENDENT
+            or decoded.trailer_error is not None
+            or call.content_left > 0
+        ):
             self._stream_error(call.stream_id, PROTOCOL_ERROR, call)
             return
         call.remote_closed = True
@@ -1394,8 +1418,16 @@ class Connection(asyncio.BufferedProtocol):
         return StreamState.CLOSED
 
     def closed_by(self, stream_id: int) -> ClosedBy:
-        """How a closed stream closed, while it is remembered."""
-        return self._closed.get(stream_id, ClosedBy.UNKNOWN)
+        """How a closed stream closed. Resets are remembered (the last CLOSED_MEMORY of
+        them) and so are the ids a client skipped; any other closed stream ended both ways,
+        the normal end, which therefore costs a call no bookkeeping."""
+        how = self._closed.get(stream_id)
+        if how is not None:
+            return how
+        for low, high in self._skipped:
+            if low <= stream_id <= high:
+                return ClosedBy.NEVER_OPENED
+        return ClosedBy.END_STREAM
 
     def _not_open(self, kind: int, stream_id: int) -> None:
         """A frame (DATA, HEADERS, RST_STREAM, WINDOW_UPDATE) on a stream that is not
@@ -1405,28 +1437,36 @@ class Connection(asyncio.BufferedProtocol):
             raise H2Error(PROTOCOL_ERROR, f"frame type {kind} on idle stream {stream_id}")
         if kind != DATA and kind != HEADERS:
             return  # WINDOW_UPDATE and RST_STREAM may cross our END_STREAM or RST_STREAM
-        how = self._closed.get(stream_id, ClosedBy.UNKNOWN)
+        how = self.closed_by(stream_id)
         if how is ClosedBy.SENT_RST:
             return  # sent before our RST_STREAM reached the client: ignore (§5.1)
         if how is ClosedBy.END_STREAM:
             raise H2Error(STREAM_CLOSED, f"frame type {kind} after END_STREAM on {stream_id}")
-        if how is ClosedBy.UNKNOWN and kind == HEADERS:
+        if how is ClosedBy.NEVER_OPENED and kind == HEADERS:
             # A new stream's id must exceed every earlier one (§5.1.1).
             raise H2Error(PROTOCOL_ERROR, f"HEADERS on closed stream {stream_id}")
         self._stream_error(stream_id, STREAM_CLOSED)  # then ignored like any we reset
 
     def _remember(self, stream_id: int, how: ClosedBy) -> None:
         ring = self._closed_ring
-        slot = self._closed_next
-        if ring[slot]:
+        if len(ring) < CLOSED_MEMORY:  # grown as streams close: nothing for idle connections
+            ring.append(stream_id)
+        else:
+            slot = self._closed_next
             self._closed.pop(ring[slot], None)
-        ring[slot] = stream_id
+            ring[slot] = stream_id
+            self._closed_next = (slot + 1) % CLOSED_MEMORY
         self._closed[stream_id] = how
-        self._closed_next = (slot + 1) % CLOSED_MEMORY
+
+    def _skip(self, low: int, high: int) -> None:
+        if len(self._skipped) >= SKIPPED_MEMORY:
+            del self._skipped[0]
+        self._skipped.append((low, high))
 
     def _forget(self, call: Call, how: ClosedBy = ClosedBy.SENT_RST) -> None:
         stream_id = call.stream_id
-        self._remember(stream_id, how)
+        if how is not ClosedBy.END_STREAM:  # the normal end needs no record (closed_by)
+            self._remember(stream_id, how)
         self.calls.pop(stream_id, None)
         if self._blocked:
             self._blocked.pop(stream_id, None)

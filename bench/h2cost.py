@@ -21,9 +21,11 @@ import asyncio
 import logging
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 import hpack
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -150,13 +152,39 @@ class Sink(asyncio.Transport):
         return default
 
 
-def in_frames(server: h2grpc.Server, calls: int, batch: int, unique: bool) -> float:
-    """CPU seconds of the server's frame handling alone: no sockets, no event loop turns."""
+def bytecodes(server: h2grpc.Server, batch: int, unique: bool) -> float:
+    """Python bytecodes executed per call (deterministic, unlike CPU time on a shared
+    machine): one batch fed to a warmed-up connection, counted by a tracer."""
     conn = h2grpc.Connection(server)
     sink = Sink()
+    sink.keep = False
     conn.connection_made(sink)
     encoder = hpack.Encoder()
+    feed = _feeder(conn)
+    warm = 3 * batch  # past every per-connection ramp (caches, rings): the steady state
+    feed(GREETING + calls_wire(encoder, 1, warm, unique))
+    wire = calls_wire(encoder, 1 + 2 * warm, batch, unique)
+    count = 0
 
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        nonlocal count
+        count += event == "opcode"
+        return local
+
+    def start(frame: FrameType, event: str, arg: object) -> object:
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(start)
+    try:
+        feed(wire)
+    finally:
+        sys.settrace(None)
+    conn.connection_lost(None)
+    return count / batch
+
+
+def _feeder(conn: h2grpc.Connection) -> Callable[[bytes], None]:
     def feed(data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -166,6 +194,16 @@ def in_frames(server: h2grpc.Server, calls: int, batch: int, unique: bool) -> fl
             view = view[size:]
             conn.buffer_updated(size)
 
+    return feed
+
+
+def in_frames(server: h2grpc.Server, calls: int, batch: int, unique: bool) -> float:
+    """CPU seconds of the server's frame handling alone: no sockets, no event loop turns."""
+    conn = h2grpc.Connection(server)
+    sink = Sink()
+    conn.connection_made(sink)
+    encoder = hpack.Encoder()
+    feed = _feeder(conn)
     feed(GREETING + calls_wire(encoder, 1, batch, unique))  # warm: tables, caches
     answers = bytes(sink.written)
     assert answers.count(b"grpc-status") == batch and b"\x00\x00\x04\x03" not in answers
@@ -186,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
         "--mode",
-        choices=["frames", "socket"],
+        choices=["frames", "socket", "bytecodes"],
         default="frames",
         help="frames: bytes handed to the connection in-process (default, least noise); "
-        "socket: a client on a real socket, the loop thread's CPU",
+        "socket: a client on a real socket, the loop thread's CPU; "
+        "bytecodes: Python bytecodes per call, exact and repeatable",
     )
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)  # the request log is not the transport's cost
@@ -197,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     holder.publish("bench", parse_file_text(MAP, path="m.yaml").configs)
     limit = 16 * 1024 * 1024 + 65536
 
+    if args.mode == "bytecodes":
+        for shape, unique in (("cached", False), ("decoded", True)):
+            server = h2_server(Processor(holder, Options(), streaming=False), Health(), limit)
+            per_call = asyncio.run(_async(bytecodes, server, args.batch, unique))
+            print(f"{shape:8} {per_call:,.0f} Python bytecodes per call")
+        return 0
     if args.mode == "frames":
 
         async def run(unique: bool) -> float:
@@ -233,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         per_call = best / args.calls * 1e6
         print(f"{shape:8} {args.calls} calls: server CPU {best:.3f} s ({per_call:.1f} µs/call)")
     return 0
+
+
+async def _async(fn: Callable[..., float], *args: object) -> float:
+    return fn(*args)  # on a running loop: calls may set timers
 
 
 async def _thread_time() -> float:

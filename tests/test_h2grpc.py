@@ -1025,6 +1025,8 @@ MALFORMED_REQUESTS = {
     "cr-lf in value": _with((b"x-request-id", b"1\r\nx-evil: 1")),
     "nul in value": _with((b"x-request-id", b"1\x002")),
     "value with leading space": _with((b"x-request-id", b" 1")),
+    "lf in value": _with((b"x-request-id", b"1\n2")),
+    "value ending in a tab": _with((b"x-request-id", b"1\t")),
     "unknown pseudo-header": _with((b":token", b"x")),
     "response pseudo-header": [(b":status", b"200"), *GRPC_REQUEST],
     "pseudo-header after a regular field": [*_without(b":authority"), (b":authority", b"h")],
@@ -1050,7 +1052,9 @@ def test_header_block_malformed_request_is_named(fields: list[tuple[bytes, bytes
 
 
 def test_header_block_well_formed_requests() -> None:
-    grpc_call = h2grpc.HeaderBlock(_with((b"grpc-timeout", b"5S"), (b"content-length", b"10")))
+    grpc_call = h2grpc.HeaderBlock(
+        _with((b"user-agent", b"grpc c\t1"), (b"x-empty", b""), (b"content-length", b"10"))
+    )
     assert grpc_call.request_error is None
     assert grpc_call.grpc and grpc_call.path == PROCESS and grpc_call.content_length == 10
     for fields, method in (
@@ -1132,18 +1136,24 @@ def test_raw_malformed_request_is_reset_and_the_connection_goes_on(
     assert_connection_goes_on(client, 3)
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-frame", "two-frames"])
+@pytest.mark.parametrize("ending", ["one-frame", "two-frames", "trailers", "headers-only"])
 def test_raw_content_length_must_match_the_data(
-    serve: Serve, raw: Callable[..., RawClient], split: bool
+    serve: Serve, raw: Callable[..., RawClient], ending: str
 ) -> None:
     client = raw(serve())
-    size = str(len(ROUTED_CALL) + 1).encode()
-    client.send(HeadersFrame(1, client.encoder.encode(_with((b"content-length", size)))))
-    client.send(ContinuationFrame(1, b"", flags={"END_HEADERS"}))
-    if split:
-        client.send(DataFrame(1, ROUTED_CALL[:10]), DataFrame(1, ROUTED_CALL[10:] + b"xx"))
+    size = str(len(ROUTED_CALL) + 1).encode()  # one byte more than will come
+    fields = client.encoder.encode(_with((b"content-length", size)))
+    if ending == "headers-only":
+        client.send(HeadersFrame(1, fields, flags=FIN))
     else:
+        client.send(HeadersFrame(1, fields), ContinuationFrame(1, b"", flags={"END_HEADERS"}))
+    if ending == "one-frame":
         client.send(DataFrame(1, ROUTED_CALL, flags={"END_STREAM"}))
+    elif ending == "two-frames":  # too much: caught before the end
+        client.send(DataFrame(1, ROUTED_CALL[:10]), DataFrame(1, ROUTED_CALL[10:] + b"xx"))
+    elif ending == "trailers":
+        client.send(DataFrame(1, ROUTED_CALL))
+        client.send(HeadersFrame(1, client.encoder.encode([(b"x-checksum", b"1")]), flags=FIN))
     expect_stream_error(client, 1, ErrorCodes.PROTOCOL_ERROR)
     # The same call with the right length is answered.
     size = str(len(ROUTED_CALL)).encode()
@@ -1420,3 +1430,24 @@ def test_raw_unknown_frame_types_are_ignored(serve: Serve, raw: Callable[..., Ra
     seen = _ping_acked(client)
     assert not [f for f in seen if isinstance(f, GoAwayFrame | RstStreamFrame)], seen
     assert_connection_goes_on(client, 1)
+
+
+def test_closed_streams_remembered_are_bounded(serve: Serve) -> None:
+    """Resets are remembered for the last CLOSED_MEMORY streams only, skipped ids for the
+    last SKIPPED_MEMORY gaps: a client opening streams for ever cannot grow a
+    connection's memory through them. A forgotten reset counts as a normal end."""
+    conn = h2grpc.Connection(serve().server)
+    for stream_id in range(1, 2001, 2):
+        conn.last_stream_id = stream_id
+        how = h2grpc.ClosedBy.SENT_RST if stream_id % 3 else h2grpc.ClosedBy.RECEIVED_RST
+        conn._remember(stream_id, how)
+        conn._skip(stream_id + 10_000, stream_id + 10_000)
+    assert len(conn._closed) == h2grpc.CLOSED_MEMORY
+    assert len(conn._skipped) == h2grpc.SKIPPED_MEMORY
+    assert conn.closed_by(1999) is h2grpc.ClosedBy.SENT_RST
+    assert conn.closed_by(1995) is h2grpc.ClosedBy.RECEIVED_RST
+    oldest = 1999 - 2 * (h2grpc.CLOSED_MEMORY - 1)
+    assert conn.closed_by(oldest) is not h2grpc.ClosedBy.END_STREAM
+    assert conn.closed_by(oldest - 2) is h2grpc.ClosedBy.END_STREAM
+    assert conn.closed_by(11_999) is h2grpc.ClosedBy.NEVER_OPENED
+    assert conn.closed_by(10_001) is h2grpc.ClosedBy.END_STREAM  # gap forgotten
