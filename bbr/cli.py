@@ -96,7 +96,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
 LIMIT_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-connections", "max_connections", _positive, "refuse connections beyond this"),
     ("--max-concurrent-streams", "max_streams", _positive, "streams per connection"),
-    ("--stream-window", "stream_window", _window, "bytes a stream may send unadmitted"),
+    ("--stream-window", "stream_window", _window, "a stream's HTTP/2 receive window"),
     (
         "--connection-buffer-bytes",
         "connection_buffer",

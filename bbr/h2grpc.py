@@ -339,6 +339,9 @@ class H2Error(Exception):
 # --- limits ------------------------------------------------------------------------------
 
 MiB = 1024 * 1024
+# A message longer than this is admitted (counted in the budgets) as soon as its length
+# is known, so long messages never sit in the windows as unaccounted ("loose") bytes.
+ADMIT_ABOVE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -352,7 +355,7 @@ class Limits:
 
     max_connections: int = 1024
     max_streams: int = MAX_STREAMS
-    stream_window: int = DEFAULT_WINDOW  # what a stream may send before a message is admitted
+    stream_window: int = MiB  # a stream's receive window (messages over 64 KiB are admitted)
     connection_buffer: int = 64 * MiB  # admitted request messages per connection
     process_buffer: int = 256 * MiB  # request data held by all connections together
     connection_output: int = 4 * MiB  # answers queued behind the peer's windows
@@ -1117,7 +1120,7 @@ class Connection(asyncio.BufferedProtocol):
             need = 5 + _U32.unpack_from(call._buffer, 1)[0] if after >= 5 else 5
             if call.reserved:
                 target = call.reserved
-            elif need > after + call.recv_window and need > self.limits.stream_window:
+            elif need > ADMIT_ABOVE:
                 if call.retained:
                     # A streamed body already held never waits in line (its holders would
                     # wait on each other): admitted within the slack, or shed.
