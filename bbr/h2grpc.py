@@ -549,18 +549,22 @@ class NotGrpc(Call):
     than POST), with a short text body and trailers naming the gRPC status. Its body is
     counted (content-length, flow control) but not kept."""
 
-    __slots__ = ("_status",)
+    __slots__ = ("_method",)
 
     def __init__(self, conn: Connection, stream_id: int, method: bytes) -> None:
         super().__init__(conn, stream_id)
-        self._status = 415 if method == b"POST" else 405
+        self._method = method
 
     def feed(self, data: memoryview) -> None:
         pass
 
     def half_closed(self) -> None:
-        status = self._status
-        self.conn.respond(self, NOT_GRPC_HEADERS[status], NOT_GRPC_BODY)
+        block = NOT_GRPC_HEADERS[415 if self._method == b"POST" else 405]
+        if self._method == b"HEAD":  # the headers alone, ending the stream: no content
+            self.done = self.headers_sent = True
+            self.conn._end(self, block)
+            return
+        self.conn.respond(self, block, NOT_GRPC_BODY)
         self.finish(UNIMPLEMENTED, "not a gRPC request")
 
 

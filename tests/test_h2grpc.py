@@ -1203,6 +1203,17 @@ def test_raw_a_request_that_is_not_grpc_gets_an_http_answer(
     assert reply.status == b"12"  # UNIMPLEMENTED, for a gRPC client that mislabelled itself
 
 
+def test_raw_a_head_request_gets_headers_only(serve: Serve, raw: Callable[..., RawClient]) -> None:
+    client = raw(serve())
+    head = [(b":method", b"HEAD"), (b":scheme", b"https"), (b":path", b"/")]
+    client.send(HeadersFrame(1, client.encoder.encode(head), flags=FIN))
+    frames = client.frames_until(lambda f: f.stream_id == 1 and "END_STREAM" in f.flags)
+    [answer] = [f for f in frames if f.stream_id == 1]
+    assert isinstance(answer, HeadersFrame)
+    assert dict(client.decoder.decode(answer.data, raw=True))[b":status"] == b"405"
+    assert_connection_goes_on(client, 3)
+
+
 # --- RFC 9113 conformance: stream states -------------------------------------------------------
 
 
