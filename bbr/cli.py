@@ -18,6 +18,9 @@ from typing import Any, NoReturn
 
 from bbr import __version__
 from bbr.decision import Options
+from bbr.h2grpc import Limits
+
+DEFAULT_LIMITS = Limits()
 
 EXIT_USAGE = 2
 TRUE = ("1", "true", "yes")
@@ -70,6 +73,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _window(text: str) -> int:
+    value = _positive(text)
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"{value} is over the HTTP/2 maximum 2147483647")
+    return value
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -81,6 +91,53 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
     return parse
 
+
+# The gRPC port's limits (bbr.h2grpc.Limits): flag, field, type, help. SECURITY.md sums them.
+LIMIT_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--max-connections", "max_connections", _positive, "refuse connections beyond this"),
+    ("--max-concurrent-streams", "max_streams", _positive, "streams per connection"),
+    ("--stream-window", "stream_window", _window, "a stream's HTTP/2 receive window"),
+    (
+        "--connection-buffer-bytes",
+        "connection_buffer",
+        _positive,
+        "request data admitted per connection",
+    ),
+    ("--process-buffer-bytes", "process_buffer", _positive, "request data held in all"),
+    (
+        "--connection-output-bytes",
+        "connection_output",
+        _positive,
+        "answers queued for a peer that does not read",
+    ),
+    ("--handshake-timeout", "handshake_timeout", _seconds, "TLS handshake and preface"),
+    ("--idle-timeout", "idle_timeout", _seconds, "close a connection with no stream"),
+    (
+        "--first-message-timeout",
+        "first_message_timeout",
+        _seconds,
+        "a stream's first complete message",
+    ),
+    ("--max-empty-frames", "max_empty_frames", _positive, "consecutive frames without payload"),
+    ("--max-continuation-frames", "max_continuations", _positive, "per header block"),
+    ("--max-priority-frames", "max_priority_per_stream", _positive, "PRIORITY per stream"),
+    (
+        "--max-window-updates",
+        "max_window_updates_per_data",
+        _positive,
+        "WINDOW_UPDATE per DATA frame sent",
+    ),
+    ("--max-pings-per-second", "max_control_per_second", _positive, "PING and SETTINGS"),
+    ("--max-resets-per-second", "max_resets_per_second", _positive, "streams reset by a client"),
+    ("--max-outbound-frames", "max_outbound_frames", _positive, "queued for a peer not reading"),
+    (
+        "--max-outbound-control-frames",
+        "max_outbound_control_frames",
+        _positive,
+        "ACKs and resets queued for a peer not reading",
+    ),
+    ("--frames-per-turn", "frames_per_turn", _positive, "frames per read before yielding"),
+]
 
 # flag, type, default, repeatable, help
 _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, bool, str]] = [
@@ -106,6 +163,10 @@ _SERVE_FLAGS: list[tuple[str, Callable[[str], Any], Any, bool, str]] = [
         "drop a streamed body idle this many seconds",
     ),
     ("--tracing", _bool, False, False, "OpenTelemetry spans, exported as OTEL_* says"),
+    *(
+        (flag, kind, getattr(DEFAULT_LIMITS, name), False, text)
+        for flag, name, kind, text in LIMIT_FLAGS
+    ),
     ("--log-level", _choice("debug", "info", "warning", "error"), "info", False, "log level"),
     ("--log-format", _choice("json", "text"), "json", False, "json or text"),
 ]
@@ -256,6 +317,24 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         if path and not os.path.exists(path):
             parser.error(f"argument {flag}: {path}: no such file or directory")
 
+    limits = Limits(
+        **{
+            name: getattr(args, flag.lstrip("-").replace("-", "_"))
+            for flag, name, _, _ in LIMIT_FLAGS
+        },
+        stream_idle_timeout=args.stream_idle_timeout,
+    )
+    message = args.max_body_bytes + 64 * 1024
+    if limits.connection_buffer < message:
+        parser.error(
+            f"argument --connection-buffer-bytes: {limits.connection_buffer} is less than"
+            f" one message (--max-body-bytes + 64 KiB = {message})"
+        )
+    if limits.process_buffer < limits.connection_buffer:
+        parser.error(
+            f"argument --process-buffer-bytes: {limits.process_buffer} is less than"
+            f" --connection-buffer-bytes ({limits.connection_buffer})"
+        )
     logs.configure(args.log_level, args.log_format)
     for warning in go_compat_warnings(args):
         logging.getLogger("bbr").warning(warning)
@@ -278,6 +357,7 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         client_ca=args.client_ca,
         workers=args.workers,
         stream_idle_seconds=args.stream_idle_timeout,
+        limits=limits,
         tracing=args.tracing,
         ready_fd=int(ready_fd) if ready_fd else None,
     )

@@ -19,14 +19,17 @@ import contextlib
 import enum
 import logging
 import operator
+import os
 import re
 import socket
 import ssl
 import struct
 import urllib.parse
+import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import hpack
 
@@ -103,8 +106,6 @@ RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 DEFAULT_WINDOW = 65535
 MAX_WINDOW = 2**31 - 1
 FRAME_LIMIT = 16384  # the largest frame we accept (the protocol's default)
-STREAM_WINDOW = 8 * 1024 * 1024  # what one stream may send before we acknowledge it
-CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_STREAMS = 1024
 HEADER_LIST_LIMIT = 64 * 1024
 MESSAGE_DETAIL_LIMIT = 512  # characters of grpc-message we send (before percent-encoding)
@@ -335,6 +336,45 @@ class H2Error(Exception):
         self.code = code
 
 
+# --- limits ------------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+# A message longer than this is admitted (counted in the budgets) as soon as its length
+# is known, so long messages never sit in the windows as unaccounted ("loose") bytes.
+ADMIT_ABOVE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound of the port: what one client, one connection and the process may cost.
+
+    Flags in bbr/cli.py set them; SECURITY.md sums them into the worst-case memory.
+    Defaults let Envoy at full speed (many streams on few connections, 16 KiB DATA
+    frames, bodies up to --max-body-bytes) through without ever tripping one.
+    """
+
+    max_connections: int = 1024
+    max_streams: int = MAX_STREAMS
+    stream_window: int = MiB  # a stream's receive window (messages over 64 KiB are admitted)
+    connection_buffer: int = 64 * MiB  # admitted request messages per connection
+    process_buffer: int = 256 * MiB  # request data held by all connections together
+    connection_output: int = 4 * MiB  # answers queued behind the peer's windows
+    handshake_timeout: float = 5.0  # TLS handshake, then the client preface
+    idle_timeout: float = 300.0  # a connection with no open stream
+    first_message_timeout: float = 10.0  # a new stream's first complete message
+    stream_idle_timeout: float = 60.0  # a partial message with no new DATA
+    max_empty_frames: int = 16  # consecutive DATA/HEADERS/CONTINUATION without payload
+    max_continuations: int = 32  # CONTINUATION frames in one header block
+    max_priority_per_stream: int = 100  # PRIORITY frames per stream opened (plus one stream)
+    max_window_updates_per_data: int = 10  # WINDOW_UPDATEs per DATA frame sent (plus one)
+    max_control_per_second: int = 200  # PING and SETTINGS frames
+    max_resets_per_second: int = 1000  # streams reset by the client
+    max_outbound_frames: int = 10000  # frames queued while the peer does not read
+    max_outbound_control_frames: int = 1000  # of which PING/SETTINGS ACKs and RST_STREAMs
+    frames_per_turn: int = 1000  # frames handled per read callback before yielding
+    # (a HEADERS frame counts 10, a SETTINGS frame one per entry)
+
+
 # --- calls -------------------------------------------------------------------------------
 
 
@@ -343,26 +383,43 @@ class Call:
 
     __slots__ = (
         "_buffer",
+        "born",
         "conn",
         "content_left",
         "done",
+        "eos_pending",
+        "fed",
         "headers_sent",
+        "last_data",
+        "loose",
         "pending",
+        "recv_window",
         "remote_closed",
+        "reserved",
+        "retained",
         "send_window",
         "stream_id",
+        "swept",
         "trailers",
-        "unacked",
+        "waiting",
     )
 
     def __init__(self, conn: Connection, stream_id: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.send_window = conn.peer_initial_window
-        self.unacked = 0
+        self.recv_window = conn.limits.stream_window
         self.headers_sent = False
         self.remote_closed = False
         self.done = False
+        self.fed = False  # a complete message arrived
+        self.eos_pending = False  # END_STREAM came while messages wait for output room
+        self.loose = 0  # buffered bytes of a message not admitted
+        self.reserved = 0  # the admitted message's size, counted in the budgets
+        self.waiting = 0  # the size of a message waiting for admission
+        self.swept = 0  # buffered bytes when the sweep last looked
+        self.retained = 0  # bytes of consumed messages the call still keeps (see `hold`)
+        self.last_data = self.born = conn.now
         self.content_left = -1  # request bytes still due by its content-length (-1: none)
         self._buffer = bytearray()
         self.pending: deque[memoryview] = deque()
@@ -393,10 +450,33 @@ class Call:
         if not self.done:
             self.conn.finish(self, code, message)
 
+    def hold(self, nbytes: int) -> None:
+        """The call keeps `nbytes` of what it was sent (a streamed body held until its
+        model is known): counted in the budgets, and while they are full its window
+        stays shut."""
+        delta = nbytes - self.retained
+        if delta:
+            conn = self.conn
+            limits = conn.limits
+            if delta > 0 and (
+                conn.reserved > limits.connection_buffer + limits.connection_buffer // 4
+                or conn.server.held > limits.process_buffer + limits.process_buffer // 4
+            ):
+                # Windows are shut while over budget; past a quarter more, shed the call.
+                self.finish(RESOURCE_EXHAUSTED, "bbr holds too much request data; retry")
+                return
+            self.retained = nbytes
+            conn.reserved += delta
+            conn.server.reserved += delta
+
     # -- the transport's side --
 
     def feed(self, data: memoryview) -> None:
-        """Reassemble length-prefixed messages from DATA payloads."""
+        """Reassemble length-prefixed messages from DATA payloads.
+
+        While the connection's answers wait behind the peer's windows beyond its output
+        budget, complete messages stay buffered (unconsumed, so their window stays shut).
+        """
         buffer = self._buffer
         buffered = bool(buffer)
         if buffered:
@@ -406,8 +486,12 @@ class Call:
             view = data
         size = len(view)
         pos = 0
-        limit = self.conn.server.max_message
+        conn = self.conn
+        limit = conn.server.max_message
         while size - pos >= 5:
+            if conn.out_bytes and conn.output_full():
+                conn.stall(self)
+                break
             if view[pos]:
                 self.finish(UNIMPLEMENTED, "compressed messages are not supported")
                 break
@@ -423,6 +507,7 @@ class Call:
                 break
             payload = view[pos + 5 : end]  # no copy: the message is parsed from here
             pos = end
+            self.fed = True
             try:
                 self.message(payload)
             except Exception:  # a bug in one call must not take the connection down
@@ -487,6 +572,11 @@ class NotGrpc(Call):
 
 
 RECEIVE_BUFFER = 256 * 1024
+FIRST_BUFFER = 2 * (FRAME_LIMIT + 9)  # until reads fill it: a silent client costs nothing
+
+# Why reading is paused (bits): the peer does not read; a turn's frame budget is spent;
+# request data over the budgets.
+_PAUSE_WRITE, _PAUSE_TURN = 1, 2
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -496,41 +586,58 @@ class Connection(asyncio.BufferedProtocol):
     of a frame split across reads); frames are parsed where they lie.
     """
 
-    _SETTINGS: ClassVar[bytes] = frame(
-        SETTINGS,
-        0,
-        0,
-        b"".join(
-            _SETTING.pack(k, v)
-            for k, v in (
-                (ENABLE_PUSH, 0),
-                (MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-                (INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-                (MAX_HEADER_LIST_SIZE, HEADER_LIST_LIMIT),
-            )
-        ),
-    ) + frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONNECTION_WINDOW - DEFAULT_WINDOW))
-
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, Call] = {}
         self.decoder = HeaderDecoder()
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = FRAME_LIMIT
         self.send_window = DEFAULT_WINDOW
+        self._half_connection_window = server.connection_window // 2
         self.recv_unacked = 0
+        self._acked = 0  # DATA bytes whose connection window went back
         self.last_stream_id = 0
         self.goaway_sent = False
         self.closing = False
-        self._receive = bytearray(RECEIVE_BUFFER + FRAME_LIMIT + 9)
-        self._receive_view = memoryview(self._receive)
+        self.established = False  # preface and SETTINGS received
+        self._receive: bytearray | None = None
+        self._receive_view = memoryview(b"")
         self._filled = 0
         self._preface = False
         self._headers: tuple[int, int, bytearray] | None = None  # awaiting CONTINUATION
+        self._continuations = 0
         self._out: list[bytes] = []
         self._in_callback = False
         self._blocked: dict[int, Call] = {}
+        self._stalled: dict[int, Call] = {}  # calls with messages waiting for output room
+        self._unstall_soon = False
+        self._paused = 0
+        self._more = False  # frames left over when a turn's budget ran out
+        self._discarding = False  # a connection error was sent: input is dropped
+        # Budgets (bytes): answers queued behind the peer's windows; request data held.
+        self.out_bytes = 0
+        self.loose = 0
+        self.reserved = 0
+        self.partial: dict[int, Call] = {}  # calls holding part of a message
+        self._half_window = self.limits.stream_window // 2
+        self.withheld: dict[int, Call] = {}  # calls whose window waits for budget room
+        # Flood counters.
+        self._empty = 0
+        self._empty_mark = 0
+        self._priority = 0
+        self._window_updates = 0
+        self._opened = 0
+        self._data_sent = 0
+        self._control = 0
+        self._control_start = 0.0
+        self._resets = 0
+        self._resets_start = 0.0
+        self._queued = 0  # frames written while the peer does not read
+        self._queued_control = 0
+        loop = server.loop
+        self.now = self.opened_at = self.idle_since = loop.time() if loop else 0.0
         # The last CLOSED_MEMORY streams reset, and by whom (a ring: O(1) per stream; a
         # dict trimmed from its front would rescan deleted slots); ids never opened.
         self._closed: dict[int, ClosedBy] = {}
@@ -551,18 +658,46 @@ class Connection(asyncio.BufferedProtocol):
         if ssl_object is not None and ssl_object.selected_alpn_protocol() not in ("h2", None):
             transport.close()
             return
+        self.now = self.opened_at = self.idle_since = self.server.clock()
+        self._control_start = self._resets_start = self.now
         self.server.connections.add(self)
-        transport.write(self._SETTINGS)
+        transport.write(self.server.settings_frames)
         if self.server.draining:
             self.goaway()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # Whatever is left in the buffer is less than one frame, so there is room.
+        if self._receive is None:
+            self._receive = bytearray(FIRST_BUFFER)
+            self._receive_view = memoryview(self._receive)
         return self._receive_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._discarding:
+            return  # after a connection error: dropped unread
         self._filled += nbytes
+        self.now = self.server.clock()
+        self._turn()
+        if (
+            nbytes > FRAME_LIMIT
+            and self._receive is not None
+            and len(self._receive) < RECEIVE_BUFFER
+        ):
+            self._grow()  # reads fill the small buffer: this client sends in bulk
+
+    def _grow(self) -> None:
+        receive = self._receive
+        assert receive is not None
+        grown = bytearray(max(len(receive), RECEIVE_BUFFER) + FRAME_LIMIT + 9)
+        grown[: self._filled] = receive[: self._filled]
+        self._receive_view.release()
+        self._receive = grown
+        self._receive_view = memoryview(grown)
+
+    def _turn(self) -> None:
+        """Handle the frames in the buffer, at most `frames_per_turn` of them."""
         self._in_callback = True
+        assert self._receive is not None
         try:
             used = self._received(self._receive_view[: self._filled])
             left = self._filled - used
@@ -571,10 +706,34 @@ class Connection(asyncio.BufferedProtocol):
             self._filled = left
         except H2Error as exc:
             self._filled = 0
+            self._more = False
             self._abort(exc.code, str(exc))
         finally:
             self._in_callback = False
             self.flush()
+        if self._more:
+            # One connection gets its share of the loop, not more: the rest next turn.
+            self._pause(_PAUSE_TURN)
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        elif self._paused & _PAUSE_TURN:
+            self._resume(_PAUSE_TURN)
+
+    def _next_turn(self) -> None:
+        self._more = False
+        if self.closing or self._receive is None or self._discarding:
+            return
+        self.now = self.server.clock()
+        self._turn()
+
+    def _pause(self, why: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= why
+
+    def _resume(self, why: int) -> None:
+        self._paused &= ~why
+        if not self._paused and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
 
     def _received(self, data: memoryview) -> int:
         """Handle what is complete in `data`; returns how many bytes were used."""
@@ -593,21 +752,25 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        self.server.accepted.discard(self)
         calls = list(self.calls.values())
         self.calls.clear()
         self._blocked.clear()
+        self._stalled.clear()
         for call in calls:
+            self._release(call)
             self._close_call(call)
+        self._receive_view.release()
+        self._receive = None
         self.server.connection_gone()
 
     def pause_writing(self) -> None:
         # The peer reads slower than we answer: stop reading until it catches up.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._queued = self._queued_control = 0
+        self._pause(_PAUSE_WRITE)
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        self._resume(_PAUSE_WRITE)
 
     # -- output --
 
@@ -616,13 +779,31 @@ class Connection(asyncio.BufferedProtocol):
         if not self._in_callback:
             self.flush()
 
+    def control(self, data: bytes) -> None:
+        """A frame we owe the peer (ACK, RST_STREAM): counted while it does not read."""
+        if self._paused & _PAUSE_WRITE:
+            self._queued_control += 1
+            if self._queued_control > self.limits.max_outbound_control_frames:
+                raise H2Error(ENHANCE_YOUR_CALM, "too many control frames queued")
+        self.write(data)
+
     def flush(self) -> None:
         if self._out and self.transport is not None and not self.transport.is_closing():
             out = self._out
             self._out = []
+            if self._paused & _PAUSE_WRITE:
+                self._queued += len(out)
+                if self._queued > self.limits.max_outbound_frames:
+                    self._calm_later("too many frames queued for a peer that does not read")
+                    return
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         else:
             self._out.clear()
+
+    def _calm_later(self, reason: str) -> None:
+        log.info("http2 connection error", extra=fields(code=ENHANCE_YOUR_CALM, reason=reason))
+        self.server.on_close(ENHANCE_YOUR_CALM.name)
+        self.abort()
 
     def send_message(self, call: Call, payload: bytes) -> None:
         if not call.headers_sent:
@@ -638,9 +819,12 @@ class Connection(asyncio.BufferedProtocol):
         ):
             call.send_window -= size
             self.send_window -= size
+            self._data_sent += 1
             self.write(_frame_head(size, DATA, 0, call.stream_id) + prefix + payload)
             return
         call.pending.append(memoryview(prefix + payload))
+        self.out_bytes += size
+        self.server.out_bytes += size
         self._send_pending(call)
 
     def respond(self, call: Call, block: bytes, body: bytes) -> None:
@@ -649,6 +833,8 @@ class Connection(asyncio.BufferedProtocol):
         call.headers_sent = True
         self.write(frame(HEADERS, END_HEADERS, call.stream_id, block))
         call.pending.append(memoryview(body))
+        self.out_bytes += len(body)
+        self.server.out_bytes += len(body)
         self._send_pending(call)
 
     def finish(self, call: Call, code: int, message: str) -> None:
@@ -690,8 +876,14 @@ class Connection(asyncio.BufferedProtocol):
             size = len(piece)
             call.send_window -= size
             self.send_window -= size
+            self.out_bytes -= size
+            self.server.out_bytes -= size
+            self._data_sent += 1
             self.write(_frame_head(size, DATA, 0, call.stream_id) + piece.tobytes())
         self._blocked.pop(call.stream_id, None)
+        if self._stalled and not self._unstall_soon:
+            self._unstall_soon = True
+            asyncio.get_running_loop().call_soon(self._unstall)
         if call.trailers is not None:
             block, call.trailers = call.trailers, None
             self._end(call, block)
@@ -702,12 +894,54 @@ class Connection(asyncio.BufferedProtocol):
                 return
             self._send_pending(call)
 
+    # -- output budget --
+
+    def output_full(self) -> bool:
+        """Answers queued behind the peer's windows fill this connection's budget, or
+        everything held fills the process's."""
+        return (
+            self.out_bytes >= self.limits.connection_output
+            or self.server.held > self.limits.process_buffer
+        )
+
+    def stall(self, call: Call) -> None:
+        """`call` has messages but the answers already queued fill the output budget."""
+        self._stalled[call.stream_id] = call
+
+    def _unstall(self) -> None:
+        """Output room again: answer the messages that waited for it."""
+        self._unstall_soon = False
+        if self.closing:
+            return
+        self._in_callback = True
+        try:
+            for call in list(self._stalled.values()):
+                if self.output_full():
+                    break
+                del self._stalled[call.stream_id]
+                if call.done:
+                    continue
+                before = len(call._buffer)
+                call.feed(memoryview(b""))
+                self._after_feed(call, before, 0)
+                if call.eos_pending and call.stream_id not in self._stalled and not call.done:
+                    call.eos_pending = False
+                    _guarded(call, call.half_closed)
+        finally:
+            self._in_callback = False
+            self.flush()
+
     # -- input --
 
     def _frames(self, view: memoryview, pos: int) -> int:
         size = len(view)
         unpack = _FRAME.unpack_from
+        turn = self.limits.frames_per_turn
         while size - pos >= 9:
+            if not turn:
+                self._more = True
+                break
+            turn -= 1
             high, low, kind, flags, stream_id = unpack(view, pos)
             length = (high << 16) | low
             if length > FRAME_LIMIT:
@@ -723,12 +957,19 @@ class Connection(asyncio.BufferedProtocol):
             if kind == DATA:
                 self._on_data(flags, stream_id, payload, length)
             elif kind == HEADERS:
+                turn = max(0, turn - 10)  # a new call costs about ten frames' work
                 self._on_headers(flags, stream_id, payload)
             elif kind == CONTINUATION:
                 self._on_continuation(flags, stream_id, payload)
             elif kind == WINDOW_UPDATE:
+                self._window_updates += 1
+                if self._window_updates > self.limits.max_window_updates_per_data * (
+                    1 + self._data_sent
+                ):
+                    raise H2Error(ENHANCE_YOUR_CALM, "WINDOW_UPDATE flood")
                 self._on_window_update(stream_id, payload)
             elif kind == SETTINGS:
+                turn = max(0, turn - length // 6)  # each entry is work
                 self._on_settings(flags, stream_id, payload)
             elif kind == PING:
                 if stream_id:
@@ -736,10 +977,14 @@ class Connection(asyncio.BufferedProtocol):
                 if length != 8:
                     raise H2Error(FRAME_SIZE_ERROR, "PING of other than 8 bytes")
                 if not flags & ACK:
-                    self.write(frame(PING, ACK, 0, payload.tobytes()))
+                    self._count_control()
+                    self.control(frame(PING, ACK, 0, payload.tobytes()))
             elif kind == RST_STREAM:
                 self._on_rst_stream(stream_id, length)
             elif kind == PRIORITY:
+                self._priority += 1
+                if self._priority > self.limits.max_priority_per_stream * (1 + self._opened):
+                    raise H2Error(ENHANCE_YOUR_CALM, "PRIORITY flood")
                 self._on_priority(stream_id, payload)
             elif kind == GOAWAY:
                 if stream_id:
@@ -747,8 +992,35 @@ class Connection(asyncio.BufferedProtocol):
                 self.goaway()
             elif kind == PUSH_PROMISE:
                 raise H2Error(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-            # Unknown frame types are ignored, as RFC 9113 §4.1 asks.
+            else:  # unknown types are ignored (RFC 9113 §4.1), but not for free
+                self._count_control()
         return pos
+
+    def _count_control(self) -> None:
+        """PING and SETTINGS: at most `max_control_per_second` a second (time read rarely)."""
+        self._control += 1
+        if self._control > self.limits.max_control_per_second:
+            now = self.server.clock()
+            if now - self._control_start < 1.0:
+                raise H2Error(ENHANCE_YOUR_CALM, "PING/SETTINGS flood")
+            self._control, self._control_start = 1, now
+
+    def _count_reset(self) -> None:
+        """Streams the client resets: Rapid Reset is this beyond any real client's rate."""
+        self._resets += 1
+        if self._resets > self.limits.max_resets_per_second:
+            now = self.server.clock()
+            if now - self._resets_start < 1.0:
+                raise H2Error(ENHANCE_YOUR_CALM, "stream reset flood")
+            self._resets, self._resets_start = 1, now
+
+    def _count_empty(self) -> None:
+        mark = self._acked + self.recv_unacked  # DATA with payload since: not consecutive
+        if mark != self._empty_mark:
+            self._empty_mark, self._empty = mark, 0
+        self._empty += 1
+        if self._empty > self.limits.max_empty_frames:
+            raise H2Error(ENHANCE_YOUR_CALM, "flood of frames without payload")
 
     def _on_data(self, flags: int, stream_id: int, payload: memoryview, length: int) -> None:
         if not stream_id:
@@ -756,9 +1028,16 @@ class Connection(asyncio.BufferedProtocol):
         if flags & PADDED:
             payload = _unpad(payload)  # a frame check, whatever the stream's state
         self.recv_unacked += length
-        if self.recv_unacked >= CONNECTION_WINDOW // 2:
+        if self.recv_unacked >= self._half_connection_window:
+            if self.recv_unacked > self.server.connection_window:
+                raise H2Error(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+            # The connection window comes back as data is accounted: the stream windows
+            # and the budgets bound what is held.
             self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
+            self._acked += self.recv_unacked
             self.recv_unacked = 0
+        if not length and not flags & END_STREAM:
+            self._count_empty()
         call = self.calls.get(stream_id)
         if call is None:
             self._not_open(DATA, stream_id)
@@ -769,24 +1048,168 @@ class Connection(asyncio.BufferedProtocol):
         if call.done:  # answered, trailers still queued: the rest of the request goes nowhere
             call.remote_closed = bool(flags & END_STREAM)
             return
+        call.recv_window -= length
+        if call.recv_window < 0:
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, call)
+            return
         if call.content_left >= 0:  # the DATA must add up to the content-length (§8.1.1)
             left = call.content_left - len(payload)
             if left < 0 or (left and flags & END_STREAM):
                 self._stream_error(stream_id, PROTOCOL_ERROR, call)
                 return
             call.content_left = left
-        call.unacked += length
+        if flags & PADDED:
+            padding = length - len(payload)
+            if padding and not flags & END_STREAM:
+                call.recv_window += padding  # padding is consumed at once
+                self.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(padding)))
         if flags & END_STREAM:
             call.remote_closed = True
         if payload:
+            before = len(call._buffer)
             call.feed(payload)
+            if call.reserved and len(call._buffer) == before + len(payload):
+                pass  # the admitted message grows: already counted, window already open
+            elif before or call._buffer or call.recv_window <= self._half_window:
+                self._after_feed(call, before, len(payload))
         if call.done:
             return
         if flags & END_STREAM:
-            _guarded(call, call.half_closed)
-        elif call.unacked >= STREAM_WINDOW // 2:
-            self.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(call.unacked)))
-            call.unacked = 0
+            if self._stalled and stream_id in self._stalled:
+                call.eos_pending = True
+            else:
+                _guarded(call, call.half_closed)
+
+    def _after_feed(self, call: Call, before: int, added: int) -> None:
+        """Account what `feed` consumed and kept; reopen the stream's window to match.
+
+        A stream may hold `stream_window` bytes of a message on its own; a longer message
+        is admitted (its whole size counted against the connection and process budgets)
+        before the window opens for the rest of it, else it waits for room in line.
+        """
+        after = 0 if call.done else len(call._buffer)
+        server = self.server
+        if before + added != after:  # a message was consumed
+            if not call.fed:
+                call.fed = True
+            if call.reserved:
+                self._unreserve(call)
+        loose = after if not call.reserved else 0
+        if loose != call.loose:
+            delta = loose - call.loose
+            if delta > 0 and (
+                self.loose + delta > self.limits.connection_buffer // 4
+                or server.loose + delta > self.limits.process_buffer // 4
+            ):
+                # Beginnings of messages on too many streams at once: shed this one.
+                self._reset(call.stream_id, CANCEL if call.fed else REFUSED_STREAM)
+                self._forget(call)
+                return
+            self.loose += delta
+            server.loose += delta
+            call.loose = loose
+        if call.done or call.remote_closed:
+            if call.stream_id in self.partial and not after:
+                del self.partial[call.stream_id]
+            return
+        need = 0
+        if not after:
+            if before:
+                self.partial.pop(call.stream_id, None)
+            target = self.limits.stream_window
+        else:
+            if not before:
+                self.partial[call.stream_id] = call
+                call.last_data, call.swept = self.now, after
+            need = 5 + _U32.unpack_from(call._buffer, 1)[0] if after >= 5 else 5
+            if call.reserved:
+                target = call.reserved
+            elif need > ADMIT_ABOVE:
+                if call.retained:
+                    # A streamed body already held never waits in line (its holders would
+                    # wait on each other): admitted within the slack, or shed.
+                    call.waiting = need
+                    if not self.admit(call, slack=True):
+                        call.waiting = 0
+                        call.finish(RESOURCE_EXHAUSTED, "bbr holds too much request data; retry")
+                    return
+                if not call.waiting:
+                    call.waiting = need
+                    if server.waiting or not self.admit(call):  # first come, first served
+                        server.waiting.append(call)
+                        server.admit()
+                return
+            else:
+                target = self.limits.stream_window
+        grant = target - after - call.recv_window
+        if grant > 0 and call.retained and self.over_budget():
+            self.withheld[call.stream_id] = call  # the sweep looks again
+            return
+        if grant > 0 and (
+            call.reserved
+            or grant >= self.limits.stream_window // 2
+            or need > after + call.recv_window
+        ):
+            call.recv_window += grant
+            self.write(frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(grant)))
+
+    def over_budget(self) -> bool:
+        return (
+            self.reserved > self.limits.connection_buffer
+            or self.server.held > self.limits.process_buffer
+        )
+
+    def admit(self, call: Call, *, slack: bool = False) -> bool:
+        """Count `call`'s waiting message against the budgets and open its window for it.
+
+        With `slack` (a call holding a streamed body) the budgets stretch by a quarter.
+        """
+        need = call.waiting
+        server = self.server
+        limits = self.limits
+        connection, process = limits.connection_buffer, limits.process_buffer
+        if slack:
+            connection, process = connection + connection // 4, process + process // 4
+        if self.reserved + need > connection or server.held - call.loose + need > process:
+            return False
+        call.waiting = 0
+        call.reserved = need
+        self.reserved += need
+        server.reserved += need
+        self.loose -= call.loose
+        server.loose -= call.loose
+        call.loose = 0
+        grant = need - len(call._buffer) - call.recv_window
+        if grant > 0:
+            call.recv_window += grant
+            self.write(frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(grant)))
+        return True
+
+    def _unreserve(self, call: Call) -> None:
+        self.reserved -= call.reserved
+        self.server.reserved -= call.reserved
+        call.reserved = 0
+        if self.server.waiting:
+            self.server.admit()
+
+    def _release(self, call: Call) -> None:
+        """Everything `call` counted in the budgets goes back."""
+        if call.reserved:
+            self._unreserve(call)
+        if call.loose:
+            self.loose -= call.loose
+            self.server.loose -= call.loose
+            call.loose = 0
+        call.waiting = 0
+        if call.retained:
+            self.reserved -= call.retained
+            self.server.reserved -= call.retained
+            call.retained = 0
+        if call.pending:
+            queued = sum(len(chunk) for chunk in call.pending)
+            self.out_bytes -= queued
+            self.server.out_bytes -= queued
+            call.pending.clear()
 
     def _on_headers(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if not stream_id or not stream_id & 1:
@@ -799,14 +1222,26 @@ class Connection(asyncio.BufferedProtocol):
             if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
                 flags |= _SELF_DEPENDENT  # a stream error, once the block is decoded
             payload = payload[5:]
+        if payload:
+            self._empty = 0
+        else:
+            self._count_empty()
         if flags & END_HEADERS:
             self._on_header_block(flags, stream_id, payload.tobytes())
         else:
             self._headers = (stream_id, flags, bytearray(payload))
+            self._continuations = 0
 
     def _on_continuation(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._headers is None or self._headers[0] != stream_id:
             raise H2Error(PROTOCOL_ERROR, "unexpected CONTINUATION")
+        if payload:
+            self._empty = 0
+        else:
+            self._count_empty()
+        self._continuations += 1
+        if self._continuations > self.limits.max_continuations:
+            raise H2Error(ENHANCE_YOUR_CALM, "CONTINUATION flood")
         block = self._headers[2]
         block += payload
         if len(block) > HEADER_LIST_LIMIT:
@@ -839,9 +1274,10 @@ class Connection(asyncio.BufferedProtocol):
             log.debug("malformed request", extra=fields(reason=decoded.request_error))
             self._stream_error(stream_id, PROTOCOL_ERROR)
             return
-        if self.goaway_sent or len(self.calls) >= MAX_STREAMS:
+        if self.goaway_sent or len(self.calls) >= self.limits.max_streams:
             self._stream_error(stream_id, REFUSED_STREAM)
             return
+        self._opened += 1
         if not decoded.grpc:
             call = NotGrpc(self, stream_id, decoded.method)
         else:
@@ -857,6 +1293,7 @@ class Connection(asyncio.BufferedProtocol):
                     call = Ended(self, stream_id, INTERNAL, "internal error")
         call.content_left = decoded.content_length
         self.calls[stream_id] = call
+        call.last_data = self.now
         if flags & END_STREAM:
             call.remote_closed = True
         _guarded(call, call.start)
@@ -877,7 +1314,11 @@ class Connection(asyncio.BufferedProtocol):
             self._stream_error(call.stream_id, PROTOCOL_ERROR, call)
             return
         call.remote_closed = True
-        if not call.done:
+        if call.done:
+            return
+        if self._stalled and call.stream_id in self._stalled:
+            call.eos_pending = True
+        else:
             _guarded(call, call.half_closed)
 
     def _on_priority(self, stream_id: int, payload: memoryview) -> None:
@@ -896,6 +1337,7 @@ class Connection(asyncio.BufferedProtocol):
             raise H2Error(FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes")
         call = self.calls.get(stream_id)
         if call is not None:
+            self._count_reset()
             self._forget(call, ClosedBy.RECEIVED_RST)
         else:
             self._not_open(RST_STREAM, stream_id)
@@ -933,17 +1375,16 @@ class Connection(asyncio.BufferedProtocol):
             if payload:
                 raise H2Error(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
+        self._count_control()
+        self.established = True
         if len(payload) % 6:
             raise H2Error(FRAME_SIZE_ERROR, "bad SETTINGS")
-        for offset in range(0, len(payload), 6):
-            key, value = _SETTING.unpack_from(payload, offset)
+        window = None
+        for key, value in _SETTING.iter_unpack(payload):
             if key == INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise H2Error(FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for call in self.calls.values():
-                    call.send_window += delta
+                window = value  # applied once per frame: the last value is the one in force
             elif key == ENABLE_PUSH:
                 if value > 1:
                     raise H2Error(PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1")
@@ -952,15 +1393,19 @@ class Connection(asyncio.BufferedProtocol):
                     raise H2Error(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self.peer_max_frame = value
             # Our encoder never uses the peer's table, so HEADER_TABLE_SIZE needs nothing.
-        self.write(frame(SETTINGS, ACK, 0))
-        for call in list(self.calls.values()):
-            if call.pending:
-                self._send_pending(call)
+        self.control(frame(SETTINGS, ACK, 0))
+        if window is not None and window != self.peer_initial_window:
+            delta = window - self.peer_initial_window
+            self.peer_initial_window = window
+            for call in self.calls.values():
+                call.send_window += delta
+        for call in list(self._blocked.values()):
+            self._send_pending(call)
 
     # -- stream and connection ends --
 
     def _reset(self, stream_id: int, code: ErrorCode) -> None:
-        self.write(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
+        self.control(frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
 
     def _stream_error(self, stream_id: int, code: ErrorCode, call: Call | None = None) -> None:
         """RST_STREAM with `code`: the stream is closed, the rest of the connection goes on."""
@@ -1026,14 +1471,25 @@ class Connection(asyncio.BufferedProtocol):
         self._skipped.append((low, high))
 
     def _forget(self, call: Call, how: ClosedBy = ClosedBy.SENT_RST) -> None:
+        stream_id = call.stream_id
         if how is not ClosedBy.END_STREAM:  # the normal end needs no record (closed_by)
-            self._remember(call.stream_id, how)
-        self.calls.pop(call.stream_id, None)
-        self._blocked.pop(call.stream_id, None)
-        call.pending.clear()
+            self._remember(stream_id, how)
+        self.calls.pop(stream_id, None)
+        if self._blocked:
+            self._blocked.pop(stream_id, None)
+        if self._stalled:
+            self._stalled.pop(stream_id, None)
+        if self.partial:
+            self.partial.pop(stream_id, None)
+        if self.withheld:
+            self.withheld.pop(stream_id, None)
+        if call.reserved or call.loose or call.retained or call.waiting or call.pending:
+            self._release(call)
         self._close_call(call)
-        if self.goaway_sent and not self.calls:
-            self._close_soon()
+        if not self.calls:
+            self.idle_since = self.now
+            if self.goaway_sent:
+                self._close_soon()
 
     def _close_call(self, call: Call) -> None:
         call.done = True
@@ -1063,12 +1519,78 @@ class Connection(asyncio.BufferedProtocol):
 
     def _abort(self, code: int, reason: str) -> None:
         log.info("http2 connection error", extra=fields(code=code, reason=reason))
+        self.server.on_close(_code_name(code))
         self._send_goaway(code, reason)
-        self._close_soon()
+        self.flush()
+        if self.transport is None or self.transport.is_closing():
+            return
+        # Closing with the client's frames unread would make the kernel answer with a
+        # reset, which can destroy the GOAWAY before the client reads it: read and drop
+        # for a moment (nothing is parsed), then close.
+        self._discarding = True
+        self._paused = 0
+        self.transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._linger_end)
+
+    def _linger_end(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, self.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    # -- the server's sweep --
+
+    def sweep(self, now: float) -> None:
+        """Timeouts, checked about once a second: preface, idle, first message, partial."""
+        limits = self.limits
+        if not self.established:
+            if now - self.opened_at > limits.handshake_timeout:
+                log.debug("http2 preface timeout")
+                self.server.on_close("handshake_timeout")
+                self.abort()
+            return
+        if not self.calls:
+            if now - self.idle_since > limits.idle_timeout:
+                self.server.on_close("idle_timeout")
+                self.goaway()
+                self._close_soon()
+            elif self._receive is not None and not self._filled:
+                self._receive_view.release()  # an idle connection keeps no buffer
+                self._receive = None
+                self._receive_view = memoryview(b"")
+            return
+        if self.withheld and not self.over_budget():
+            for call in list(self.withheld.values()):
+                del self.withheld[call.stream_id]
+                if not call.done:
+                    size = len(call._buffer)
+                    self._after_feed(call, size, 0)
+        deadline = now - limits.first_message_timeout
+        late = [
+            call
+            for call in self.calls.values()
+            if call.born < deadline and not (call.fed or call.done or call.remote_closed)
+        ]
+        for call in late:
+            call.finish(
+                DEADLINE_EXCEEDED,
+                f"no complete message within {limits.first_message_timeout:g} s",
+            )
+        if self.partial:
+            deadline = now - limits.stream_idle_timeout
+            for call in list(self.partial.values()):
+                size = len(call._buffer)
+                if size != call.swept:  # DATA came since the last look
+                    call.swept, call.last_data = size, now
+                elif call.last_data < deadline and not call.done and not call.waiting:
+                    call.finish(
+                        DEADLINE_EXCEEDED,
+                        f"part of a message and no DATA for {limits.stream_idle_timeout:g} s",
+                    )
+        self.flush()
 
 
 def _guarded(call: Call, hook: Callable[[], None]) -> None:
@@ -1089,19 +1611,113 @@ def _unpad(payload: memoryview) -> memoryview:
     return payload[1 : len(payload) - pad]
 
 
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        with contextlib.suppress(Exception):
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # RST, not FIN: nothing lingers in TIME_WAIT
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        else:
+            transport.close()
+
+
 # --- the server --------------------------------------------------------------------------
+
+ACCEPT_BATCH = 16  # connections accepted per loop turn (fds open before the cap is checked)
+LISTEN_BACKLOG = 1024
+LOG_EVERY = 10.0  # seconds between two log lines about refused connections or accept errors
+LINGER_SECONDS = 1.0  # after a connection error, how long input is read and dropped
 
 
 class Server:
     """Calls by path, one listening socket, and a drain that waits for open calls."""
 
-    def __init__(self, routes: dict[str, CallFactory], *, max_message: int) -> None:
+    def __init__(
+        self, routes: dict[str, CallFactory], *, max_message: int, limits: Limits | None = None
+    ) -> None:
         self.routes = {path.encode(): factory for path, factory in routes.items()}
         self.max_message = max_message
+        self.limits = limits = limits or Limits()
         self.connections: set[Connection] = set()
+        self.accepted: weakref.WeakSet[Connection] = weakref.WeakSet()
         self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.clock: Callable[[], float] = _no_clock
+        self.closed = 0  # connections ever closed: tells the memory trimmer about new work
+        self.loose = 0
+        self.reserved = 0
+        self.out_bytes = 0
+        self.waiting: deque[Call] = deque()
+        self.refused = 0
+        # Told why bbr closed a connection: an HTTP/2 error code's name, "refused" (the
+        # cap), "handshake_timeout", "idle_timeout" (bbr.server counts them).
+        self.on_close: Callable[[str], None] = _ignore
+        self._refused_logged = 0
+        self._refused_at = -LOG_EVERY
+        self._accept_errors = 0
+        self._accept_logged_at = -LOG_EVERY
         self._listener: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
+        # The connection window is returned as data is accounted, so it only needs to be
+        # large enough never to be what slows an honest peer down.
+        self.connection_window = min(MAX_WINDOW, max(limits.connection_buffer, 2 * max_message))
+        self.settings_frames = frame(
+            SETTINGS,
+            0,
+            0,
+            b"".join(
+                _SETTING.pack(k, v)
+                for k, v in (
+                    (ENABLE_PUSH, 0),
+                    (MAX_CONCURRENT_STREAMS, limits.max_streams),
+                    (INITIAL_WINDOW_SIZE, limits.stream_window),
+                    (MAX_HEADER_LIST_SIZE, HEADER_LIST_LIMIT),
+                )
+            ),
+        ) + frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.connection_window - DEFAULT_WINDOW))
+
+    @property
+    def held(self) -> int:
+        """What every connection holds: admitted messages, loose bytes, queued answers."""
+        return self.loose + self.reserved + self.out_bytes
+
+    def admit(self) -> None:
+        """Admit waiting messages, oldest first, while the budgets have room."""
+        waiting = self.waiting
+        for _ in range(len(waiting)):
+            call = waiting.popleft()
+            if call.done or not call.waiting:
+                call.waiting = 0
+                continue
+            if not call.conn.admit(call):
+                waiting.append(call)
+                if self.reserved >= self.limits.process_buffer:
+                    break
+
+    def _connection(self) -> asyncio.BaseProtocol:
+        """The protocol for an accepted socket: a Connection, or a refusal over the cap."""
+        if len(self.accepted) >= self.limits.max_connections:
+            self.refused += 1
+            self.on_close("refused")
+            now = self.clock()
+            if now - self._refused_at >= LOG_EVERY:
+                log.warning(
+                    "connection refused: too many connections",
+                    extra=fields(
+                        max_connections=self.limits.max_connections,
+                        refused=self.refused - self._refused_logged,
+                    ),
+                )
+                self._refused_at, self._refused_logged = now, self.refused
+            return _Refused()
+        conn = Connection(self)
+        self.accepted.add(conn)
+        return conn
 
     async def listen(
         self,
@@ -1112,19 +1728,86 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
     ) -> int:
         loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.clock = loop.time
+        self._quiet_accept_errors(loop)
         self._listener = await loop.create_server(
-            lambda: Connection(self),
+            self._connection,
             host,
             port,
             reuse_address=True,
             reuse_port=reuse_port or None,
             ssl=ssl_context,
-            backlog=1024,
+            ssl_handshake_timeout=self.limits.handshake_timeout if ssl_context else None,
+            # asyncio accepts up to `backlog` sockets per loop turn, all holding fds before
+            # any over the cap is closed: a small batch keeps that overshoot small ...
+            backlog=ACCEPT_BATCH,
         )
+        for listening in self._listener.sockets:  # ... while the kernel queue stays long
+            with (
+                contextlib.suppress(OSError),
+                socket.socket(fileno=os.dup(listening.fileno())) as dup,
+            ):
+                dup.listen(LISTEN_BACKLOG)
+        self._sweeper = asyncio.create_task(self._sweep())
         bound: int = self._listener.sockets[0].getsockname()[1]
         return bound
 
+    def _quiet_accept_errors(self, loop: asyncio.AbstractEventLoop) -> None:
+        """asyncio logs every failed accept() when fds run out (thousands a second):
+        one line every LOG_EVERY seconds instead, with the count."""
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if str(context.get("message", "")).startswith("socket.accept() out of system"):
+                self._accept_errors += 1
+                now = loop.time()
+                if now - self._accept_logged_at >= LOG_EVERY:
+                    log.error(
+                        "accept failed: out of file descriptors or memory",
+                        extra=fields(
+                            errors=self._accept_errors, error=str(context.get("exception"))
+                        ),
+                    )
+                    self._accept_logged_at, self._accept_errors = now, 0
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+
+    async def _sweep(self) -> None:
+        period = max(0.05, min(1.0, self.limits.handshake_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = self.clock()
+            over = self.held > self.limits.process_buffer
+            for conn in list(self.accepted):
+                if conn.transport is None:
+                    if now - conn.opened_at > 2 * self.limits.handshake_timeout:
+                        self.accepted.discard(conn)  # a TLS handshake that never finished
+                        self.on_close("handshake_timeout")
+                    continue
+                if conn.closing:
+                    continue
+                try:
+                    conn.sweep(now)
+                except Exception:  # the sweep must go on for the others
+                    log.exception("error sweeping a connection")
+                if conn._stalled and not over and not conn._unstall_soon:
+                    conn._unstall_soon = True
+                    conn._unstall()
+            if self.waiting:
+                self.admit()
+
+    def busy(self) -> bool:
+        """Any call open on any connection."""
+        return any(conn.calls for conn in self.connections)
+
     def connection_gone(self) -> None:
+        self.closed += 1
         if self.draining and not self.connections:
             self._idle.set()
 
@@ -1141,6 +1824,23 @@ class Server:
                 await asyncio.wait_for(self._idle.wait(), grace)
         for conn in list(self.connections):
             conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._listener.wait_closed(), 1)
+
+
+def _no_clock() -> float:
+    return 0.0
+
+
+def _ignore(reason: str) -> None:
+    pass
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)

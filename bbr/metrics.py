@@ -45,6 +45,12 @@ MODEL_REQUESTS = Counter(
     "Requests routed to each base model of the map in force (unknown models are not counted).",
     ["base_model"],
 )
+CONNECTIONS_CLOSED = Counter(
+    "bbr_grpc_connections_closed",
+    "gRPC-port connections bbr closed itself: HTTP/2 errors by code (ENHANCE_YOUR_CALM for"
+    " floods), handshake_timeout, idle_timeout, refused (over --max-connections).",
+    ["reason"],
+)
 INFO = Gauge("bbr_info", "bbr build information.", ["version"], multiprocess_mode="max")
 # The Go BBR's series.
 SUCCESS = Counter("bbr_success", "Requests whose model was read from the body and set as a header.")

@@ -235,6 +235,11 @@ class Stream:
         """True while bbr holds part of a streamed body and Envoy owes it more."""
         return self._streaming and self._headers_seen and not self._finished
 
+    @property
+    def held_bytes(self) -> int:
+        """Body bytes held back from Envoy until the model is known."""
+        return self._size if self.holding else 0
+
     def close(self) -> None:
         """The stream ended (normally or not): let go of everything held."""
         self._chunks = []

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import logging
 import os
@@ -68,6 +69,7 @@ class ServeConfig:
     drain_seconds: float = DRAIN_SECONDS
     stream_idle_seconds: float = STREAM_IDLE_SECONDS
     tracing: bool = False
+    limits: h2grpc.Limits = field(default_factory=h2grpc.Limits)
     # Set in the worker processes of a multi-worker bbr: where to say "ready".
     ready_fd: int | None = None
 
@@ -149,6 +151,8 @@ class ProcessCall(h2grpc.Call):
             return
         for reply in replies:
             self.send(reply.SerializeToString())
+        if self.retained or self._stream.holding:
+            self.hold(self._stream.held_bytes)  # counted in the port's memory budgets
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -269,11 +273,13 @@ REFLECTED_SERVICES = (
 )
 
 
-def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server:
+def h2_server(
+    processor: Processor, health: Health, limit: int, limits: h2grpc.Limits | None = None
+) -> h2grpc.Server:
     """The ext_proc port on `bbr.h2grpc`: Process, health Check and reflection."""
     servicer = reflection.ReflectionServicer(REFLECTED_SERVICES)
     process = processor.call if processor.tracing is None else processor.traced_call
-    return h2grpc.Server(
+    server = h2grpc.Server(
         {
             f"/{SERVICE_NAME}/Process": process,
             "/grpc.health.v1.Health/Check": health.check,
@@ -282,7 +288,10 @@ def h2_server(processor: Processor, health: Health, limit: int) -> h2grpc.Server
             ),
         },
         max_message=limit,
+        limits=limits,
     )
+    server.on_close = lambda reason: metrics.CONNECTIONS_CLOSED.labels(reason=reason).inc()
+    return server
 
 
 def finished(done: Finished) -> None:
@@ -309,22 +318,63 @@ def finished(done: Finished) -> None:
 TRIM_SECONDS = 2.0
 
 
-async def trim_when_idle(processor: Processor) -> None:
+async def trim_when_idle(processor: Processor, server: h2grpc.Server | None = None) -> None:
     """Give freed body buffers back to the OS once traffic pauses.
 
     glibc keeps freed memory in its arenas, so after a burst of large bodies RSS would
-    stay at its peak; malloc_trim(0) while no stream is open returns it.
+    stay at its peak; malloc_trim(0) while no stream is open returns it. Closed
+    connections count as work too (a client that never opened a Process stream may
+    have made bbr buffer, queue and free plenty).
     """
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
         return
-    trimmed_at = 0
+    trimmed_at = (0, 0)
     while True:
         await asyncio.sleep(TRIM_SECONDS)
-        if processor.active == 0 and processor.started != trimmed_at:
-            trimmed_at = processor.started
+        work = (processor.started, server.closed if server is not None else 0)
+        if (
+            processor.active == 0
+            and work != trimmed_at
+            and (server is None or not server.busy())  # a trim can take a while: only idle
+        ):
+            trimmed_at = work
             trim(0)
+
+
+FD_RESERVE = 64  # fds bbr opens after start: health and metrics ports, map files, the API
+
+
+def raise_fd_limit(connections: int) -> int:
+    """Let the connection cap, not the fd limit, be what refuses clients.
+
+    Raises the soft RLIMIT_NOFILE to the hard one. When even that leaves no room for
+    --max-connections plus what bbr needs for itself, the cap is lowered to fit (and
+    said so): a refused connection is closed at once, while running out of fds makes
+    accept() fail over and over.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    try:  # what is open already, plus room for what bbr opens later
+        reserve = len(os.listdir("/proc/self/fd")) + FD_RESERVE + 4 * h2grpc.ACCEPT_BATCH
+    except OSError:
+        reserve = 2 * FD_RESERVE + 4 * h2grpc.ACCEPT_BATCH
+    if soft != resource.RLIM_INFINITY and soft < connections + reserve:
+        fitted = max(1, soft - reserve)
+        log.warning(
+            "--max-connections lowered to fit the open-file limit",
+            extra=fields(fd_limit=soft, max_connections=connections, lowered_to=fitted),
+        )
+        return fitted
+    return connections
 
 
 def check_port(port: int, flag: str) -> None:
@@ -504,7 +554,11 @@ async def serve(config: ServeConfig) -> int:
             ssl_context = server_tls(config.cert_path, config.client_ca).context
         except TLSError as exc:
             raise StartupError(str(exc)) from None
-    server = h2_server(processor, health, limit)
+    limits = config.limits
+    cap = raise_fd_limit(limits.max_connections)
+    if cap != limits.max_connections:
+        limits = dataclasses.replace(limits, max_connections=cap)
+    server = h2_server(processor, health, limit, limits)
     try:
         await server.listen(
             "0.0.0.0", config.grpc_port, reuse_port=config.workers > 1, ssl_context=ssl_context
@@ -543,7 +597,7 @@ async def serve(config: ServeConfig) -> int:
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     ready = asyncio.create_task(mark_serving())
-    trimmer = asyncio.create_task(trim_when_idle(processor))
+    trimmer = asyncio.create_task(trim_when_idle(processor, server))
     log.info(
         "bbr starting",
         extra=fields(

@@ -97,6 +97,13 @@ def test_bad_flag_exits_2_naming_it(map_file: Path, flags: list[str], named: str
         ("BBR_MAX_BODY_BYTES", "0", "--max-body-bytes"),
         ("BBR_GRPC_PORT", "http", "--grpc-port"),
         ("BBR_UNKNOWN_MODEL", "drop", "--unknown-model"),
+        ("BBR_MAX_CONNECTIONS", "0", "--max-connections"),
+        ("BBR_STREAM_WINDOW", "2147483648", "--stream-window"),
+        ("BBR_HANDSHAKE_TIMEOUT", "soon", "--handshake-timeout"),
+        ("BBR_MAX_RESETS_PER_SECOND", "-1", "--max-resets-per-second"),
+        # Budgets that cannot hold one message of --max-body-bytes (16 MiB + 64 KiB).
+        ("BBR_CONNECTION_BUFFER_BYTES", "1048576", "--connection-buffer-bytes"),
+        ("BBR_PROCESS_BUFFER_BYTES", "20000000", "--process-buffer-bytes"),
     ],
 )
 def test_bad_env_twin_exits_2_naming_the_flag(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -328,6 +329,39 @@ def test_body_over_grpc_default_limit_routes(buffered: Stack, model_servers: Mod
     demo = routed(reply)
     assert demo["server"] == model_servers.name_of(LLAMA)
     assert demo["body_sha256"] == sha256(body)
+
+
+@pytest.mark.parametrize("mode", ["buffered", "streaming"])
+def test_bodies_near_the_limit_at_once_all_route(
+    request: pytest.FixtureRequest, mode: str, model_servers: ModelServers
+) -> None:
+    """Envoy multiplexes them on its connection to bbr. Buffered: 6 x 15 MiB is more than
+    bbr's default per-connection budget (64 MiB) admits at once, so some wait their turn.
+    Streamed: bbr holds each body until its end, 4 x 15 MiB fit the budget. None may be
+    refused, stall or arrive changed."""
+    count = 6 if mode == "buffered" else 4
+    stack: Stack = request.getfixturevalue(mode)
+    body = big_body("movie-critique", 15 * 1024 * 1024, model_last=True)
+
+    def one(_: int) -> Reply:
+        if mode == "streaming":
+            return stack.send(
+                "POST",
+                "/v1/chat/completions",
+                chunks_of(body, 1024 * 1024),
+                {"Content-Type": "application/json"},
+                chunked=True,
+            )
+        return stack.send(
+            "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
+
+    with ThreadPoolExecutor(count) as pool:
+        replies = list(pool.map(one, range(count)))
+    for reply in replies:
+        demo = routed(reply)
+        assert demo["server"] == model_servers.name_of(LLAMA)
+        assert demo["body_sha256"] == sha256(body)
 
 
 # --- an empty body is no body, however it is framed ------------------------------------
