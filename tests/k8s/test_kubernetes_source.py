@@ -6,18 +6,21 @@ Every edit is made through the API and must be in force within DEADLINE (2 s + s
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bbr.modelmap import MapHolder
+from bbr.modelmap import MapHolder, ModelMap
 from bbr.sources import kubernetes
-from bbr.sources.kubernetes import KubeClient, KubeConfigError, KubernetesSource
+from bbr.sources.kubernetes import ApiError, KubeClient, KubeConfigError, KubernetesSource
 from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
 from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
 from tests.k8s.proxy import CuttableProxy
@@ -126,6 +129,87 @@ def test_moving_between_the_labels_never_leaves_a_gap(
     assert len(seen) >= 1
     assert all(pair == ("moving", "moving") for pair in seen), seen
     assert not w.source._handover  # nothing left in transit
+
+
+def _time_until_gone(w: Watch, name: str, act: Callable[[], None]) -> float:
+    """Seconds from just before `act()` (an API call) to the first map put in force
+    without `name`, as the holder's listener sees it (every snapshot, not a poll)."""
+    gone: list[float] = []
+    done = threading.Event()
+
+    def listener(snapshot: ModelMap) -> None:
+        if not gone and snapshot.lookup(name) is None:
+            gone.append(time.monotonic())
+            done.set()
+
+    w.holder.subscribe(listener)
+    start = time.monotonic()
+    act()
+    assert done.wait(DEADLINE), f"{name!r} still routable {DEADLINE}s after the change"
+    return gone[0] - start
+
+
+# SPEC §3: a delete or a label removal removes the entries "at once". A DELETED event
+# may also be a move to the other label; bbr asks the API server which it was instead
+# of holding the names for DELETE_GRACE (1 s), so it must be well under that.
+AT_ONCE = 0.5
+
+
+def test_a_delete_and_a_label_removal_take_effect_at_once(
+    kube: Kube, namespace: str, watch: Start
+) -> None:
+    w = watch([namespace])
+    cases: list[tuple[str, dict[str, str], Callable[[str], None]]] = [
+        ("deleted", {BBR_LABEL: "true"}, lambda n: kube.delete(namespace, n)),
+        ("deleted-llmd", {LLMD_LABEL: "true"}, lambda n: kube.delete(namespace, n)),
+        ("unlabelled", {BBR_LABEL: "true"}, lambda n: kube.labels(namespace, n, {BBR_LABEL: None})),
+        (
+            "label-false",
+            {LLMD_LABEL: "true"},
+            lambda n: kube.labels(namespace, n, {LLMD_LABEL: "false"}),
+        ),
+    ]
+    timings: dict[str, list[float]] = {}
+    for round_ in range(3):
+        for name, labels, _ in cases:
+            kube.apply(namespace, name, base=f"{name}-{round_}", labels=labels)
+        w.wait_for({f"{name}-{round_}": f"{name}-{round_}" for name, _, _ in cases})
+        for name, _, act in cases:
+            took = _time_until_gone(w, f"{name}-{round_}", functools.partial(act, name))
+            timings.setdefault(name, []).append(took)
+        w.wait_for({})
+        for name, _, _ in cases:  # gone or unlabelled: start the next round afresh
+            with contextlib.suppress(ApiError):
+                kube.delete(namespace, name)
+    logging.getLogger(__name__).info("delete to map change: %s", timings)
+    assert all(t < AT_ONCE for ts in timings.values() for t in ts), timings
+    assert not w.source._handover
+
+
+def test_a_delete_while_the_api_refuses_new_connections_still_goes(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    """The watch already open reports the DELETED, but bbr cannot ask the API server
+    whether it was a move: the names go after the bounded hold, and the map is right."""
+    proxy = CuttableProxy(api.port)
+    try:
+        w = watch([namespace], kubeconfig=api.kubeconfig(server=proxy.url))
+        kube.apply(namespace, "gone", base="gone")
+        kube.apply(namespace, "stays", base="stays")
+        w.wait_for({"gone": "gone", "stays": "stays"})
+        errors = w.source.stats["check_errors"]
+        proxy.refuse_new()
+        took = _time_until_gone(w, "gone", lambda: kube.delete(namespace, "gone"))
+        assert took >= kubernetes.DELETE_GRACE * 0.9, took  # held: it may have moved
+        assert w.table() == {"stays": "stays"}
+        assert w.source.stats["check_errors"] > errors and proxy.attempts
+        assert not w.source._handover
+        proxy.restore()
+        kube.apply(namespace, "stays", base="stays", adapters=["after"])
+        w.wait_for({"stays": "stays", "after": "stays"})
+        assert _time_until_gone(w, "stays", lambda: kube.delete(namespace, "stays")) < AT_ONCE
+    finally:
+        proxy.close()
 
 
 def test_unlabelled_ignored(kube: Kube, namespace: str, watch: Start) -> None:
