@@ -33,8 +33,11 @@ How it is kept current
     costs work in proportion to them. Lists and events are decoded straight into what
     the map needs (`decode_page`, `decode_event`). A DELETED event reads the same for a
     delete and for a move to the other label (the object as it was, with the new
-    resourceVersion), so its copy stays in force until the other label's stream
-    reports it, passes that version without it, or DELETE_GRACE ends.
+    resourceVersion), so its copy stays in force while a thread of its own asks the
+    API server about that one ConfigMap: gone or no managed label, it goes at once;
+    otherwise it stays until the other label's stream reports it, passes that version
+    without it, or DELETE_GRACE (1 s) ends, which is also what happens when the API
+    server cannot answer.
 
 ConfigMap rules are the files' rules: `parse_configmap(rank=None)` orders conflicts by
 creationTimestamp then namespace/name; an invalid ConfigMap keeps its last good

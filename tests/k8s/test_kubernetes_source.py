@@ -186,6 +186,43 @@ def test_a_delete_and_a_label_removal_take_effect_at_once(
     assert not w.source._handover
 
 
+def test_a_burst_of_deletes_asks_once_per_configmap_at_most(
+    kube: Kube, namespace: str, watch: Start
+) -> None:
+    """Each DELETED costs one question to the API server at most (no retries), and a
+    hold its stream settled first costs none; every name goes."""
+    count = 60
+    w = watch([namespace])
+    for i in range(count):
+        kube.apply(namespace, f"burst-{i}", base=f"burst-{i}", adapters=[f"a{i}"])
+    w.wait(lambda table: len(table) == 2 * count, DEADLINE * 4)
+    asked = w.source.stats["checks"] + w.source.stats["check_errors"]
+    gone_at: dict[str, float] = {}
+
+    def listener(snapshot: ModelMap) -> None:
+        now = time.monotonic()
+        for i in range(count):
+            if f"burst-{i}" not in gone_at and snapshot.lookup(f"burst-{i}") is None:
+                gone_at[f"burst-{i}"] = now
+
+    w.holder.subscribe(listener)
+    deleted_at = {}
+    for i in range(count):
+        deleted_at[f"burst-{i}"] = time.monotonic()
+        kube.delete(namespace, f"burst-{i}")
+    w.wait_for({})
+    delays = sorted(gone_at[name] - deleted_at[name] for name in deleted_at)
+    logging.getLogger(__name__).info(
+        "burst of %d deletes: delete to map change p50 %.3fs max %.3fs; questions %d",
+        count,
+        delays[count // 2],
+        delays[-1],
+        w.source.stats["checks"] + w.source.stats["check_errors"] - asked,
+    )
+    assert w.source.stats["checks"] + w.source.stats["check_errors"] - asked <= count
+    assert not w.source._handover and not w.source._asks
+
+
 def test_a_delete_while_the_api_refuses_new_connections_still_goes(
     api: ApiServer, kube: Kube, namespace: str, watch: Start
 ) -> None:
