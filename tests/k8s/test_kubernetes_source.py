@@ -543,6 +543,10 @@ def test_rbac_list_watch_is_enough(
     assert w.table() == {"rbac": "rbac"}
     kube.apply(namespace, "m", base="rbac2")
     w.wait_for({"rbac2": "rbac2"})
+    # Asking whether a deleted ConfigMap moved is a list by name: `list` is enough.
+    errors = w.source.stats["check_errors"]
+    assert _time_until_gone(w, "rbac2", lambda: kube.delete(namespace, "m")) < AT_ONCE
+    assert w.source.stats["check_errors"] == errors
 
 
 def test_no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
