@@ -33,8 +33,11 @@ How it is kept current
     costs work in proportion to them. Lists and events are decoded straight into what
     the map needs (`decode_page`, `decode_event`). A DELETED event reads the same for a
     delete and for a move to the other label (the object as it was, with the new
-    resourceVersion), so its copy stays in force until the other label's stream
-    reports it, passes that version without it, or DELETE_GRACE ends.
+    resourceVersion), so its copy stays in force while a thread of its own asks the
+    API server about that one ConfigMap: gone or no managed label, it goes at once;
+    otherwise it stays until the other label's stream reports it, passes that version
+    without it, or DELETE_GRACE (1 s) ends, which is also what happens when the API
+    server cannot answer.
 
 ConfigMap rules are the files' rules: `parse_configmap(rank=None)` orders conflicts by
 creationTimestamp then namespace/name; an invalid ConfigMap keeps its last good
@@ -131,9 +134,13 @@ LIST_PAGE = 250  # ConfigMaps per list page: ~0.6 ms to decode at most
 # waiting for the other label's stream to report it (it normally does within ms).
 HANDOVER_SECONDS = 5.0
 # A DELETED event does not say whether the ConfigMap was deleted or moved to the other
-# label (the API server sends the object as it was): its names stay this long at most
-# waiting for the other label's stream (SPEC §3: a delete is in force within 2 s).
+# label (the API server sends the object as it was). bbr asks the API server which it
+# was (`_check_once`) and drops the names as soon as it answers "gone" or "no managed
+# label" (SPEC §3: at once); while it cannot answer, the names stay this long at most,
+# waiting for the other label's stream.
 DELETE_GRACE = 1.0
+# That question's timeout, connecting and reading: an answer after the grace is moot.
+CHECK_TIMEOUT = DELETE_GRACE
 
 
 def _one_line(exc: BaseException) -> str:
@@ -401,13 +408,16 @@ class _Connection(http.client.HTTPConnection):
     proxy CONNECT, TLS handshake) times out after the client's `connect_timeout`;
     reads after `timeout` (a watch may be silent for its whole timeoutSeconds)."""
 
-    def __init__(self, client: KubeClient, timeout: float) -> None:
+    def __init__(
+        self, client: KubeClient, timeout: float, connect_timeout: float | None = None
+    ) -> None:
         super().__init__(client.host, client.port, timeout=timeout)
         self._client = client
         self._read_timeout = timeout
+        self._connect_timeout = connect_timeout
 
     def connect(self) -> None:
-        self.sock = self._client.open_socket(self._read_timeout)
+        self.sock = self._client.open_socket(self._read_timeout, self._connect_timeout)
 
 
 def _tunnel(sock: socket.socket, host: str, port: int, authorization: str | None) -> None:
@@ -739,16 +749,20 @@ class KubeClient:
             headers["Proxy-Authorization"] = self._proxy_auth
         return headers, generation
 
-    def open_socket(self, read_timeout: float) -> socket.socket:
+    def open_socket(
+        self, read_timeout: float, connect_timeout: float | None = None
+    ) -> socket.socket:
         """A connected socket to the API server (through the proxy, TLS done), with
-        `connect_timeout` on every step of connecting and `read_timeout` after."""
+        `connect_timeout` (default the client's) on every step of connecting and
+        `read_timeout` after."""
         proxy = self.proxy
         if proxy is None:
             address = (self.host, self.port)
         else:
             assert proxy.hostname is not None
             address = (proxy.hostname, proxy.port or (443 if proxy.scheme == "https" else 80))
-        sock: socket.socket = socket.create_connection(address, timeout=self.connect_timeout)
+        connect_timeout = self.connect_timeout if connect_timeout is None else connect_timeout
+        sock: socket.socket = socket.create_connection(address, timeout=connect_timeout)
         try:
             _keepalive(sock)
             if proxy is not None and self._proxy_ssl is not None:
@@ -766,9 +780,11 @@ class KubeClient:
             raise
         return sock
 
-    def connect(self, timeout: float) -> http.client.HTTPConnection:
+    def connect(
+        self, timeout: float, connect_timeout: float | None = None
+    ) -> http.client.HTTPConnection:
         """A connection (not yet open) whose reads time out after `timeout`."""
-        return _Connection(self, timeout)
+        return _Connection(self, timeout, connect_timeout)
 
     def url(self, path: str, query: Mapping[str, str | int] | None = None) -> str:
         target = self.prefix + path + ("?" + urllib.parse.urlencode(query) if query else "")
@@ -803,17 +819,19 @@ class KubeClient:
         body: Any = None,
         content_type: str = "application/json",
         timeout: float = REQUEST_TIMEOUT,
+        connect_timeout: float | None = None,
         decode: Callable[[bytes], Any] = json.loads,
     ) -> Any:
         """One JSON request; returns the answer as `decode` makes it, raises ApiError or
-        OSError. A 401 to an exec plugin's credential runs the plugin again and retries
-        once."""
+        OSError. `timeout` is for reads, `connect_timeout` (default the client's) for
+        connecting. A 401 to an exec plugin's credential runs the plugin again and
+        retries once."""
         payload = json.dumps(body).encode() if body is not None else None
         for attempt in (1, 2):
             headers, generation = self._authorized()  # may change the TLS context
             if payload is not None:
                 headers["Content-Type"] = content_type
-            conn = self.connect(timeout)
+            conn = self.connect(timeout, connect_timeout)
             try:
                 response = self._send(conn, method, self.url(path, query), headers, payload)
                 data = response.read()
@@ -1248,26 +1266,41 @@ class KubernetesSource:
         # kept (copy, target label, deadline) until that stream has it, so moving
         # between the labels never leaves a gap.
         self._handover: dict[ConfigMapRef, tuple[_Copy, str, float]] = {}
+        # ConfigMaps whose DELETED may have been a move, to ask the API server about:
+        # an ordered set, so a ConfigMap has one question pending at most.
+        self._asks: dict[ConfigMapRef, None] = {}
+        self._asked = threading.Condition(self._lock)
         self.events: EventRecorder | None = None
         if record_events:
             self.events = EventRecorder(self.client, uid_of=self.uid_of)
             holder.subscribe(self.events.observe)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        # Counters, for logs and tests: lists, relists after 410, watches opened, failures.
-        self.stats = {"lists": 0, "gone": 0, "watches": 0, "errors": 0, "events": 0}
+        # Counters, for logs and tests: lists, relists after 410, watches opened, failures,
+        # questions about a DELETED answered and not answered.
+        self.stats = {
+            "lists": 0,
+            "gone": 0,
+            "watches": 0,
+            "errors": 0,
+            "events": 0,
+            "checks": 0,
+            "check_errors": 0,
+        }
         self.first_list_done = threading.Event()
         holder.expect(self.name)
 
     # -- lifecycle
 
     def start(self) -> None:
-        """Start one daemon thread per stream, and the map builder; returns at once."""
+        """Start one daemon thread per stream, the map builder and the thread that asks
+        about deletes; returns at once."""
         if self.events is not None:
             self.events.start()
-        builder = threading.Thread(target=self._build, name="bbr-kube-map", daemon=True)
-        self._threads.append(builder)
-        builder.start()
+        for target, name in ((self._build, "bbr-kube-map"), (self._check, "bbr-kube-check")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
         for stream in self._streams:
             thread = threading.Thread(
                 target=self._run, args=(stream,), name=f"bbr-kube-{stream}", daemon=True
@@ -1516,11 +1549,15 @@ class KubernetesSource:
                     self._handover[ref] = (self._copy(obj), target, deadline)
                 elif kind == "DELETED" and _labelled(obj, stream.label) and not others:
                     # Deleted, or moved to the other label: its stream reports a move
-                    # within milliseconds. Keep it in force until then (no gap), for
+                    # within milliseconds. Keep it in force until then (no gap), and
+                    # ask the API server: gone or unlabelled, it goes at once. Else
                     # DELETE_GRACE at most, or until that stream has passed this
                     # resourceVersion without it (`_expire_handovers`).
                     deadline = time.monotonic() + DELETE_GRACE
                     self._handover[ref] = (self._copy(obj), target, deadline)
+                    if ref not in self._asks:
+                        self._asks[ref] = None
+                        self._asked.notify()
                 else:
                     self._handover.pop(ref, None)
             else:
@@ -1533,6 +1570,66 @@ class KubernetesSource:
     def _copy(self, obj: dict[str, Any]) -> _Copy:
         self._seq += 1
         return _Copy(obj, _version(obj), self._seq)
+
+    # -- a DELETED that may be a move: ask the API server which it was
+
+    def _check(self) -> None:
+        """The thread that asks about deletes, one at a time (`_check_once`)."""
+        while not self._stop.is_set():
+            try:
+                self._check_once()
+            except Exception:  # it must never die; the hold still ends at its deadline
+                log.exception("asking about a deleted ConfigMap failed")
+                self._stop.wait(0.1)
+
+    def _check_once(self) -> None:
+        """Ask about the next ConfigMap held after a DELETED: one list of that one name
+        (the `list` verb bbr already has; no resourceVersion, so a consistent read),
+        CHECK_TIMEOUT, no retry. Gone, or carrying neither managed label: the hold ends
+        and its names go now. Still labelled (moved, or back): the hold stays until its
+        stream reports it. No answer: the hold stays, DELETE_GRACE at most. A hold that
+        ended before its turn costs no request, so a burst of deletes costs one request
+        each at most, one at a time."""
+        with self._lock:
+            while not self._asks:
+                if self._stop.is_set():
+                    return
+                self._asked.wait(0.25)
+            ref = next(iter(self._asks))
+            del self._asks[ref]
+            held = self._handover.get(ref)
+            if held is None or time.monotonic() >= held[2]:
+                return  # settled meanwhile: its stream reported it, or the grace ended
+            copy = held[0]
+        path = f"/api/v1/namespaces/{urllib.parse.quote(ref.namespace, safe='')}/configmaps"
+        try:
+            answer = self.client.request(
+                "GET",
+                path,
+                query={"fieldSelector": f"metadata.name={ref.name}"},
+                timeout=CHECK_TIMEOUT,
+                connect_timeout=CHECK_TIMEOUT,
+                decode=decode_page,
+            )
+        except Exception as exc:
+            self.stats["check_errors"] += 1
+            log.debug(
+                "could not ask whether a deleted ConfigMap moved; its names stay a moment",
+                extra=fields(configmap=str(ref), reason=_describe(exc), seconds=DELETE_GRACE),
+            )
+            return
+        self.stats["checks"] += 1
+        items = [item for item in answer["items"] if _ref(item) == ref]
+        labelled = any(_labelled(item, label) for item in items for label in MANAGED_LABELS)
+        as_of = _rv((answer.get("metadata") or {}).get("resourceVersion"))
+        if labelled or as_of < copy.version:
+            return  # a stream will report it (or the answer predates the delete)
+        with self._lock:
+            held = self._handover.get(ref)
+            if held is not None and held[0] is copy:
+                del self._handover[ref]
+                self._dirty.add(ref)
+                self._wake.notify()
 
     # -- the map: union of the streams, last good versions, publish
 

@@ -2,8 +2,9 @@
 
 `CuttableProxy`: a TCP proxy that a test can cut ("the API server is unreachable"):
 `cut()` closes every open connection and answers new ones by closing them at once;
-`restore()` forwards again. TLS passes through untouched. `attempts` are the times
-(monotonic) of the connections it refused while cut.
+`refuse_new()` only does the latter (a watch already open keeps flowing: the API server
+is unreachable for any new request); `restore()` forwards again. TLS passes through
+untouched. `attempts` are the times (monotonic) of the connections it refused while cut.
 
 `ConnectProxy`: an HTTP proxy that tunnels (CONNECT), as corporate proxies do, maps
 host names to loopback ports, may require Basic credentials, and records what it was
@@ -49,6 +50,10 @@ class CuttableProxy:
             sockets, self._open = self._open, set()
         for s in sockets:
             _close(s)
+
+    def refuse_new(self) -> None:
+        with self._lock:
+            self._cut = True
 
     def restore(self) -> None:
         with self._lock:

@@ -227,6 +227,13 @@ def test_connecting_times_out_on_its_own_timeout(
     with pytest.raises(TimeoutError), client.stream(CONFIGMAPS, {"watch": "1"}, timeout=600):
         pass
     assert time.monotonic() - started < 5  # not the 60 s read nor the 600 s watch timeout
+    # One request may connect with a shorter timeout than the client's (asking whether a
+    # deleted ConfigMap moved: an answer after 1 s is moot).
+    client.connect_timeout = 60
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.request("GET", CONFIGMAPS, timeout=60, connect_timeout=0.3)
+    assert time.monotonic() - started < 5
 
 
 def test_a_quiet_watch_outlives_the_connect_timeout(

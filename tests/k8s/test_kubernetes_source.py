@@ -6,18 +6,21 @@ Every edit is made through the API and must be in force within DEADLINE (2 s + s
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bbr.modelmap import MapHolder
+from bbr.modelmap import MapHolder, ModelMap
 from bbr.sources import kubernetes
-from bbr.sources.kubernetes import KubeClient, KubeConfigError, KubernetesSource
+from bbr.sources.kubernetes import ApiError, KubeClient, KubeConfigError, KubernetesSource
 from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
 from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
 from tests.k8s.proxy import CuttableProxy
@@ -126,6 +129,124 @@ def test_moving_between_the_labels_never_leaves_a_gap(
     assert len(seen) >= 1
     assert all(pair == ("moving", "moving") for pair in seen), seen
     assert not w.source._handover  # nothing left in transit
+
+
+def _time_until_gone(w: Watch, name: str, act: Callable[[], None]) -> float:
+    """Seconds from just before `act()` (an API call) to the first map put in force
+    without `name`, as the holder's listener sees it (every snapshot, not a poll)."""
+    gone: list[float] = []
+    done = threading.Event()
+
+    def listener(snapshot: ModelMap) -> None:
+        if not gone and snapshot.lookup(name) is None:
+            gone.append(time.monotonic())
+            done.set()
+
+    w.holder.subscribe(listener)
+    start = time.monotonic()
+    act()
+    assert done.wait(DEADLINE), f"{name!r} still routable {DEADLINE}s after the change"
+    return gone[0] - start
+
+
+# SPEC §3: a delete or a label removal removes the entries "at once". A DELETED event
+# may also be a move to the other label; bbr asks the API server which it was instead
+# of holding the names for DELETE_GRACE (1 s), so it must be well under that.
+AT_ONCE = 0.5
+
+
+def test_a_delete_and_a_label_removal_take_effect_at_once(
+    kube: Kube, namespace: str, watch: Start
+) -> None:
+    w = watch([namespace])
+    cases: list[tuple[str, dict[str, str], Callable[[str], None]]] = [
+        ("deleted", {BBR_LABEL: "true"}, lambda n: kube.delete(namespace, n)),
+        ("deleted-llmd", {LLMD_LABEL: "true"}, lambda n: kube.delete(namespace, n)),
+        ("unlabelled", {BBR_LABEL: "true"}, lambda n: kube.labels(namespace, n, {BBR_LABEL: None})),
+        (
+            "label-false",
+            {LLMD_LABEL: "true"},
+            lambda n: kube.labels(namespace, n, {LLMD_LABEL: "false"}),
+        ),
+    ]
+    timings: dict[str, list[float]] = {}
+    for round_ in range(3):
+        for name, labels, _ in cases:
+            kube.apply(namespace, name, base=f"{name}-{round_}", labels=labels)
+        w.wait_for({f"{name}-{round_}": f"{name}-{round_}" for name, _, _ in cases})
+        for name, _, act in cases:
+            took = _time_until_gone(w, f"{name}-{round_}", functools.partial(act, name))
+            timings.setdefault(name, []).append(took)
+        w.wait_for({})
+        for name, _, _ in cases:  # gone or unlabelled: start the next round afresh
+            with contextlib.suppress(ApiError):
+                kube.delete(namespace, name)
+    logging.getLogger(__name__).info("delete to map change: %s", timings)
+    assert all(t < AT_ONCE for ts in timings.values() for t in ts), timings
+    assert not w.source._handover
+
+
+def test_a_burst_of_deletes_asks_once_per_configmap_at_most(
+    kube: Kube, namespace: str, watch: Start
+) -> None:
+    """Each DELETED costs one question to the API server at most (no retries), and a
+    hold its stream settled first costs none; every name goes."""
+    count = 60
+    w = watch([namespace])
+    for i in range(count):
+        kube.apply(namespace, f"burst-{i}", base=f"burst-{i}", adapters=[f"a{i}"])
+    w.wait(lambda table: len(table) == 2 * count, DEADLINE * 4)
+    asked = w.source.stats["checks"] + w.source.stats["check_errors"]
+    gone_at: dict[str, float] = {}
+
+    def listener(snapshot: ModelMap) -> None:
+        now = time.monotonic()
+        for i in range(count):
+            if f"burst-{i}" not in gone_at and snapshot.lookup(f"burst-{i}") is None:
+                gone_at[f"burst-{i}"] = now
+
+    w.holder.subscribe(listener)
+    deleted_at = {}
+    for i in range(count):
+        deleted_at[f"burst-{i}"] = time.monotonic()
+        kube.delete(namespace, f"burst-{i}")
+    w.wait_for({})
+    delays = sorted(gone_at[name] - deleted_at[name] for name in deleted_at)
+    logging.getLogger(__name__).info(
+        "burst of %d deletes: delete to map change p50 %.3fs max %.3fs; questions %d",
+        count,
+        delays[count // 2],
+        delays[-1],
+        w.source.stats["checks"] + w.source.stats["check_errors"] - asked,
+    )
+    assert w.source.stats["checks"] + w.source.stats["check_errors"] - asked <= count
+    assert not w.source._handover and not w.source._asks
+
+
+def test_a_delete_while_the_api_refuses_new_connections_still_goes(
+    api: ApiServer, kube: Kube, namespace: str, watch: Start
+) -> None:
+    """The watch already open reports the DELETED, but bbr cannot ask the API server
+    whether it was a move: the names go after the bounded hold, and the map is right."""
+    proxy = CuttableProxy(api.port)
+    try:
+        w = watch([namespace], kubeconfig=api.kubeconfig(server=proxy.url))
+        kube.apply(namespace, "gone", base="gone")
+        kube.apply(namespace, "stays", base="stays")
+        w.wait_for({"gone": "gone", "stays": "stays"})
+        errors = w.source.stats["check_errors"]
+        proxy.refuse_new()
+        took = _time_until_gone(w, "gone", lambda: kube.delete(namespace, "gone"))
+        assert took >= kubernetes.DELETE_GRACE * 0.9, took  # held: it may have moved
+        assert w.table() == {"stays": "stays"}
+        assert w.source.stats["check_errors"] > errors and proxy.attempts
+        assert not w.source._handover
+        proxy.restore()
+        kube.apply(namespace, "stays", base="stays", adapters=["after"])
+        w.wait_for({"stays": "stays", "after": "stays"})
+        assert _time_until_gone(w, "stays", lambda: kube.delete(namespace, "stays")) < AT_ONCE
+    finally:
+        proxy.close()
 
 
 def test_unlabelled_ignored(kube: Kube, namespace: str, watch: Start) -> None:
@@ -422,6 +543,10 @@ def test_rbac_list_watch_is_enough(
     assert w.table() == {"rbac": "rbac"}
     kube.apply(namespace, "m", base="rbac2")
     w.wait_for({"rbac2": "rbac2"})
+    # Asking whether a deleted ConfigMap moved is a list by name: `list` is enough.
+    errors = w.source.stats["check_errors"]
+    assert _time_until_gone(w, "rbac2", lambda: kube.delete(namespace, "m")) < AT_ONCE
+    assert w.source.stats["check_errors"] == errors
 
 
 def test_no_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
