@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +129,18 @@ class SecretVolume:
         link = self.root / "..data_tmp"
         link.symlink_to(version.name)
         os.replace(link, self.root / "..data")
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate a new TLS connection is shown (no verification)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw) as conn,
+    ):
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return der

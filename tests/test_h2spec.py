@@ -11,7 +11,6 @@ connection: nothing h2spec sent may have hurt it.
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import xml.etree.ElementTree as ET
@@ -30,6 +29,7 @@ from tests.conftest import (
     route,
     write_model_map,
 )
+from tests.pki import served_certificate
 
 TOOLS = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
 H2SPEC = TOOLS / "bin" / "h2spec"
@@ -89,17 +89,7 @@ def run_h2spec(port: int, report: Path, *, tls: bool) -> list[Case]:
 
 def served_root(port: int) -> bytes:
     """The self-signed certificate the TLS port shows, as a PEM trust root."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw) as conn,
-    ):
-        der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return ssl.DER_cert_to_PEM_cert(der).encode()
+    return ssl.DER_cert_to_PEM_cert(served_certificate(port)).encode()
 
 
 def assert_still_routes(bbr: BbrProcess, *, tls: bool) -> None:

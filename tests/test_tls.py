@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import logging
 import os
-import socket
 import ssl
 import threading
 import time
@@ -25,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bbr import h2grpc
 from bbr.server import Health
 from bbr.tls import CertificateReloader, Material, TLSError, server_tls
-from tests.pki import Authority, Pair, SecretVolume
+from tests.pki import Authority, Pair, SecretVolume, served_certificate
 
 FAST = 0.1  # reload interval in tests: a look at the files every 100 ms
 WAIT = 5.0  # how long a reload may take to show before a test fails
@@ -125,21 +124,6 @@ def rpc(
             code: grpc.StatusCode = exc.code()
             return code
     return grpc.StatusCode.OK
-
-
-def served_certificate(port: int) -> bytes:
-    """The DER certificate a new TLS connection is shown (no verification)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw) as conn,
-    ):
-        der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return der
 
 
 def wait_for_certificate(port: int, der: bytes) -> float:
