@@ -1023,20 +1023,23 @@ class Connection(asyncio.BufferedProtocol):
             raise H2Error(ENHANCE_YOUR_CALM, "flood of frames without payload")
 
     def _on_data(self, flags: int, stream_id: int, payload: memoryview, length: int) -> None:
+        # Runs for every DATA frame: attributes are read once, into locals.
         if not stream_id:
             raise H2Error(PROTOCOL_ERROR, "DATA on stream 0")
         if flags & PADDED:
             payload = _unpad(payload)  # a frame check, whatever the stream's state
-        self.recv_unacked += length
-        if self.recv_unacked >= self._half_connection_window:
-            if self.recv_unacked > self.server.connection_window:
+        unacked = self.recv_unacked + length
+        self.recv_unacked = unacked
+        if unacked >= self._half_connection_window:
+            if unacked > self.server.connection_window:
                 raise H2Error(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
             # The connection window comes back as data is accounted: the stream windows
             # and the budgets bound what is held.
-            self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
-            self._acked += self.recv_unacked
+            self.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(unacked)))
+            self._acked += unacked
             self.recv_unacked = 0
-        if not length and not flags & END_STREAM:
+        end = flags & END_STREAM
+        if not length and not end:
             self._count_empty()
         call = self.calls.get(stream_id)
         if call is None:
@@ -1046,35 +1049,45 @@ class Connection(asyncio.BufferedProtocol):
             self._stream_error(stream_id, STREAM_CLOSED, call)
             return
         if call.done:  # answered, trailers still queued: the rest of the request goes nowhere
-            call.remote_closed = bool(flags & END_STREAM)
+            call.remote_closed = bool(end)
             return
-        call.recv_window -= length
-        if call.recv_window < 0:
+        window = call.recv_window - length
+        call.recv_window = window
+        if window < 0:
             self._stream_error(stream_id, FLOW_CONTROL_ERROR, call)
             return
+        size = len(payload)
         if call.content_left >= 0:  # the DATA must add up to the content-length (§8.1.1)
-            left = call.content_left - len(payload)
-            if left < 0 or (left and flags & END_STREAM):
+            left = call.content_left - size
+            if left < 0 or (left and end):
                 self._stream_error(stream_id, PROTOCOL_ERROR, call)
                 return
             call.content_left = left
         if flags & PADDED:
-            padding = length - len(payload)
-            if padding and not flags & END_STREAM:
+            padding = length - size
+            if padding and not end:
                 call.recv_window += padding  # padding is consumed at once
                 self.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(padding)))
-        if flags & END_STREAM:
+        if end:
             call.remote_closed = True
-        if payload:
-            before = len(call._buffer)
+        if size:
+            buffer = call._buffer
+            before = len(buffer)
+            reserved = call.reserved
+            if reserved and before + size < reserved and not end and not self.out_bytes:
+                # More of an admitted message that is still incomplete: `feed` would only
+                # append it (no message ends, no answer waits for output room), and it is
+                # already counted in the budgets with its window open.
+                buffer += payload
+                return
             call.feed(payload)
-            if call.reserved and len(call._buffer) == before + len(payload):
+            if reserved and call.reserved and len(call._buffer) == before + size:
                 pass  # the admitted message grows: already counted, window already open
             elif before or call._buffer or call.recv_window <= self._half_window:
-                self._after_feed(call, before, len(payload))
+                self._after_feed(call, before, size)
         if call.done:
             return
-        if flags & END_STREAM:
+        if end:
             if self._stalled and stream_id in self._stalled:
                 call.eos_pending = True
             else:
@@ -1094,6 +1107,34 @@ class Connection(asyncio.BufferedProtocol):
                 call.fed = True
             if call.reserved:
                 self._unreserve(call)
+        elif (
+            not before
+            and after >= 5
+            and not (call.reserved or call.loose or call.waiting or call.retained)
+            and not (call.remote_closed or server.waiting)
+        ):
+            # The first DATA of a message: when it is long and the budgets have room for
+            # it and for its first bytes, it is admitted at once, in one step. The checks
+            # are those of the general path below (loose bytes, then `admit`).
+            need = 5 + _U32.unpack_from(call._buffer, 1)[0]
+            limits = self.limits
+            if (
+                need > ADMIT_ABOVE
+                and self.loose + after <= limits.connection_buffer // 4
+                and server.loose + after <= limits.process_buffer // 4
+                and self.reserved + need <= limits.connection_buffer
+                and server.held + need <= limits.process_buffer
+            ):
+                call.reserved = need
+                self.reserved += need
+                server.reserved += need
+                self.partial[call.stream_id] = call
+                call.last_data, call.swept = self.now, after
+                grant = need - after - call.recv_window
+                if grant > 0:
+                    call.recv_window += grant
+                    self.write(frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(grant)))
+                return
         loose = after if not call.reserved else 0
         if loose != call.loose:
             delta = loose - call.loose
