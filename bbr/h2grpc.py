@@ -1105,8 +1105,13 @@ class Connection(asyncio.BufferedProtocol):
         if before + added != after:  # a message was consumed
             if not call.fed:
                 call.fed = True
-            if call.reserved:
-                self._unreserve(call)
+            reserved = call.reserved
+            if reserved:  # `_unreserve`, inline: once per long message
+                self.reserved -= reserved
+                server.reserved -= reserved
+                call.reserved = 0
+                if server.waiting:
+                    server.admit()
         elif (
             not before
             and after >= 5
@@ -1154,10 +1159,11 @@ class Connection(asyncio.BufferedProtocol):
                 del self.partial[call.stream_id]
             return
         need = 0
+        limits = self.limits
         if not after:
             if before:
                 self.partial.pop(call.stream_id, None)
-            target = self.limits.stream_window
+            target = limits.stream_window
         else:
             if not before:
                 self.partial[call.stream_id] = call
@@ -1181,15 +1187,13 @@ class Connection(asyncio.BufferedProtocol):
                         server.admit()
                 return
             else:
-                target = self.limits.stream_window
+                target = limits.stream_window
         grant = target - after - call.recv_window
         if grant > 0 and call.retained and self.over_budget():
             self.withheld[call.stream_id] = call  # the sweep looks again
             return
         if grant > 0 and (
-            call.reserved
-            or grant >= self.limits.stream_window // 2
-            or need > after + call.recv_window
+            call.reserved or grant >= limits.stream_window // 2 or need > after + call.recv_window
         ):
             call.recv_window += grant
             self.write(frame(WINDOW_UPDATE, 0, call.stream_id, _U32.pack(grant)))
