@@ -632,6 +632,7 @@ class Connection(asyncio.BufferedProtocol):
         self._data_sent = 0
         self._control = 0
         self._control_start = 0.0
+        self._control_data = 0  # self._data_sent when the control-frame second began
         self._resets = 0
         self._resets_start = 0.0
         self._queued = 0  # frames written while the peer does not read
@@ -997,13 +998,20 @@ class Connection(asyncio.BufferedProtocol):
         return pos
 
     def _count_control(self) -> None:
-        """PING and SETTINGS: at most `max_control_per_second` a second (time read rarely)."""
+        """PING and SETTINGS: at most `max_control_per_second` a second beyond one for each
+        DATA frame bbr sent in that second (time read rarely). grpc-go clients ping once
+        per received data sample to size their windows (BDP), hundreds of times a second
+        at full speed; as grpc-go's own server does, pings that come with data are no flood.
+        """
         self._control += 1
-        if self._control > self.limits.max_control_per_second:
+        if (
+            self._control
+            > self.limits.max_control_per_second + self._data_sent - self._control_data
+        ):
             now = self.server.clock()
             if now - self._control_start < 1.0:
                 raise H2Error(ENHANCE_YOUR_CALM, "PING/SETTINGS flood")
-            self._control, self._control_start = 1, now
+            self._control, self._control_start, self._control_data = 1, now, self._data_sent
 
     def _count_reset(self) -> None:
         """Streams the client resets: Rapid Reset is this beyond any real client's rate."""

@@ -723,6 +723,35 @@ def test_h2_ping_is_acked_with_its_payload(serve: Serve, h2client: Callable[...,
     assert ack.ping_data == b"bbr-ping"
 
 
+def test_h2_a_ping_with_each_call_is_no_flood(
+    serve: Serve, h2client: Callable[..., H2Client]
+) -> None:
+    """grpc-go clients (ghz among them) ping once per data sample they receive, hundreds of
+    times a second at full speed: pings that come with answers must not close the
+    connection, while the same number of pings alone does (ENHANCE_YOUR_CALM)."""
+    client = h2client(serve())
+    client.wait(lambda: client.conn.outbound_flow_control_window >= 300 * len(ROUTED_CALL))
+    calls = []
+    for n in range(300):  # more than the 200 PING/SETTINGS a second allowed without data
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, request_headers(PROCESS))
+        client.conn.send_data(stream_id, ROUTED_CALL, end_stream=True)
+        client.conn.ping(n.to_bytes(8, "big"))
+        calls.append(stream_id)
+    client.flush()
+    for stream_id in calls:
+        assert_routed(client.reply(stream_id))
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+
+    lone = h2client(serve())
+    for n in range(300):
+        lone.conn.ping(n.to_bytes(8, "big"))
+    lone.flush()
+    lone.wait(lambda: any(isinstance(e, h2.events.ConnectionTerminated) for e in lone.events))
+    [end] = [e for e in lone.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert end.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
 def test_h2_messages_split_and_coalesced_across_data_frames(
     serve: Serve, h2client: Callable[..., H2Client]
 ) -> None:
