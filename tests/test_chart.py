@@ -39,6 +39,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 
 from bbr import modelmap
 from bbr.cli import build_parser
+from tests.tools import tool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART = REPO_ROOT / "charts" / "body-based-routing"
@@ -114,18 +115,8 @@ COMBINATIONS = [(p, s) for p in PROVIDERS for s in SCENARIOS if (p, s) not in UN
 
 
 def helm_binary() -> str:
-    """The helm that `make helm` installed (or $BBR_HELM); fails the test without one."""
-    explicit = os.environ.get("BBR_HELM")
-    if explicit:
-        return explicit
-    tools = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
-    installed = tools / "bin" / "helm"
-    if installed.is_file() and os.access(installed, os.X_OK):
-        return str(installed)
-    found = shutil.which("helm")
-    if found:
-        return found
-    pytest.fail(f"helm not found ({installed}, $BBR_HELM or PATH): run `make helm`")
+    """The helm that `make helm` installed (or $BBR_HELM, or on PATH)."""
+    return tool("helm", env="BBR_HELM", path=True)
 
 
 def run_helm(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ connection: nothing h2spec sent may have hurt it.
 
 from __future__ import annotations
 
-import os
 import ssl
 import subprocess
 import xml.etree.ElementTree as ET
@@ -30,9 +29,8 @@ from tests.conftest import (
     write_model_map,
 )
 from tests.pki import served_certificate
+from tests.tools import tool
 
-TOOLS = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
-H2SPEC = TOOLS / "bin" / "h2spec"
 CASES = 145  # h2spec v2.2.1's cases without --strict
 CASE_TIMEOUT = 2  # seconds h2spec waits for an expected frame (its -o)
 RUN_TIMEOUT = 300
@@ -70,9 +68,7 @@ def read_report(path: Path) -> list[Case]:
 
 
 def h2spec_binary() -> Path:
-    if not os.access(H2SPEC, os.X_OK):
-        pytest.fail(f"h2spec is not installed at {H2SPEC}: run `make h2spec` first")
-    return H2SPEC
+    return Path(tool("h2spec"))
 
 
 def run_h2spec(port: int, report: Path, *, tls: bool) -> list[Case]:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +40,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from tests.test_chart import render
+from tests.tools import tool
 
 from .harness import (
     DEEPSEEK,
@@ -97,20 +96,8 @@ PICKER_PORT = 9002
 
 
 def egctl_binary() -> str:
-    """The egctl that `make egctl` installed (or $BBR_EGCTL); fails the test without one."""
-    explicit = os.environ.get("BBR_EGCTL")
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            pytest.fail(f"BBR_EGCTL={explicit} is not an executable: run `make egctl`")
-        return explicit
-    tools = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
-    installed = tools / "bin" / "egctl"
-    if installed.is_file() and os.access(installed, os.X_OK):
-        return str(installed)
-    found = shutil.which("egctl")
-    if found:
-        return found
-    pytest.fail(f"egctl not found ({installed}, $BBR_EGCTL or PATH): run `make egctl`")
+    """The egctl that `make egctl` installed (or $BBR_EGCTL, or on PATH)."""
+    return tool("egctl", env="BBR_EGCTL", path=True)
 
 
 def test_missing_egctl_names_make_egctl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

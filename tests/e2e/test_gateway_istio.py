@@ -54,6 +54,7 @@ from tests.e2e.harness import (
 )
 from tests.e2e.picker import Picker, serve
 from tests.test_chart import template_text
+from tests.tools import tool
 
 pytestmark = pytest.mark.e2e
 
@@ -147,11 +148,7 @@ def chart_text(values: Mapping[str, Any] | None = None) -> str:
 
 
 def istiogen_binary() -> Path:
-    tools = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
-    binary = tools / "bin" / "istiogen"
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        pytest.fail(f"istiogen not found at {binary}: run `make istiogen`")
-    return binary
+    return Path(tool("istiogen"))
 
 
 def pilot(objects: str, workdir: Path, *, filter_clusters: bool = False) -> dict[str, Any]:
