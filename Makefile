@@ -26,14 +26,14 @@ run: $(STAMP)
 
 ## make test: lint, type-check and every test (unit, in-process gRPC, end-to-end through Envoy).
 test: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts
-	$(VENV)/bin/ruff format --check bbr tests demo scripts
+	$(VENV)/bin/ruff check bbr tests demo scripts bench
+	$(VENV)/bin/ruff format --check bbr tests demo scripts bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts
-	$(VENV)/bin/ruff format --check bbr tests demo scripts
+	$(VENV)/bin/ruff check bbr tests demo scripts bench
+	$(VENV)/bin/ruff format --check bbr tests demo scripts bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -108,9 +108,8 @@ bench: $(STAMP)
 bench-report: $(BENCH_STAMP)
 	$(PY) -m bench.report
 
-bench-lint: $(BENCH_STAMP)
-	$(VENV)/bin/ruff check bench scripts
-	$(VENV)/bin/ruff format --check bench scripts
+# bench/ is linted and type-checked with the rest (make lint, make typecheck, make test).
+bench-lint: lint
 
 # --- helm -------------------------------------------------------------------------------
 # The real helm CLI for tests/test_chart.py, built from its Go module with the local Go
