@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bodies, common
+from bench.tables import Column, Table
 
 
 def timeit(fn: Callable[[], object], *, budget: float, repeat: int = 7) -> float:
@@ -178,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         sink.truncate()
 
     print(f"load average {common.machine()['loadavg']} on {common.machine()['cpus']} CPUs")
-    print(f"{'µs per call':<12}" + "".join(f"{n:>12}" for n in names))
-    for label, row in results.items():
-        print(f"{label:<12}" + "".join(f"{row.get(n, float('nan')):>12.1f}" for n in names))
+    table = Table(Column("µs per call", 12, left=True), *(Column(n, 12, ".1f") for n in names))
+    rows = [[label, *(row.get(n, float("nan")) for n in names)] for label, row in results.items()]
+    print("\n".join(table.lines(rows)))
     if args.output:
         doc: dict[str, Any] = {"kind": "micro", "machine": common.machine(), "us": results}
         args.output.write_text(json.dumps(doc, indent=2) + "\n")
