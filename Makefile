@@ -158,7 +158,7 @@ chart-test: $(STAMP) helm
 SOAK_SECONDS ?= 600
 .PHONY: soak
 soak: $(STAMP)
-	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 # --- CRDs for the chart's server-side dry run (tests/k8s/test_chart_dry_run.py) ------------
 # Gateway API, Inference Extension, Istio, Envoy Gateway and prometheus-operator CRDs,

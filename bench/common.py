@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from bench import bodies
@@ -206,7 +205,8 @@ def routes(port: int, body_size: int = 1024) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ExternalProcessorStub(channel)
         try:
-            replies = list(stub.Process(iter(extproc_messages(body_size)), timeout=5))
+            messages = bodies.extproc_messages(bodies.chat_body(body_size))
+            replies = list(stub.Process(iter(messages), timeout=5))
         except grpc.RpcError:
             return False
     for reply in replies:
@@ -215,25 +215,6 @@ def routes(port: int, body_size: int = 1024) -> bool:
             got = {h.header.key.lower(): h.header.raw_value for h in mutation.set_headers}
             return got.get("x-gateway-base-model-name") == bodies.BASE_MODEL.encode()
     return False
-
-
-def extproc_messages(body_size: int) -> list[pb.ProcessingRequest]:
-    from envoy.config.core.v3 import base_pb2
-
-    headers = pb.HttpHeaders(
-        headers=base_pb2.HeaderMap(
-            headers=[
-                base_pb2.HeaderValue(key=k, raw_value=v.encode())
-                for k, v in bodies.request_headers()
-            ]
-        )
-    )
-    return [
-        pb.ProcessingRequest(request_headers=headers),
-        pb.ProcessingRequest(
-            request_body=pb.HttpBody(body=bodies.chat_body(body_size), end_of_stream=True)
-        ),
-    ]
 
 
 # --- ghz ------------------------------------------------------------------------------

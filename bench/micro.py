@@ -124,7 +124,7 @@ def cases(size: int, *, with_tracing: bool = False) -> dict[str, Callable[[], ob
     options = decision.Options()
     body = bodies.chat_body(size)
     headers = dict(bodies.request_headers())
-    messages = common.extproc_messages(size)
+    messages = bodies.extproc_messages(body)
 
     def run_stream(on_finish: Callable[[protocol.Finished], None] | None) -> Callable[[], object]:
         def go() -> object:
