@@ -7,7 +7,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from bench import bodies
-from demo.processes import Child, free_port, stop_all, tcp_ready, wait_until
+from demo.processes import Child, bbr_argv, free_port, stop_all, tcp_ready, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -163,24 +162,12 @@ class Server:
 def bbr_server(name: str, *, log_level: str = "info", workers: int = 1, cwd: Path = REPO) -> Server:
     """bbr from the source tree `cwd` (`python -m bbr` imports the bbr package there)."""
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "bbr",
-        "serve",
-        "--model-map",
-        str(MODEL_MAP),
-        "--grpc-port",
-        str(port),
-        "--grpc-health-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--log-level",
-        log_level,
-    ]
+    flags = ["--log-level", log_level]
     if workers > 1:
-        argv += ["--workers", str(workers)]
+        flags += ["--workers", str(workers)]
+    argv = bbr_argv(
+        MODEL_MAP, grpc_port=port, health_port=free_port(), metrics_port=free_port(), flags=flags
+    )
     return Server(name, argv, port, cwd=cwd)
 
 

@@ -35,7 +35,15 @@ from bench.common import RssSampler, Server
 from bench.loadtest import kube_api
 from bench.tables import Column, Table
 from demo.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
-from demo.processes import Child, free_port, http_ready, stop_all, tcp_ready, wait_until
+from demo.processes import (
+    Child,
+    envoy_binary,
+    free_port,
+    http_ready,
+    stop_all,
+    tcp_ready,
+    wait_until,
+)
 
 BUFFER_LIMIT = 32 * 1024 * 1024
 PATH = "/v1/chat/completions"
@@ -240,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         fronts = {"ceiling": free_port(), **{s.name: free_port() for s in servers}}
         config = work / "envoy.yaml"
         config.write_text(render(admin, upstream, fronts, {s.name: s.port for s in servers}))
-        envoy_bin = str(Path(sys.executable).parent / "envoy")
-        if not Path(envoy_bin).exists():
-            envoy_bin = shutil.which("envoy") or "envoy"
+        envoy_bin = envoy_binary()
         version = subprocess.run([envoy_bin, "--version"], capture_output=True, text=True)
         result["tools"]["envoy"] = version.stdout.strip().split("version: ")[-1][:80]
         log = (work / "envoy.log").open("wb")

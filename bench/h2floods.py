@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import struct
 import subprocess
-import sys
 import time
 from statistics import median
 
@@ -25,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import MODEL_MAP
 from bench.tables import Column, Table
-from demo.processes import free_port
+from demo.processes import bbr_argv, free_port
 from tests.test_h2_attacks import (
     CONTINUATION,
     DATA,
@@ -83,11 +82,14 @@ TABLE = Table(
 
 def run(seconds: float, *, limited: bool) -> None:
     grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
-    argv = [sys.executable, "-m", "bbr", "serve", "--model-map", str(MODEL_MAP)]
-    argv += ["--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port)]
-    argv += ["--metrics-port", str(metrics_port), "--log-level", "warning"]
-    if not limited:
-        argv += UNLIMITED
+    flags = ["--log-level", "warning", *(() if limited else UNLIMITED)]
+    argv = bbr_argv(
+        MODEL_MAP,
+        grpc_port=grpc_port,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        flags=flags,
+    )
     server = subprocess.Popen(argv, stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")

@@ -49,7 +49,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from bench import bodies, common
 from bench.common import PROTOSET, REPO, ghz_argv
 from bench.tables import Column, Table
-from demo.processes import Child, free_port, grpc_health_ready, wait_until
+from demo.processes import Child, bbr_argv, free_port, grpc_health_ready, wait_until
 
 TOOLS_TARGET = "make perf-tools"
 BASE_HEADER = "x-gateway-base-model-name"
@@ -385,22 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bbr_log = (work / "bbr.log").open("wb")
     bbr = Child(
         "bbr",
-        [
-            sys.executable,
-            "-m",
-            "bbr",
-            "serve",
-            "--model-map",
-            str(map_path),
-            "--grpc-port",
-            str(ports["grpc"]),
-            "--grpc-health-port",
-            str(ports["health"]),
-            "--metrics-port",
-            str(ports["metrics"]),
-            "--log-level",
-            args.log_level,
-        ],
+        bbr_argv(
+            map_path,
+            grpc_port=ports["grpc"],
+            health_port=ports["health"],
+            metrics_port=ports["metrics"],
+            flags=["--log-level", args.log_level],
+        ),
         cwd=REPO,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("BBR_")}},
         stdout=bbr_log,
