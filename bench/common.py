@@ -1,4 +1,5 @@
-"""Shared pieces of the load tests: tools, servers under test, RSS sampling, machine load."""
+"""Shared pieces of the load tests: tools, servers under test, RSS sampling, machine load,
+ghz (its command line and the one parser of its report), percentiles."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted values: `fraction` 0.99 is p99."""
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 # --- memory ---------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def run_h2load(
     ok = statuses.get("200", 0)
 
     def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 3)
+        return round(common.percentile(latencies, p / 100), 3)
 
     if not latencies:
         raise RuntimeError(f"h2load: no successful request: {out.stdout[-800:]} {out.stderr}")

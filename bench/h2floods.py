@@ -22,7 +22,7 @@ from statistics import median
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import MODEL_MAP
+from bench.common import MODEL_MAP, percentile
 from bench.tables import Column, Table
 from demo.processes import bbr_argv, free_port
 from tests.test_h2_attacks import (
@@ -109,7 +109,7 @@ def run(seconds: float, *, limited: bool) -> None:
         for kind in kinds:
             latencies = probe(stub, grpc_port, kind, seconds)
             ordered = sorted(latencies)
-            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            p99 = percentile(ordered, 0.99)
             print(
                 TABLE.row(
                     kind, len(ordered), *(1e3 * t for t in (median(ordered), p99, ordered[-1]))
