@@ -3,6 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Test and benchmark tools (kube-apiserver, helm, ghz, ...) are built into $(BBR_TOOLS),
+# outside the repository and never committed; the scripts in scripts/ read it.
+BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
+export BBR_TOOLS
+# The tools `make test` needs: each tool's section below and each mk/*.mk fragment appends
+# its target here. `test:` reads it after every fragment is in (second expansion).
+TEST_TOOLS :=
 # xds-protos ships an older copy of opentelemetry/proto that, depending on install order,
 # overwrites opentelemetry-proto's and breaks the OTLP exporter (--tracing): put the
 # installed opentelemetry-proto's own files back last.
@@ -25,15 +32,16 @@ run: $(STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
 ## make test: lint, type-check and every test (unit, in-process gRPC, end-to-end through Envoy).
-test: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts
-	$(VENV)/bin/ruff format --check bbr tests demo scripts
+.SECONDEXPANSION:
+test: $(STAMP) $$(TEST_TOOLS)
+	$(VENV)/bin/ruff check bbr tests demo scripts bench
+	$(VENV)/bin/ruff format --check bbr tests demo scripts bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts
-	$(VENV)/bin/ruff format --check bbr tests demo scripts
+	$(VENV)/bin/ruff check bbr tests demo scripts bench
+	$(VENV)/bin/ruff format --check bbr tests demo scripts bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -60,8 +68,6 @@ clean:
 # ---- Kubernetes test tools (tests/k8s) --------------------------------------------------
 # A real kube-apiserver and etcd, built from the Go module proxy by scripts/kube-tools.sh
 # into $(BBR_TOOLS)/bin, outside the repository; a second run builds nothing.
-BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
-export BBR_TOOLS
 .PHONY: kube-tools kube-test
 
 ## make kube-tools: build kube-apiserver and etcd once into $(BBR_TOOLS)/bin (needs Go).
@@ -69,7 +75,7 @@ kube-tools:
 	scripts/kube-tools.sh
 
 # `make test` runs tests/k8s, which need them.
-test: kube-tools helm
+TEST_TOOLS += kube-tools helm
 
 ## make kube-test: only the Kubernetes ConfigMap source tests, against a real API server.
 kube-test: $(STAMP) kube-tools
@@ -77,8 +83,6 @@ kube-test: $(STAMP) kube-tools
 
 # --- performance: load tests, micro-benchmarks, report (bench/, docs/performance.md) ---
 # Tools (ghz, the Go BBR) live outside the repo in $(BBR_TOOLS)/bin, never committed.
-BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
-export BBR_TOOLS
 BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: perf-tools loadtest loadtest-e2e bench bench-report bench-lint
@@ -108,15 +112,13 @@ bench: $(STAMP)
 bench-report: $(BENCH_STAMP)
 	$(PY) -m bench.report
 
-bench-lint: $(BENCH_STAMP)
-	$(VENV)/bin/ruff check bench scripts
-	$(VENV)/bin/ruff format --check bench scripts
+# bench/ is linted and type-checked with the rest (make lint, make typecheck, make test).
+bench-lint: lint
 
 # --- helm -------------------------------------------------------------------------------
 # The real helm CLI for tests/test_chart.py, built from its Go module with the local Go
 # toolchain and kept outside the repo (never committed). Idempotent: rebuilt only when the
 # installed binary is missing or reports another version.
-BBR_TOOLS    ?= $(HOME)/.cache/bbr-tools
 HELM_VERSION ?= v3.22.0
 HELM         := $(BBR_TOOLS)/bin/helm
 
@@ -156,14 +158,12 @@ chart-test: $(STAMP) helm
 SOAK_SECONDS ?= 600
 .PHONY: soak
 soak: $(STAMP)
-	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS)
 
 # --- CRDs for the chart's server-side dry run (tests/k8s/test_chart_dry_run.py) ------------
 # Gateway API, Inference Extension, Istio, Envoy Gateway and prometheus-operator CRDs,
 # fetched from their Go modules by scripts/crds.sh into $(BBR_TOOLS)/crds (never committed);
 # a second run fetches nothing.
-BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
-export BBR_TOOLS
 .PHONY: crds chart-dry-run
 
 ## make crds: fetch the providers' CRDs into $(BBR_TOOLS)/crds (needs go).
@@ -171,7 +171,7 @@ crds:
 	scripts/crds.sh
 
 # `make test` and `make kube-test` run the dry run (tests/k8s), which needs them and helm.
-test: crds
+TEST_TOOLS += crds
 kube-test: crds helm
 
 ## make chart-dry-run: the rendered chart, server-side dry run against a real API server.
@@ -180,5 +180,5 @@ chart-dry-run: $(STAMP) kube-tools helm crds
 
 # --- per-tool fragments ---------------------------------------------------------------------
 # Each test tool (h2spec, egctl, Istio's config generator, the image build) has its own
-# fragment in mk/: it builds the tool into $(BBR_TOOLS) and adds itself to `test:`.
+# fragment in mk/: it builds the tool into $(BBR_TOOLS) and adds itself to TEST_TOOLS.
 include $(sort $(wildcard mk/*.mk))

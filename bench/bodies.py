@@ -1,14 +1,22 @@
 """OpenAI chat-completion bodies of a given size, and ext_proc messages that carry them.
 
-The `model` key comes after `messages`, as the OpenAI Python client serialises it, so a
-parser that stops at the first `model` still has to cross the whole body.
+The one place bench/ builds request bodies and the ext_proc stream Envoy sends for them
+(as protobuf messages for a gRPC client, as ghz's JSON for ghz). The `model` key comes
+after `messages`, as the OpenAI Python client serialises it, so a parser that stops at the
+first `model` still has to cross the whole body.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+Headers = Sequence[tuple[str, str]]
 
 SIZES: dict[str, int] = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
 MODEL = "food-review-1"  # an adapter of meta-llama/Llama-3.1-8B-Instruct in config/model-map.yaml
@@ -45,7 +53,8 @@ def chat_body(size: int, model: str = MODEL) -> bytes:
     return body + b" " * (size - len(body))  # trailing whitespace is valid JSON
 
 
-def request_headers(*, end_of_stream: bool = False) -> list[tuple[str, str]]:
+def request_headers(extra: Headers = ()) -> list[tuple[str, str]]:
+    """The HTTP request headers of a chat completion, then `extra` (e.g. spoofed routing)."""
     return [
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
@@ -54,18 +63,41 @@ def request_headers(*, end_of_stream: bool = False) -> list[tuple[str, str]]:
         ("content-type", "application/json"),
         ("user-agent", "OpenAI/Python 1.60.0"),
         ("x-request-id", "8f14e45f-ceea-467f-a0e6-b32a3b1c2f2e"),
+        *extra,
     ]
 
 
-def ghz_messages(body: bytes) -> list[dict[str, Any]]:
-    """The ext_proc stream Envoy sends in BUFFERED mode, in ghz's JSON (bytes are base64)."""
+def extproc_messages(body: bytes, headers: Headers | None = None) -> list[pb.ProcessingRequest]:
+    """The ext_proc stream Envoy sends in BUFFERED mode: request headers, then the body.
+
+    `headers`: the HTTP request's (default `request_headers()`).
+    """
+    values = [
+        base_pb2.HeaderValue(key=k, raw_value=v.encode())
+        for k, v in (request_headers() if headers is None else headers)
+    ]
+    return [
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values))
+        ),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True)),
+    ]
+
+
+def ghz_messages(body: bytes, headers: Headers | None = None) -> list[dict[str, Any]]:
+    """`extproc_messages` in ghz's JSON (bytes are base64): one array is one stream."""
 
     def b64(value: str | bytes) -> str:
         raw = value.encode() if isinstance(value, str) else value
         return base64.b64encode(raw).decode("ascii")
 
-    headers = [{"key": k, "raw_value": b64(v)} for k, v in request_headers()]
+    pairs = request_headers() if headers is None else headers
     return [
-        {"request_headers": {"headers": {"headers": headers}, "end_of_stream": False}},
+        {
+            "request_headers": {
+                "headers": {"headers": [{"key": k, "raw_value": b64(v)} for k, v in pairs]},
+                "end_of_stream": False,
+            }
+        },
         {"request_body": {"body": b64(body), "end_of_stream": True}},
     ]

@@ -1,4 +1,5 @@
-"""Shared pieces of the load tests: tools, servers under test, RSS sampling, machine load."""
+"""Shared pieces of the load tests: tools, servers under test, RSS sampling, machine load,
+ghz (its command line and the one parser of its report), percentiles."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from bench import bodies
-from demo.processes import Child, free_port, stop_all, tcp_ready, wait_until
+from demo.processes import Child, bbr_argv, free_port, stop_all, tcp_ready, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -53,6 +52,11 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of sorted values: `fraction` 0.99 is p99."""
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 # --- memory ---------------------------------------------------------------------------
@@ -164,24 +168,12 @@ class Server:
 def bbr_server(name: str, *, log_level: str = "info", workers: int = 1, cwd: Path = REPO) -> Server:
     """bbr from the source tree `cwd` (`python -m bbr` imports the bbr package there)."""
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "bbr",
-        "serve",
-        "--model-map",
-        str(MODEL_MAP),
-        "--grpc-port",
-        str(port),
-        "--grpc-health-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-        "--log-level",
-        log_level,
-    ]
+    flags = ["--log-level", log_level]
     if workers > 1:
-        argv += ["--workers", str(workers)]
+        flags += ["--workers", str(workers)]
+    argv = bbr_argv(
+        MODEL_MAP, grpc_port=port, health_port=free_port(), metrics_port=free_port(), flags=flags
+    )
     return Server(name, argv, port, cwd=cwd)
 
 
@@ -206,7 +198,8 @@ def routes(port: int, body_size: int = 1024) -> bool:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ExternalProcessorStub(channel)
         try:
-            replies = list(stub.Process(iter(extproc_messages(body_size)), timeout=5))
+            messages = bodies.extproc_messages(bodies.chat_body(body_size))
+            replies = list(stub.Process(iter(messages), timeout=5))
         except grpc.RpcError:
             return False
     for reply in replies:
@@ -215,25 +208,6 @@ def routes(port: int, body_size: int = 1024) -> bool:
             got = {h.header.key.lower(): h.header.raw_value for h in mutation.set_headers}
             return got.get("x-gateway-base-model-name") == bodies.BASE_MODEL.encode()
     return False
-
-
-def extproc_messages(body_size: int) -> list[pb.ProcessingRequest]:
-    from envoy.config.core.v3 import base_pb2
-
-    headers = pb.HttpHeaders(
-        headers=base_pb2.HeaderMap(
-            headers=[
-                base_pb2.HeaderValue(key=k, raw_value=v.encode())
-                for k, v in bodies.request_headers()
-            ]
-        )
-    )
-    return [
-        pb.ProcessingRequest(request_headers=headers),
-        pb.ProcessingRequest(
-            request_body=pb.HttpBody(body=bodies.chat_body(body_size), end_of_stream=True)
-        ),
-    ]
 
 
 # --- ghz ------------------------------------------------------------------------------

@@ -33,8 +33,17 @@ import yaml
 from bench import bodies, common
 from bench.common import RssSampler, Server
 from bench.loadtest import kube_api
+from bench.tables import Column, Table
 from demo.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
-from demo.processes import Child, free_port, http_ready, stop_all, tcp_ready, wait_until
+from demo.processes import (
+    Child,
+    envoy_binary,
+    free_port,
+    http_ready,
+    stop_all,
+    tcp_ready,
+    wait_until,
+)
 
 BUFFER_LIMIT = 32 * 1024 * 1024
 PATH = "/v1/chat/completions"
@@ -170,7 +179,7 @@ def run_h2load(
     ok = statuses.get("200", 0)
 
     def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))], 3)
+        return round(common.percentile(latencies, p / 100), 3)
 
     if not latencies:
         raise RuntimeError(f"h2load: no successful request: {out.stdout[-800:]} {out.stderr}")
@@ -239,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         fronts = {"ceiling": free_port(), **{s.name: free_port() for s in servers}}
         config = work / "envoy.yaml"
         config.write_text(render(admin, upstream, fronts, {s.name: s.port for s in servers}))
-        envoy_bin = str(Path(sys.executable).parent / "envoy")
-        if not Path(envoy_bin).exists():
-            envoy_bin = shutil.which("envoy") or "envoy"
+        envoy_bin = envoy_binary()
         version = subprocess.run([envoy_bin, "--version"], capture_output=True, text=True)
         result["tools"]["envoy"] = version.stdout.strip().split("version: ")[-1][:80]
         log = (work / "envoy.log").open("wb")
@@ -338,20 +345,32 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return out
 
 
+TABLE = Table(
+    Column("variant", 9, left=True),
+    Column("size", 7),
+    Column("req/s", 9, ".0f"),
+    Column("p50 ms", 9, ".2f"),
+    Column("p99 ms", 9, ".2f"),
+    Column("errors", 8, ".0f"),
+    Column("/ceiling", 10, ".2f"),
+    Column("+p50 ms", 9, ".2f"),
+    Column("+p99 ms", 9, ".2f"),
+)
+
+
+def table_row(name: str, size: str, s: dict[str, float]) -> tuple[object, ...]:
+    """One variant and size of the summary, in the order of TABLE (and report's table)."""
+    added = (s.get("ratio_to_ceiling", 0), s.get("added_p50_ms", 0), s.get("added_p99_ms", 0))
+    return (name, size, s["rps"], s["p50_ms"], s["p99_ms"], s["errors"], *added)
+
+
 def print_table(result: dict[str, Any]) -> None:
     before, after = result["machine_before"]["loadavg"], result["machine_after"]["loadavg"]
     print(f"\nload average before {before}, after {after}")
-    print(
-        f"{'variant':<9}{'size':>7}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-        f"{'/ceiling':>10}{'+p50 ms':>9}{'+p99 ms':>9}"
-    )
-    for name, sizes in result["summary"].items():
-        for size, s in sizes.items():
-            print(
-                f"{name:<9}{size:>7}{s['rps']:>9.0f}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}"
-                f"{s['errors']:>8.0f}{s.get('ratio_to_ceiling', 0):>10.2f}"
-                f"{s.get('added_p50_ms', 0):>9.2f}{s.get('added_p99_ms', 0):>9.2f}"
-            )
+    rows = [
+        table_row(n, size, s) for n, sizes in result["summary"].items() for size, s in sizes.items()
+    ]
+    print("\n".join(TABLE.lines(rows)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import hpack
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -166,12 +167,12 @@ def bytecodes(server: h2grpc.Server, batch: int, unique: bool) -> float:
     wire = calls_wire(encoder, 1 + 2 * warm, batch, unique)
     count = 0
 
-    def local(frame: FrameType, event: str, arg: object) -> object:
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
         nonlocal count
         count += event == "opcode"
         return local
 
-    def start(frame: FrameType, event: str, arg: object) -> object:
+    def start(frame: FrameType, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
         return local
 

@@ -14,18 +14,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import statistics
 import struct
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+from statistics import median
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import configmap_yaml, free_ports, write_model_map
+from bench.common import MODEL_MAP, percentile
+from bench.tables import Column, Table
+from demo.processes import bbr_argv, free_port
 from tests.test_h2_attacks import (
     CONTINUATION,
     DATA,
@@ -73,15 +72,24 @@ def flood_units(attacker: Attacker) -> dict[str, bytes]:
     }
 
 
+TABLE = Table(
+    Column("flood", 45, left=True),
+    Column("checks", 6),
+    *(Column(title, 7, ".2f") for title in ("p50 ms", "p99 ms", "max ms")),
+    sep=" ",
+)
+
+
 def run(seconds: float, *, limited: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bbr-floods-"))
-    model_map = write_model_map(work / "map.yaml", configmap_yaml("llama", "llama", ["food"]))
-    grpc_port, health_port, metrics_port = free_ports(3)
-    argv = [sys.executable, "-m", "bbr", "serve", "--model-map", str(model_map)]
-    argv += ["--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port)]
-    argv += ["--metrics-port", str(metrics_port), "--log-level", "warning"]
-    if not limited:
-        argv += UNLIMITED
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    flags = ["--log-level", "warning", *(() if limited else UNLIMITED)]
+    argv = bbr_argv(
+        MODEL_MAP,
+        grpc_port=grpc_port,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        flags=flags,
+    )
     server = subprocess.Popen(argv, stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
@@ -97,14 +105,15 @@ def run(seconds: float, *, limited: bool) -> None:
                 time.sleep(0.1)
         kinds = ["none", "ping", "settings (16 KiB of INITIAL_WINDOW_SIZE)", "window_update"]
         kinds += ["priority", "rapid reset", "empty data", "continuation (empty)"]
-        print(f"{'flood':45} {'checks':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
+        print(*TABLE.header(), sep="\n")
         for kind in kinds:
             latencies = probe(stub, grpc_port, kind, seconds)
             ordered = sorted(latencies)
-            p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+            p99 = percentile(ordered, 0.99)
             print(
-                f"{kind:45} {len(ordered):6} {statistics.median(ordered) * 1e3:7.2f}"
-                f" {p99 * 1e3:7.2f} {ordered[-1] * 1e3:7.2f}"
+                TABLE.row(
+                    kind, len(ordered), *(1e3 * t for t in (median(ordered), p99, ordered[-1]))
+                )
             )
         channel.close()
     finally:

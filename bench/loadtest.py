@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import bodies, common
 from bench.common import RssSampler, Server, rss_bytes
+from bench.tables import Column, Table
 
 MiB = 1024 * 1024
 
@@ -221,22 +222,35 @@ def ratios(
     return out
 
 
+TABLE = Table(
+    Column("server", 14, left=True),
+    Column("size", 7),
+    Column("req/s", 10, ".0f"),
+    Column("p50 ms", 9, ".2f"),
+    Column("p90 ms", 9, ".2f"),
+    Column("p99 ms", 9, ".2f"),
+    Column("errors", 8, ".0f"),
+    Column("peak RSS MB", 13, ".1f"),
+    Column("CPU µs/req", 12, ".0f"),
+)
+
+
+def table_row(name: str, size: str, s: dict[str, float]) -> tuple[object, ...]:
+    """One server and size of the summary, in the order of TABLE (and report's table)."""
+    cpu = s.get("cpu_us_per_request", float("nan"))
+    figures = (s[k] for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "errors", "peak_rss_mb"))
+    return (name, size, *figures, cpu)
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(
         f"\nmachine: {result['machine_before']['cpus']} CPUs, load average before "
         f"{result['machine_before']['loadavg']}, after {result['machine_after']['loadavg']}"
     )
-    print(
-        f"{'server':<14}{'size':>7}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-        f"{'errors':>8}{'peak RSS MB':>13}{'CPU µs/req':>12}"
-    )
-    for name, sizes in result["summary"].items():
-        for size, s in sizes.items():
-            print(
-                f"{name:<14}{size:>7}{s['rps']:>10.0f}{s['p50_ms']:>9.2f}{s['p90_ms']:>9.2f}"
-                f"{s['p99_ms']:>9.2f}{s['errors']:>8.0f}{s['peak_rss_mb']:>13.1f}"
-                f"{s['cpu_us_per_request']:>12.0f}"
-            )
+    rows = [
+        table_row(n, size, s) for n, sizes in result["summary"].items() for size, s in sizes.items()
+    ]
+    print("\n".join(TABLE.lines(rows)))
     for mine, table in result["ratios"].items():
         for size, r in table.items():
             print(

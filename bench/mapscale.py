@@ -618,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", nargs=2, metavar=("KUBECONFIG", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
-        return probe(*args.probe, args.realtime)
+        kubeconfig, log_path = args.probe
+        return probe(kubeconfig, log_path, args.realtime)
 
     from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bodies, common
+from bench.tables import Column, Table
 
 
 def timeit(fn: Callable[[], object], *, budget: float, repeat: int = 7) -> float:
@@ -123,7 +124,7 @@ def cases(size: int, *, with_tracing: bool = False) -> dict[str, Callable[[], ob
     options = decision.Options()
     body = bodies.chat_body(size)
     headers = dict(bodies.request_headers())
-    messages = common.extproc_messages(size)
+    messages = bodies.extproc_messages(body)
 
     def run_stream(on_finish: Callable[[protocol.Finished], None] | None) -> Callable[[], object]:
         def go() -> object:
@@ -178,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         sink.truncate()
 
     print(f"load average {common.machine()['loadavg']} on {common.machine()['cpus']} CPUs")
-    print(f"{'µs per call':<12}" + "".join(f"{n:>12}" for n in names))
-    for label, row in results.items():
-        print(f"{label:<12}" + "".join(f"{row.get(n, float('nan')):>12.1f}" for n in names))
+    table = Table(Column("µs per call", 12, left=True), *(Column(n, 12, ".1f") for n in names))
+    rows = [[label, *(row.get(n, float("nan")) for n in names)] for label, row in results.items()]
+    print("\n".join(table.lines(rows)))
     if args.output:
         doc: dict[str, Any] = {"kind": "micro", "machine": common.machine(), "us": results}
         args.output.write_text(json.dumps(doc, indent=2) + "\n")

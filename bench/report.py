@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import bodies, common
+from bench import bodies, common, e2e, loadtest
+from bench.tables import Column, Table
 
 KB = 1024
 
@@ -29,47 +30,72 @@ def _load_note(doc: dict[str, Any]) -> str:
     )
 
 
+def markdown(table: Table, changed: dict[str, Column]) -> Table:
+    """A console table's columns as Markdown, with the columns in `changed` (by title) replaced."""
+    return Table(*(changed.get(c.title, c) for c in table.columns), markdown=True)
+
+
+BODY = Column("body")
+LOADTEST = markdown(
+    loadtest.TABLE, {"size": BODY, "peak RSS MB": Column("peak RSS MB", spec=".0f")}
+)
+E2E = markdown(e2e.TABLE, {"size": BODY, "/ceiling": Column("x ceiling", spec=".2f")})
+RATIOS = Table(
+    Column("÷ go-bbr", left=True),
+    Column("body"),
+    Column("throughput", spec=".2f"),
+    Column("p99", spec=".2f"),
+    Column("CPU per request", spec=".2f"),
+    markdown=True,
+)
+MEMORY = Table(
+    Column("memory", left=True),
+    Column("streams x 1 MiB"),
+    Column("baseline MB", spec=".0f"),
+    Column("peak MB", spec=".0f"),
+    Column("growth / bytes in flight", spec=".2f"),
+    Column("after 1 s MB", spec=".0f"),
+    Column("after 10 s MB", spec=".0f"),
+    markdown=True,
+)
+MEMORY_KEYS = (
+    "server",
+    "streams",
+    "baseline_rss_mb",
+    "peak_rss_mb",
+    "growth_per_byte_in_flight",
+    "rss_after_1s_mb",
+    "rss_after_10s_mb",
+)
+
+
 def loadtest_table(doc: dict[str, Any]) -> list[str]:
     s = doc["settings"]
     lines = [
         f"gRPC (ghz, concurrency {s['concurrency']}, {s['rounds']} alternating rounds of "
         f"{s['duration_s']:.0f} s, medians) — {_load_note(doc)}",
         "",
-        "| server | body | req/s | p50 ms | p90 ms | p99 ms | errors | peak RSS MB | CPU µs/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, sizes in doc["summary"].items():
-        for size, r in sizes.items():
-            lines.append(
-                f"| {name} | {size} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {r['errors']:.0f} | {r['peak_rss_mb']:.0f} | "
-                f"{r.get('cpu_us_per_request', float('nan')):.0f} |"
-            )
+    summary = doc["summary"]
+    lines += LOADTEST.lines(
+        [
+            loadtest.table_row(n, size, r)
+            for n, sizes in summary.items()
+            for size, r in sizes.items()
+        ]
+    )
     if doc.get("ratios"):
-        lines += [
-            "",
-            "| ÷ go-bbr | body | throughput | p99 | CPU per request |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, sizes in doc["ratios"].items():
-            for size, r in sizes.items():
-                lines.append(
-                    f"| {name} | {size} | {r['throughput']:.2f} | {r['p99']:.2f} | "
-                    f"{r.get('cpu_per_request', float('nan')):.2f} |"
-                )
+        lines.append("")
+        lines += RATIOS.lines(
+            [
+                (name, size, r["throughput"], r["p99"], r.get("cpu_per_request", float("nan")))
+                for name, sizes in doc["ratios"].items()
+                for size, r in sizes.items()
+            ]
+        )
     if doc.get("memory"):
-        lines += [
-            "",
-            "| memory | streams x 1 MiB | baseline MB | peak MB | growth / bytes in flight "
-            "| after 1 s MB | after 10 s MB |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for m in doc["memory"]:
-            lines.append(
-                f"| {m['server']} | {m['streams']} | {m['baseline_rss_mb']:.0f} | "
-                f"{m['peak_rss_mb']:.0f} | {m['growth_per_byte_in_flight']:.2f} | "
-                f"{m['rss_after_1s_mb']:.0f} | {m['rss_after_10s_mb']:.0f} |"
-            )
+        lines.append("")
+        lines += MEMORY.lines([[m[k] for k in MEMORY_KEYS] for m in doc["memory"]])
     return lines
 
 
@@ -79,17 +105,11 @@ def e2e_table(doc: dict[str, Any]) -> list[str]:
         f"Through Envoy (h2load, {s['clients']} connections x {s['streams_per_client']} streams, "
         f"Envoy --concurrency {s['envoy_concurrency']}) — {_load_note(doc)}",
         "",
-        "| variant | body | req/s | p50 ms | p99 ms | errors | x ceiling | +p50 ms | +p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, sizes in doc["summary"].items():
-        for size, r in sizes.items():
-            lines.append(
-                f"| {name} | {size} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                f"{r['errors']:.0f} | {r.get('ratio_to_ceiling', 0):.2f} | "
-                f"{r.get('added_p50_ms', 0):.2f} | {r.get('added_p99_ms', 0):.2f} |"
-            )
-    return lines
+    summary = doc["summary"]
+    return lines + E2E.lines(
+        [e2e.table_row(n, size, r) for n, sizes in summary.items() for size, r in sizes.items()]
+    )
 
 
 def plot(loadtest: dict[str, Any] | None, e2e: dict[str, Any] | None, png: Path) -> bool:

@@ -20,13 +20,12 @@ between the end of the warm-up (the first 20 % of the run) and the end of the ru
 any misrouted request, on any ghz error, when reloads stop being applied, or when bbr
 does not exit 0 on SIGTERM at the end. Exit 2: ghz (or the protoset) is missing.
 
-    python bench/soak.py --seconds 600          # what `make soak` runs (SOAK_SECONDS)
+    python -m bench.soak --seconds 600          # what `make soak` runs (SOAK_SECONDS)
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -43,20 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-import grpc  # noqa: E402
-from envoy.config.core.v3 import base_pb2  # noqa: E402
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
+from bench import bodies, common
+from bench.common import PROTOSET, REPO, ghz_argv
+from bench.tables import Column, Table
+from demo.processes import Child, bbr_argv, free_port, grpc_health_ready, wait_until
 
-from bench.common import ghz_argv  # noqa: E402
-from demo.processes import Child, free_port, grpc_health_ready, wait_until  # noqa: E402
-
-PROTOSET = REPO / "protos" / "ext_proc.protoset"
-PROCESS_METHOD = "envoy.service.ext_proc.v3.ExternalProcessor.Process"
 TOOLS_TARGET = "make perf-tools"
 BASE_HEADER = "x-gateway-base-model-name"
 MODEL_HEADER = "x-gateway-model-name"
@@ -128,55 +122,21 @@ class Reloader(threading.Thread):
 # --- ext_proc messages --------------------------------------------------------------------
 
 
-def chat_body(model: str, size: int) -> bytes:
-    """An OpenAI chat body of about `size` bytes, `model` after the messages."""
-    text = ("the quick brown fox jumps over the lazy dog; " * (size // 45 + 1))[:size]
-    payload = {"messages": [{"role": "user", "content": text}], "model": model, "stream": False}
-    return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def request_headers(spoof: bool) -> list[tuple[str, str]]:
-    headers = [
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        (":authority", "gateway"),
-        (":scheme", "http"),
-        ("content-type", "application/json"),
-    ]
-    if spoof:
-        headers += [(BASE_HEADER, SPOOF), (MODEL_HEADER, SPOOF)]
-    return headers
+def stream_parts(model: str, size: int, *, spoof: bool) -> tuple[bytes, list[tuple[str, str]]]:
+    """The body (`size` bytes, `model` after the messages) and HTTP headers of one request;
+    `spoof` adds client-sent routing headers that bbr must overwrite."""
+    spoofed = [(BASE_HEADER, SPOOF), (MODEL_HEADER, SPOOF)] if spoof else []
+    return bodies.chat_body(size, model), bodies.request_headers(spoofed)
 
 
 def ghz_stream(model: str, size: int, *, spoof: bool) -> list[dict[str, Any]]:
     """One ext_proc stream as Envoy sends it in BUFFERED mode, in ghz's JSON."""
-
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode("ascii")
-
-    headers = [{"key": k, "raw_value": b64(v.encode())} for k, v in request_headers(spoof)]
-    return [
-        {"request_headers": {"headers": {"headers": headers}, "end_of_stream": False}},
-        {"request_body": {"body": b64(chat_body(model, size)), "end_of_stream": True}},
-    ]
+    return bodies.ghz_messages(*stream_parts(model, size, spoof=spoof))
 
 
 def pb_stream(model: str, size: int) -> list[pb.ProcessingRequest]:
-    headers = pb.HttpHeaders(
-        headers=base_pb2.HeaderMap(
-            headers=[
-                base_pb2.HeaderValue(key=k, raw_value=v.encode())
-                for k, v in request_headers(spoof=True)
-            ]
-        ),
-        end_of_stream=False,
-    )
-    return [
-        pb.ProcessingRequest(request_headers=headers),
-        pb.ProcessingRequest(
-            request_body=pb.HttpBody(body=chat_body(model, size), end_of_stream=True)
-        ),
-    ]
+    """The same as protobuf messages, with spoofed routing headers (the checker's)."""
+    return bodies.extproc_messages(*stream_parts(model, size, spoof=True))
 
 
 def routing_headers(responses: Sequence[pb.ProcessingResponse]) -> dict[str, str] | str:
@@ -191,10 +151,10 @@ def routing_headers(responses: Sequence[pb.ProcessingResponse]) -> dict[str, str
             return f"immediate response {response.immediate_response.status.code}"
         if kind not in ("request_headers", "request_body"):
             return f"unexpected {kind}"
-        common = getattr(response, kind).response
-        for name in common.header_mutation.remove_headers:
+        answer = getattr(response, kind).response
+        for name in answer.header_mutation.remove_headers:
             headers.pop(name.lower(), None)
-        for option in common.header_mutation.set_headers:
+        for option in answer.header_mutation.set_headers:
             headers[option.header.key.lower()] = option.header.raw_value.decode()
     return headers
 
@@ -287,6 +247,18 @@ class Sample:
     threads: int
 
 
+# What is printed per sample, as it comes.
+SAMPLES = Table(
+    Column("t (s)", 7, ".1f"),
+    Column("RSS MiB", 8, ".1f"),
+    Column("fds", 5, "d"),
+    Column("threads", 7, "d"),
+    Column("checks", 7, "d"),
+    Column("misrouted", 9, "d"),
+    sep=" ",
+)
+
+
 def sample(pid: int, t: float) -> Sample:
     rss = threads = 0
     with open(f"/proc/{pid}/status") as status:
@@ -337,14 +309,6 @@ MIX: list[tuple[str, int, int, bool]] = [
 ]
 
 
-def find_ghz() -> str | None:
-    root = os.environ.get("BBR_TOOLS") or str(Path.home() / ".cache" / "bbr-tools")
-    candidate = Path(root) / "bin" / "ghz"
-    if candidate.is_file() and os.access(candidate, os.X_OK):
-        return str(candidate)
-    return shutil.which("ghz")
-
-
 def start_ghz(
     ghz: str, port: int, work: Path, seconds: float
 ) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
@@ -368,18 +332,12 @@ def ghz_summary(label: str, report_path: Path, work: Path) -> tuple[int, int, st
         report = json.loads(report_path.read_text())
     except (OSError, ValueError) as exc:
         return 0, 1, f"{label}: no ghz report ({exc}); see {work}"
-    count = int(report.get("count", 0))
-    codes = report.get("statusCodeDistribution") or {}
-    ok = int(codes.get("OK", 0))
-    rps = report.get("rps", 0.0)
-    dist = {
-        int(d["percentage"]): d["latency"] / 1e6 for d in report.get("latencyDistribution") or []
-    }
-    errors = count - ok
-    detail = f" errors {report.get('errorDistribution')}" if errors else ""
+    s = common.summarise_ghz(report)
+    count, errors = s["requests"], s["errors"]
+    detail = f" errors {s['error_kinds']}" if errors else ""
     line = (
-        f"{label:40} {count:8d} req {rps:8.1f}/s  p50 {dist.get(50, 0):7.2f} ms  "
-        f"p99 {dist.get(99, 0):8.2f} ms{detail}"
+        f"{label:40} {count:8d} req {s['rps']:8.1f}/s  p50 {s['p50_ms']:7.2f} ms  "
+        f"p99 {s['p99_ms']:8.2f} ms{detail}"
     )
     return count, errors, line
 
@@ -405,7 +363,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ghz = find_ghz()
+    ghz = common.tool("ghz")
     if ghz is None:
         print(
             "soak: ghz not found in ${BBR_TOOLS:-~/.cache/bbr-tools}/bin or on PATH: "
@@ -427,22 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bbr_log = (work / "bbr.log").open("wb")
     bbr = Child(
         "bbr",
-        [
-            sys.executable,
-            "-m",
-            "bbr",
-            "serve",
-            "--model-map",
-            str(map_path),
-            "--grpc-port",
-            str(ports["grpc"]),
-            "--grpc-health-port",
-            str(ports["health"]),
-            "--metrics-port",
-            str(ports["metrics"]),
-            "--log-level",
-            args.log_level,
-        ],
+        bbr_argv(
+            map_path,
+            grpc_port=ports["grpc"],
+            health_port=ports["health"],
+            metrics_port=ports["metrics"],
+            flags=["--log-level", args.log_level],
+        ),
         cwd=REPO,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("BBR_")}},
         stdout=bbr_log,
@@ -465,9 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checker.start()
 
         samples: list[Sample] = []
-        print(
-            f"{'t (s)':>7} {'RSS MiB':>8} {'fds':>5} {'threads':>7} {'checks':>7} {'misrouted':>9}"
-        )
+        print(*SAMPLES.header(), sep="\n")
         while True:
             t = time.monotonic() - start
             if bbr.exited() is not None:
@@ -475,11 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             s = sample(bbr.pid, t)
             samples.append(s)
-            print(
-                f"{t:7.1f} {s.rss_kib / 1024:8.1f} {s.fds:5d} {s.threads:7d} "
-                f"{checker.checks:7d} {len(checker.misrouted):9d}",
-                flush=True,
-            )
+            row = (t, s.rss_kib / 1024, s.fds, s.threads, checker.checks, len(checker.misrouted))
+            print(SAMPLES.row(*row), flush=True)
             if t >= seconds:
                 break
             time.sleep(min(every, max(0.0, seconds - t)) or every)

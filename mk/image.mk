@@ -3,8 +3,6 @@
 # made with mmdebstrap (it stands in for python:3.11-slim-bookworm, which needs a container
 # registry), cached in $(BBR_TOOLS)/image; a second run installs and builds nothing.
 # scripts/image.sh lists the settings it detects (runtime, ulimits, CA bundle, proxies).
-BBR_TOOLS ?= $(HOME)/.cache/bbr-tools
-export BBR_TOOLS
 .PHONY: image-tools image image-test
 
 ## make image-tools: podman & co. from Debian (needs root) and the cached base image.
@@ -19,6 +17,6 @@ image: image-tools
 image-test: $(STAMP) image-tools helm
 	$(PY) -m pytest -q tests/test_image.py
 
-test: image-tools
+TEST_TOOLS += image-tools
 # chart-test (Makefile) runs tests/test_image.py too.
 chart-test: image-tools

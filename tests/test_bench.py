@@ -1,0 +1,52 @@
+"""bench/'s shared pieces: the README and docs/performance.md quote what they print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bbr.body import json_model
+from bench import bodies, report
+from bench.tables import Column, Table
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def test_console_table_header_lines_up_with_its_rows() -> None:
+    table = Table(Column("server", 8, left=True), Column("req/s", 7, ".0f"), sep=" ")
+    header, row = table.lines([("bbr", 11916.4)])
+    assert header == "server     req/s"
+    assert row == "bbr        11916"
+    with pytest.raises(ValueError, match="3 values for 2 columns"):
+        Table(Column("a"), Column("b")).row(1, 2, 3)
+    assert len(header) == len(row)
+
+
+def test_markdown_table_aligns_the_first_column_left_and_figures_right() -> None:
+    table = Table(Column("body", left=True), Column("p99 ms", spec=".2f"), markdown=True)
+    assert table.lines([("1KB", 7.777)]) == ["| body | p99 ms |", "|---|---:|", "| 1KB | 7.78 |"]
+
+
+def test_report_prints_the_figures_the_readme_quotes() -> None:
+    """`make bench-report` over the stored results gives the README's first table row."""
+    doc = json.loads((RESULTS / "loadtest-latest.json").read_text())
+    lines = report.loadtest_table(doc)
+    assert lines[2].startswith("| server | body | req/s | p50 ms | p90 ms | p99 ms | errors |")
+    bbr_1kb = next(line for line in lines if line.startswith("| bbr | 1KB |"))
+    readme = (RESULTS.parent.parent / "README.md").read_text()
+    rps = bbr_1kb.split(" | ")[2]
+    assert f"| 1 KB | {int(rps):,} |" in readme
+
+
+@pytest.mark.parametrize("size", sorted(bodies.SIZES.values()))
+def test_bodies_are_exactly_their_size_with_model_last(size: int) -> None:
+    body = bodies.chat_body(size)
+    assert len(body) == size
+    assert json_model(body) == bodies.MODEL
+    assert body.rstrip().endswith(b"}") and body.index(b'"model"') > body.index(b'"messages"')
+    messages = bodies.extproc_messages(body, bodies.request_headers([("x-extra", "1")]))
+    sent = {h.key: h.raw_value for h in messages[0].request_headers.headers.headers}
+    assert sent["x-extra"] == b"1" and sent[":path"] == b"/v1/chat/completions"
+    assert messages[1].request_body.body == body and messages[1].request_body.end_of_stream
