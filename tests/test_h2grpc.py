@@ -43,7 +43,8 @@ from hyperframe.frame import (
 
 from bbr import h2grpc, metrics
 from bbr.decision import Options
-from bbr.server import SERVICE_NAME, Health, Processor, h2_server
+from bbr.health import SERVICE_NAME, Health
+from bbr.service import Processor, h2_server
 from tests.extproc import BASE, CHAT, LLAMA, NAME, body, headers, holder_with, set_headers, stub
 
 ROUTED = {BASE: LLAMA, NAME: "food-review-1"}
