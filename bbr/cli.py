@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from bbr import __version__
-from bbr.config import EXIT_USAGE, MESSAGE_OVERHEAD, Config, StartupError, startup_failed
+from bbr.config import (
+    EXIT_USAGE,
+    MESSAGE_OVERHEAD,
+    Config,
+    StartupError,
+    ports,
+    startup_failed,
+)
 from bbr.decision import Options
 from bbr.h2grpc import Limits
 
@@ -293,13 +300,8 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
 
     from bbr import logs
 
-    ports = {
-        "--grpc-port": args.grpc_port,
-        "--grpc-health-port": args.grpc_health_port,
-        "--metrics-port": args.metrics_port,
-    }
     seen: dict[int, str] = {}
-    for flag, port in ports.items():
+    for port, flag in ports(args):
         if port in seen:
             parser.error(f"argument {flag}: port {port} is also {seen[port]}")
         seen[port] = flag

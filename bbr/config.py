@@ -69,13 +69,13 @@ class Config:
         return self.options.max_body_bytes + MESSAGE_OVERHEAD
 
 
-def ports(config: Config) -> tuple[tuple[int, str], ...]:
-    """The three listening ports, each with the flag that sets it."""
-    return (
-        (config.grpc_port, "--grpc-port"),
-        (config.grpc_health_port, "--grpc-health-port"),
-        (config.metrics_port, "--metrics-port"),
-    )
+# The listening ports' flags; each sets the Config field (and argparse dest) of its name.
+PORT_FLAGS = ("--grpc-port", "--grpc-health-port", "--metrics-port")
+
+
+def ports(settings: Config | object) -> tuple[tuple[int, str], ...]:
+    """The three listening ports, each with its flag: of a Config, or of parsed flags."""
+    return tuple((getattr(settings, flag[2:].replace("-", "_")), flag) for flag in PORT_FLAGS)
 
 
 def check_port(port: int, flag: str) -> None:

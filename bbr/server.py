@@ -18,13 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from bbr import __version__, h2grpc, metrics
-from bbr.config import (
-    Config,
-    StartupError,
-    check_ports,
-    check_tracing,
-    raise_fd_limit,
-)
+from bbr.config import Config, StartupError, check_ports, check_tracing, raise_fd_limit
 from bbr.health import NOT_SERVING, SERVING, Health
 from bbr.logs import fields
 from bbr.modelmap import Conflict, MapFileError, MapHolder, ModelMap
@@ -65,7 +59,7 @@ async def trim_when_idle(processor: Processor, server: h2grpc.Server | None = No
             trim(0)
 
 
-# --- map sources (report_reload, count_reload, build_sources: the sources' to move) ------
+# --- map sources: bbr.sources is to take report_reload, count_reload and build_sources ---
 
 
 def report_reload(report: LoadReport) -> None:

@@ -39,9 +39,7 @@ def imports(
 ) -> Iterator[tuple[str, str | None, int]]:
     """(imported module, private name used from it or None, line) for each use in `text`."""
     tree = ast.parse(text)
-    is_package = f"{module}.__init__" in modules or any(
-        m.startswith(module + ".") for m in modules
-    )
+    is_package = f"{module}.__init__" in modules or any(m.startswith(module + ".") for m in modules)
     aliases: dict[str, str] = {}  # local name -> package module it stands for
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
