@@ -36,7 +36,7 @@ class Health:
         for service in SERVICES:
             await self.set(service, status)
 
-    def port(self, port: int) -> grpc.aio.Server:
+    def bind(self, port: int) -> grpc.aio.Server:
         """The health port's grpcio server, bound (not started yet)."""
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)

@@ -249,7 +249,7 @@ async def serve(config: Config, worker_ready: Callable[[], None] | None = None) 
         ) from None
     health_server = None
     if not worker:  # a multi-worker supervisor serves health and metrics itself
-        health_server = health.port(config.grpc_health_port)
+        health_server = health.bind(config.grpc_health_port)
         metrics.start(config.metrics_port, current=lambda: holder.current)
 
     if health_server is not None:

@@ -112,7 +112,7 @@ async def supervise(config: Config, target: Target) -> int:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     health = Health()
-    health_server = health.port(config.grpc_health_port)
+    health_server = health.bind(config.grpc_health_port)
     metrics.start(config.metrics_port, registry, current=lambda: holder.current)
     for source in sources:
         source.start()
