@@ -124,8 +124,7 @@ def serve(loop: asyncio.AbstractEventLoop) -> Iterator[Serve]:
         async def go() -> Running:
             processor = Processor(HOLDER, Options(), streaming=streaming, idle_seconds=idle_seconds)
             health = Health()
-            for service in ("", SERVICE_NAME):
-                await health.set(service, SERVING)
+            await health.set_all(SERVING)
             server = h2_server(processor, health, limit)
             port = await server.listen("127.0.0.1", 0)
             return Running(server, port, processor, health)
