@@ -17,12 +17,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from bbr import __version__
+from bbr.config import (
+    EXIT_USAGE,
+    MESSAGE_OVERHEAD,
+    Config,
+    StartupError,
+    ports,
+    startup_failed,
+)
 from bbr.decision import Options
 from bbr.h2grpc import Limits
 
 DEFAULT_LIMITS = Limits()
 
-EXIT_USAGE = 2
 TRUE = ("1", "true", "yes")
 FALSE = ("0", "false", "no")
 
@@ -292,15 +299,9 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
     from bbr import logs
-    from bbr.server import ServeConfig, StartupError, serve
 
-    ports = {
-        "--grpc-port": args.grpc_port,
-        "--grpc-health-port": args.grpc_health_port,
-        "--metrics-port": args.metrics_port,
-    }
     seen: dict[int, str] = {}
-    for flag, port in ports.items():
+    for port, flag in ports(args):
         if port in seen:
             parser.error(f"argument {flag}: port {port} is also {seen[port]}")
         seen[port] = flag
@@ -324,7 +325,7 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         },
         stream_idle_timeout=args.stream_idle_timeout,
     )
-    message = args.max_body_bytes + 64 * 1024
+    message = args.max_body_bytes + MESSAGE_OVERHEAD
     if limits.connection_buffer < message:
         parser.error(
             f"argument --connection-buffer-bytes: {limits.connection_buffer} is less than"
@@ -338,8 +339,7 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
     logs.configure(args.log_level, args.log_format)
     for warning in go_compat_warnings(args):
         logging.getLogger("bbr").warning(warning)
-    ready_fd = os.environ.pop("BBR_WORKER_READY_FD", None)
-    config = ServeConfig(
+    config = Config(
         model_maps=args.model_map,
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
@@ -359,16 +359,30 @@ def _serve(args: argparse.Namespace, parser: OneLineParser) -> int:
         stream_idle_seconds=args.stream_idle_timeout,
         limits=limits,
         tracing=args.tracing,
-        ready_fd=int(ready_fd) if ready_fd else None,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
     try:
-        return asyncio.run(serve(config))
+        return _run(config)
     except StartupError as exc:
-        print(f"bbr: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return startup_failed(exc)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run(config: Config) -> int:
+    """One process, or a supervisor of --workers N running `server.run_worker` in each.
+
+    Imported here, after PROMETHEUS_MULTIPROC_DIR is set (prometheus_client reads it once).
+    """
+    from bbr import server
+
+    if config.workers > 1:
+        from bbr import workers
+
+        return asyncio.run(workers.supervise(config, target=server.run_worker))
+    return server.run(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

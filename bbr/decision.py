@@ -19,7 +19,6 @@ BASE_MODEL_HEADER = "x-gateway-base-model-name"
 MODEL_HEADER = "x-gateway-model-name"
 ROUTING_HEADERS = (BASE_MODEL_HEADER, MODEL_HEADER)
 MAX_MODEL_BYTES = MAX_NAME_BYTES
-JSON_CONTENT_TYPE = b"application/json"
 
 
 class Label(enum.StrEnum):
@@ -130,8 +129,7 @@ class Plan:
         return self.outcome is None and self.kind is not BodyKind.NONE
 
 
-NO_BODY_PLAN = Plan(BodyKind.NONE, PASSTHROUGH)
-PASSTHROUGH_PLAN = Plan(BodyKind.NONE)
+PASSTHROUGH_PLAN = Plan(BodyKind.NONE)  # no body to read (or none bbr can): pass it through
 JSON_PLAN = Plan(BodyKind.JSON)
 
 
@@ -146,12 +144,14 @@ def plan(
     if options.models_endpoint and headers.get(":method") == "GET":
         path = headers.get(":path", "")
         if path.split("?", 1)[0] == "/v1/models":
+            # bbr answers 200 itself, yet the outcome is `passthrough`: SPEC §5 and the
+            # README's metrics table put /v1/models there, and dashboards count on it.
             return Plan(
                 BodyKind.NONE,
                 Outcome(Label.PASSTHROUGH, status=200, body=snapshot.models_body),
             )
     if end_of_stream:
-        return NO_BODY_PLAN
+        return PASSTHROUGH_PLAN
     content_type = headers.get("content-type")
     kind, boundary = _body_kind(content_type)
     if kind is BodyKind.NONE:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from bbr import __version__
+from bbr import __version__, mapview
+from bbr.config import StartupError
 from bbr.decision import Label
 from bbr.modelmap import ModelMap
-from bbr.protocol import Finished
+from bbr.protocol import RequestRecord
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise
 REQUESTS = Counter("bbr_requests", "ext_proc requests by outcome.", ["outcome"])
@@ -75,7 +76,18 @@ _BY_BASE: dict[str, Any] = {}
 _CAN_PRUNE = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 
 
-def record(done: Finished) -> None:
+def start(port: int, registry: Any = None, current: Callable[[], ModelMap] | None = None) -> None:
+    """The metrics port: /metrics and, from `current()`, `GET /modelmap` (bbr.mapview)."""
+    try:
+        if registry is None:
+            mapview.start(port, current)
+        else:
+            mapview.start(port, current, registry)
+    except OSError as exc:
+        raise StartupError(f"--metrics-port {port}: {exc.strerror}") from None
+
+
+def record(done: RequestRecord) -> None:
     """Count one finished request."""
     outcome = done.outcome
     _BY_LABEL[outcome.label].inc()

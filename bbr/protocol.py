@@ -1,7 +1,7 @@
 """The ext_proc stream: Envoy's messages in, decisions out as Envoy's messages.
 
 One `Stream` per HTTP request. It is synchronous and knows nothing of gRPC's
-transport, so it can be driven message by message in tests; `bbr.server` runs it.
+transport, so it can be driven message by message in tests; `bbr.service` runs it.
 
 Buffered mode: Envoy sends headers (answered at once, client routing headers removed),
 then the whole body in one message (answered with the routing headers).
@@ -38,8 +38,8 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Finished:
-    """What the server records for one request once its outcome is known."""
+class RequestRecord:
+    """What the server counts and logs for one request once its outcome is known."""
 
     outcome: Outcome
     seconds: float
@@ -184,7 +184,7 @@ class Stream:
         options: Options,
         *,
         streaming: bool,
-        on_finish: Callable[[Finished], None] | None = None,
+        on_finish: Callable[[RequestRecord], None] | None = None,
     ) -> None:
         self._holder = holder
         self._options = options
@@ -340,7 +340,7 @@ class Stream:
         self._finished = True
         self.outcome = outcome
         if self._on_finish is not None:
-            self._on_finish(Finished(outcome, time.perf_counter() - self._started, body_bytes))
+            self._on_finish(RequestRecord(outcome, time.perf_counter() - self._started, body_bytes))
         if not outcome.continues:
             self._replied = True
             self._chunks = []

@@ -39,7 +39,7 @@ from opentelemetry.trace import (
 
 from bbr import __version__
 from bbr.logs import fields
-from bbr.protocol import Finished
+from bbr.protocol import RequestRecord
 
 log = logging.getLogger("bbr.tracing")
 
@@ -328,7 +328,7 @@ class Tracing:
         return self._tracer.start_span(SPAN_NAME, context=context, kind=SpanKind.SERVER)
 
     @staticmethod
-    def end(span: Span, done: Finished | None, grpc_code: int | None) -> None:
+    def end(span: Span, done: RequestRecord | None, grpc_code: int | None) -> None:
         """Attributes of the outcome (none if the stream ended before one), then end."""
         if not span.is_recording():
             return

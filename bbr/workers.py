@@ -5,68 +5,103 @@ Each worker loads and watches the same map sources. This supervisor serves healt
 (SERVING once every worker is) and metrics (summed across workers through
 prometheus_client's multiprocess mode), restarts a worker that dies, and on SIGTERM
 passes the signal on and waits for the workers to drain.
+
+`bbr.cli` picks this or `bbr.server.run`, and hands this the worker's entry point
+(`target`, `bbr.server.run_worker`): the supervisor starts each worker with the Config
+itself, not by re-reading flags. It uses `bbr.server` only for what both process kinds
+do alike (`build_sources`, `on_stop_signals`); the server never imports this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, multiprocess
 
+from bbr import logs, metrics
+from bbr.config import Config, StartupError, check_ports, check_tracing, startup_failed
+from bbr.health import NOT_SERVING, SERVING, Health
 from bbr.logs import fields
 from bbr.modelmap import MapHolder
-from bbr.server import (
-    SERVICE_NAME,
-    ServeConfig,
-    _listen,
-    _ports,
-    build_sources,
-    check_port,
-    check_tracing,
-    on_stop_signals,
-    start_metrics,
-)
+from bbr.server import build_sources, on_stop_signals
 
 log = logging.getLogger("bbr.workers")
-READY_FD_ENV = "BBR_WORKER_READY_FD"
 RESTART_DELAY = 1.0
+
+# What a worker process runs: its Config, and `ready()` to call once it serves.
+Target = Callable[[Config, Callable[[], None]], int]
 
 
 class Worker:
-    def __init__(self, index: int) -> None:
+    """One worker process, started as `python -m bbr.workers FD`.
+
+    FD is one end of a socket pair: the supervisor writes the pickled (target, Config)
+    and shuts its side for writing; the worker writes one byte back once it serves.
+    End of file before that byte means the worker died first.
+    """
+
+    def __init__(self, index: int, handover: bytes) -> None:
         self.index = index
+        self.handover = handover
         self.process: subprocess.Popen[bytes] | None = None
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
         self.ready.clear()
-        read_fd, write_fd = os.pipe()
-        env = {**os.environ, READY_FD_ENV: str(write_fd)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bbr", *sys.argv[1:]], env=env, pass_fds=(write_fd,)
-        )
-        os.close(write_fd)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            fd = theirs.fileno()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bbr.workers", str(fd)], pass_fds=(fd,)
+            )
         loop = asyncio.get_running_loop()
-        said = await loop.run_in_executor(None, os.read, read_fd, 1)
-        os.close(read_fd)
+        said = await loop.run_in_executor(None, self._talk, ours)
         if said:
             self.ready.set()
             log.info("worker ready", extra=fields(worker=self.index, pid=self.process.pid))
 
+    def _talk(self, link: socket.socket) -> bytes:
+        with link:
+            try:
+                link.sendall(self.handover)
+                link.shutdown(socket.SHUT_WR)
+                return link.recv(1)
+            except OSError:  # the worker is gone already
+                return b""
 
-async def supervise(config: ServeConfig) -> int:
-    for port, flag in _ports(config):
-        check_port(port, flag)
+
+def worker_main(argv: Sequence[str]) -> int:
+    """A worker process: take the Config from the supervisor, then run the target."""
+    link = socket.socket(fileno=int(argv[1]))
+    chunks = []
+    while chunk := link.recv(65536):
+        chunks.append(chunk)
+    target, config = pickle.loads(b"".join(chunks))  # from our own parent only
+    logs.configure(config.log_level, config.log_format)
+
+    def ready() -> None:
+        link.sendall(b"1")
+        link.close()
+
+    try:
+        code: int = target(config, ready)
+    except StartupError as exc:
+        return startup_failed(exc)
+    return code
+
+
+async def supervise(config: Config, target: Target) -> int:
+    """Run `target` in config.workers processes until SIGTERM/SIGINT; the exit code."""
+    check_ports(config)
     # Fail here, once, on a bad map. The supervisor keeps its own copy of the map for
     # GET /modelmap, and posts the Kubernetes Events (the workers do not).
     holder = MapHolder()
@@ -76,15 +111,12 @@ async def supervise(config: ServeConfig) -> int:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    health = HealthServicer()
-    health_server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
-    _listen(health_server, config.grpc_health_port, "--grpc-health-port")
-    start_metrics(config.metrics_port, registry, current=lambda: holder.current)
+    health = Health()
+    health_server = health.bind(config.grpc_health_port)
+    metrics.start(config.metrics_port, registry, current=lambda: holder.current)
     for source in sources:
         source.start()
-    for service in ("", SERVICE_NAME):
-        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set_all(NOT_SERVING)
     await health_server.start()
 
     loop = asyncio.get_running_loop()
@@ -93,7 +125,8 @@ async def supervise(config: ServeConfig) -> int:
     stopping = asyncio.Event()
     on_stop_signals(loop, stopping.set)
 
-    workers = [Worker(i) for i in range(config.workers)]
+    handover = pickle.dumps((target, config))
+    workers = [Worker(i, handover) for i in range(config.workers)]
 
     async def keep(worker: Worker) -> None:
         while not stopping.is_set():
@@ -119,15 +152,13 @@ async def supervise(config: ServeConfig) -> int:
     stop_wait = asyncio.create_task(stopping.wait())
     await asyncio.wait([readiness, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     if not stopping.is_set():
-        for service in ("", SERVICE_NAME):
-            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health.set_all(SERVING)
         log.info("serving", extra=fields(grpc_port=config.grpc_port, workers=config.workers))
         await stopping.wait()
     readiness.cancel()
 
     log.info("draining", extra=fields(grace_seconds=config.drain_seconds))
-    for service in ("", SERVICE_NAME):
-        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set_all(NOT_SERVING)
     for worker in workers:
         if worker.process is not None and worker.process.poll() is None:
             worker.process.send_signal(signal.SIGTERM)
@@ -149,3 +180,7 @@ async def supervise(config: ServeConfig) -> int:
         source.stop()
     log.info("stopped")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv))

@@ -33,8 +33,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from bbr import h2grpc
 from bbr.decision import Options
+from bbr.health import SERVICE_NAME, Health
 from bbr.modelmap import MapHolder, parse_file_text
-from bbr.server import SERVICE_NAME, Health, Processor, h2_server
+from bbr.service import Processor, h2_server
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAP = """

@@ -223,13 +223,14 @@ def probe(kubeconfig: str, log_path: str, rt: bool) -> int:
     os.environ["KUBECONFIG"] = kubeconfig
     rt = rt and realtime()
     from bbr import logs
+    from bbr.config import Config
     from bbr.modelmap import MapHolder
-    from bbr.server import ServeConfig, build_sources
+    from bbr.server import build_sources
 
     log_file = open(log_path, "a")  # noqa: SIM115 - lives as long as the probe
     logs.configure("info", "json", stream=log_file)
     holder = MapHolder()
-    sources = build_sources(ServeConfig(kubernetes=True, namespaces=["*"]), holder)
+    sources = build_sources(Config(kubernetes=True, namespaces=["*"]), holder)
     gc.callbacks.append(_gc_callback)
 
     async def run() -> None:

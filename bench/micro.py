@@ -79,7 +79,7 @@ def tracing_cases(run_stream: Callable[..., Callable[[], object]]) -> dict[str, 
         SpanExportResult,
     )
 
-    from bbr import server, tracing
+    from bbr import service, tracing
 
     class EncodeOnly(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
@@ -101,7 +101,7 @@ def tracing_cases(run_stream: Callable[..., Callable[[], object]]) -> dict[str, 
 
             def on_finish(done: Any) -> None:
                 seen.append(done)
-                server.finished(done)
+                service.finished(done)
 
             out = run_stream(on_finish)()
             traced.end(span, seen[0] if seen else None, 0)
@@ -114,7 +114,7 @@ def tracing_cases(run_stream: Callable[..., Callable[[], object]]) -> dict[str, 
 
 def cases(size: int, *, with_tracing: bool = False) -> dict[str, Callable[[], object]]:
     from bbr import body as bodylib
-    from bbr import decision, protocol, server
+    from bbr import decision, protocol, service
     from bbr.modelmap import MapHolder
     from bbr.sources.files import FileSource
 
@@ -126,7 +126,9 @@ def cases(size: int, *, with_tracing: bool = False) -> dict[str, Callable[[], ob
     headers = dict(bodies.request_headers())
     messages = bodies.extproc_messages(body)
 
-    def run_stream(on_finish: Callable[[protocol.Finished], None] | None) -> Callable[[], object]:
+    def run_stream(
+        on_finish: Callable[[protocol.RequestRecord], None] | None,
+    ) -> Callable[[], object]:
         def go() -> object:
             stream = protocol.Stream(holder, options, streaming=False, on_finish=on_finish)
             out = [*stream.handle(messages[0]), *stream.handle(messages[1])]
@@ -147,7 +149,7 @@ def cases(size: int, *, with_tracing: bool = False) -> dict[str, Callable[[], ob
     if screen is not None:
         out["dup_screen"] = lambda: screen(body)
     out["stream"] = run_stream(None)
-    out["stream+log"] = run_stream(server.finished)
+    out["stream+log"] = run_stream(service.finished)
     out["serialize"] = reply.SerializeToString
     if with_tracing:
         out.update(tracing_cases(run_stream))

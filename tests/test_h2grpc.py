@@ -43,7 +43,8 @@ from hyperframe.frame import (
 
 from bbr import h2grpc, metrics
 from bbr.decision import Options
-from bbr.server import SERVICE_NAME, Health, Processor, h2_server
+from bbr.health import SERVICE_NAME, Health
+from bbr.service import Processor, h2_server
 from tests.extproc import BASE, CHAT, LLAMA, NAME, body, headers, holder_with, set_headers, stub
 
 ROUTED = {BASE: LLAMA, NAME: "food-review-1"}
@@ -123,8 +124,7 @@ def serve(loop: asyncio.AbstractEventLoop) -> Iterator[Serve]:
         async def go() -> Running:
             processor = Processor(HOLDER, Options(), streaming=streaming, idle_seconds=idle_seconds)
             health = Health()
-            for service in ("", SERVICE_NAME):
-                await health.set(service, SERVING)
+            await health.set_all(SERVING)
             server = h2_server(processor, health, limit)
             port = await server.listen("127.0.0.1", 0)
             return Running(server, port, processor, health)

@@ -38,7 +38,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bbr import __version__
-from bbr.server import SERVICE_NAME
+from bbr.health import SERVICE_NAME
 from tests.conftest import (
     BASE_HEADER,
     CHANNEL_OPTIONS,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -268,6 +269,54 @@ def test_a_storm_of_stop_signals_exits_cleanly(
         except ProcessLookupError:
             break
     assert process.wait(timeout=60) == 0
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(after_name[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_killed_workers_come_back_with_the_supervisors_settings(
+    simple_map: Path, start_bbr: StartBbr
+) -> None:
+    """--workers: every worker runs with the supervisor's settings (flags and BBR_*
+    variables alike), also a worker started again after it died; health stays SERVING."""
+    process = start_bbr(
+        "--workers",
+        "2",
+        "--max-body-bytes",
+        "4096",
+        model_map=simple_map,
+        env={"BBR_UNKNOWN_MODEL": "reject"},
+    )
+    first = children(process.pid)
+    assert len(first) == 2
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+
+    def replaced() -> bool:
+        ready = [r for r in process.log_records() if r.get("msg") == "worker ready"]
+        return len(ready) == 4 and len(children(process.pid) - first) == 2
+
+    assert wait_until(replaced, timeout=30) is not None, process.stderr_text()
+    exits = [r for r in process.log_records() if r.get("msg") == "worker exited; restarting"]
+    assert sorted(r["worker"] for r in exits) == [0, 1]
+    assert {r["code"] for r in exits} == {-signal.SIGKILL}
+    assert process.health() == SERVING
+    channel = process.channel()  # only new workers are left to answer
+    assert route(channel, "movie")[BASE_HEADER] == "llama"
+    too_large = immediate(request(channel, sized_body("movie", 5000)))
+    assert too_large is not None and too_large.status.code == 413
+    unknown = immediate(request(channel, json_body("nope")))
+    assert unknown is not None and unknown.status.code == 404
 
 
 # --- large messages -------------------------------------------------------------------------

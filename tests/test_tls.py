@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bbr import h2grpc
-from bbr.server import Health
+from bbr.health import Health
+from bbr.service import health_check
 from bbr.tls import CertificateReloader, Material, TLSError, server_tls
 from tests.pki import Authority, Pair, SecretVolume, served_certificate
 
@@ -68,7 +69,7 @@ class TLSServer:
         health = Health()
         health.status[""] = health_pb2.HealthCheckResponse.SERVING
         self.server = h2grpc.Server(
-            {"/grpc.health.v1.Health/Check": health.check}, max_message=1024 * 1024
+            {"/grpc.health.v1.Health/Check": health_check(health)}, max_message=1024 * 1024
         )
         self.port: int = self._run(self.server.listen("127.0.0.1", 0, ssl_context=context))
 
