@@ -23,6 +23,7 @@ from bbr.modelmap import (
     ModelConfig,
     parse_file_text,
 )
+from bbr.sources import LoadReport
 
 log = logging.getLogger("bbr.sources.files")
 
@@ -84,19 +85,6 @@ class _FileState:
     data: bytes
     configs: list[ModelConfig]
     errors: list[ConfigMapError] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class LoadReport:
-    """One load or reload: what changed and what went wrong."""
-
-    changed: bool = False
-    file_errors: list[MapFileError] = field(default_factory=list)
-    errors: list[ConfigMapError] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.file_errors and not self.errors
 
 
 class FileSource:

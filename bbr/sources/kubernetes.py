@@ -97,8 +97,8 @@ from bbr.modelmap import (
     Pacer,
     parse_configmap,
 )
+from bbr.sources import LoadReport
 from bbr.sources.events import EventRecorder
-from bbr.sources.files import LoadReport
 
 log = logging.getLogger("bbr.sources.kubernetes")
 
@@ -1688,15 +1688,6 @@ class KubernetesSource:
             self.holder.apply(self.name, changes, problems)
         self.first_list_done.set()
         changed = bool(changes)
-        for error in errors:
-            log.error(
-                "ConfigMap not loaded; its last good version stays in force",
-                extra=fields(
-                    configmap=str(error.ref) if error.ref else None,
-                    key=error.key,
-                    reason=error.reason,
-                ),
-            )
         if self.events is not None:
             for ref, uid, problem in turned:
                 if problem is None:

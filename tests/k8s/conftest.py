@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bbr.modelmap import MANAGED_LABELS, MapHolder
-from bbr.sources.files import LoadReport
+from bbr.sources import LoadReport, report
 from bbr.sources.kubernetes import ApiError, KubeClient, KubernetesSource
 from tests.k8s.apiserver import ApiServer, ToolsMissing
 
@@ -184,11 +184,16 @@ def watch(api: ApiServer) -> Iterator[Callable[..., Watch]]:
     ) -> Watch:
         holder = MapHolder()
         reports: list[LoadReport] = []
+
+        def on_reload(load: LoadReport) -> None:
+            reports.append(load)
+            report(load)  # as `bbr serve` does: logged and counted
+
         source = KubernetesSource(
             holder,
             list(namespaces),
             kubeconfig=str(kubeconfig or api.kubeconfig()),
-            on_reload=reports.append,
+            on_reload=on_reload,
             **kwargs,
         )
         sources.append(source)

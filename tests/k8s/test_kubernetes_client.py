@@ -531,6 +531,7 @@ def test_revoked_token_is_reported_until_it_works_again(
     token.write_text(ADMIN_TOKEN)
     kube.apply(namespace, "m", base="kept", adapters=["after"])
     w.wait_for({"kept": "kept", "after": "kept"})
+
     # The gauge is the oldest stream's sync: another stream may still be in its (fast,
     # at most FAST_CAP) backoff when this one has delivered the edit.
     def moved_on() -> bool:
