@@ -111,7 +111,8 @@ def build(
             report(loaded, at_start=True)
         sources.append(files)
     if namespaces is not None:
-        from bbr.sources.kubernetes import KubeConfigError, KubernetesSource
+        from bbr.sources.kubeclient import KubeConfigError
+        from bbr.sources.kubernetes import KubernetesSource
 
         try:
             kube = KubernetesSource(holder, namespaces, on_reload=on_reload, record_events=events)

@@ -19,7 +19,8 @@ import pytest
 
 from bbr.modelmap import MANAGED_LABELS, MapHolder
 from bbr.sources import LoadReport, report
-from bbr.sources.kubernetes import ApiError, KubeClient, KubernetesSource
+from bbr.sources.kubeclient import ApiError, KubeClient
+from bbr.sources.kubernetes import KubernetesSource
 from tests.k8s.apiserver import ApiServer, ToolsMissing
 
 BBR_LABEL, LLMD_LABEL = MANAGED_LABELS
