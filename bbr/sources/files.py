@@ -220,10 +220,8 @@ class FileSource:
 
     def _publish(self) -> None:
         configs = [c for state in self._files.values() for c in state.configs]
-        self.holder.publish(self.name, configs, self.errors())
-
-    def errors(self) -> list[ConfigMapError]:
-        return [e for state in self._files.values() for e in state.errors]
+        errors = [e for state in self._files.values() for e in state.errors]
+        self.holder.publish(self.name, configs, errors)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="bbr-file-watch", daemon=True)

@@ -397,7 +397,6 @@ class KubeClient:
         self._impersonate = list(impersonate)
         self._ca_data = ca_data
         self._insecure = insecure
-        self._client_cert = client_cert
         self._ssl: ssl.SSLContext | None = None
         self._proxy_ssl: ssl.SSLContext | None = None
         self._ssl_cert_from_exec: tuple[str, str] | None = None

@@ -6,8 +6,8 @@ What is watched
     the pod's own namespace, else the kubeconfig context's, else `default`).
 
     A label selector cannot OR two keys, so there is one list+watch *stream* per
-    (namespace, label). The alternative, watching every ConfigMap and filtering with
-    `is_managed`, was rejected: cluster-wide (`*`) it would download and hold every
+    (namespace, label). The alternative, watching every ConfigMap and filtering on the
+    labels in bbr, was rejected: cluster-wide (`*`) it would download and hold every
     ConfigMap of the cluster (`kube-root-ca.crt` in every namespace, application
     configs, ...) to keep a handful, and the RBAC needed is the same either way. With
     server-side selectors the API server also turns "label removed" into a DELETED
@@ -397,7 +397,6 @@ class KubernetesSource:
             "checks": 0,
             "check_errors": 0,
         }
-        self.first_list_done = threading.Event()
         holder.expect(self.name)
 
     # -- lifecycle
@@ -523,10 +522,6 @@ class KubernetesSource:
         if oldest:
             metrics.KUBE_LAST_SYNC.set(oldest)
 
-    def _connected(self, stream: _Stream) -> None:
-        """A watch is open: the API is back."""
-        self._synced(stream)
-
     def _backoff(self, failures: int, slow_failures: int = 0) -> float:
         """The wait before retry number `failures` of an outage: fast (up to FAST_CAP)
         until `slow_failures` start counting, then doubling up to `backoff_cap`."""
@@ -604,7 +599,7 @@ class KubernetesSource:
             stream.path, query, timeout=seconds + READ_GRACE, on_connect=keep, decode=decode_event
         ) as events:
             self.stats["watches"] += 1
-            self._connected(stream)
+            self._synced(stream)  # a watch is open: the API is back
             for event in events:
                 if self._stop.is_set():
                     return
@@ -796,7 +791,6 @@ class KubernetesSource:
         # Only this thread applies, so changes are in force in the order they came.
         if changes or problems or first:
             self.holder.apply(self.name, changes, problems)
-        self.first_list_done.set()
         changed = bool(changes)
         if self.events is not None:
             for ref, uid, problem in turned:
@@ -904,11 +898,6 @@ class KubernetesSource:
         """The uid of a ConfigMap this source has in force, else None."""
         good = self._last_good.get(ref)
         return good[0] if good is not None else None
-
-    def errors(self) -> list[ConfigMapError]:
-        """What is wrong with the ConfigMaps seen now."""
-        with self._lock:
-            return [p.error for p in self._parsed.values() if p.error is not None]
 
 
 def _since(start: float) -> float:
