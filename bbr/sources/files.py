@@ -88,7 +88,11 @@ class _FileState:
 
 
 class FileSource:
-    """Keeps the model map in step with files; feeds a MapHolder."""
+    """Keeps the model map in step with files; feeds a MapHolder.
+
+    `on_reload` gets the LoadReport of each reload that changed something or found a
+    file it cannot use (`bbr.sources.report` when bbr serves); `load` returns the first.
+    """
 
     name = "files"
 

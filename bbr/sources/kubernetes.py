@@ -341,8 +341,10 @@ class KubernetesSource:
         warn_every: float = WARN_EVERY,
         record_events: bool = False,
     ) -> None:
-        """Raises KubeConfigError when there is no usable config. `record_events`:
-        post Kubernetes Events on the ConfigMaps (bbr.sources.events)."""
+        """Raises KubeConfigError when there is no usable config. `on_reload` gets the
+        LoadReport of each map update that changed something or met an invalid
+        ConfigMap (`bbr.sources.report` when bbr serves). `record_events`: post
+        Kubernetes Events on the ConfigMaps (bbr.sources.events)."""
         self.holder = holder
         self.on_reload = on_reload
         chosen = [ns.strip() for ns in namespaces if ns.strip()]
