@@ -315,7 +315,7 @@ def test_file_source_logs_each_warning_once(
 ) -> None:
     import logging
 
-    caplog.set_level(logging.WARNING, logger="bbr.sources.files")
+    caplog.set_level(logging.WARNING, logger="bbr.sources")
     path = tmp_path / "map.yaml"
     path.write_text(cm("a", "A", "- a1\n-\n- 1.10"))
     source, holder = source_for(path)

@@ -3,8 +3,9 @@ over the client in `kubeclient`), each feeding one `MapHolder`.
 
 `build` makes the sources the flags ask for. Every load or reload of every source is
 reported one way, `report`: each problem logged in one shape, the reload counter bumped
-once. The sources only produce `LoadReport`s; whoever builds them decides whether they
-are reported (with `--workers`, the workers report and the supervisor does not).
+once; each warning is logged one way too, `warn`. The sources only produce
+`LoadReport`s; whoever builds them decides whether they are reported (with `--workers`,
+the workers report and the supervisor does not).
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def report(load: LoadReport, *, at_start: bool = False) -> None:
             ),
         )
     (metrics.RELOAD_OK if load.ok else metrics.RELOAD_ERROR).inc()
+
+
+def warn(warning: ConfigMapError) -> None:
+    """Log a ConfigMap taken with something odd in it (an empty item skipped, an
+    unquoted number), in one shape for every source; once per version, when parsed."""
+    log.warning(
+        "ConfigMap loaded with a warning",
+        extra=fields(configmap=str(warning.ref), key=warning.key, reason=str(warning)),
+    )
 
 
 class SourceError(Exception):

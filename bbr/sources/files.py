@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bbr.logs import fields
 from bbr.modelmap import (
     ConfigMapError,
     ConfigMapRef,
@@ -23,7 +22,7 @@ from bbr.modelmap import (
     ModelConfig,
     parse_file_text,
 )
-from bbr.sources import LoadReport
+from bbr.sources import LoadReport, warn
 
 log = logging.getLogger("bbr.sources.files")
 
@@ -185,10 +184,7 @@ class FileSource:
                 continue
             self._bad.pop(path, None)
             for warning in parsed.warnings:
-                log.warning(
-                    "ConfigMap loaded with a warning",
-                    extra=fields(configmap=str(warning.ref), key=warning.key, reason=str(warning)),
-                )
+                warn(warning)
             configs = list(parsed.configs)
             valid_refs = {c.ref for c in configs}
             for ref in parsed.invalid_refs:

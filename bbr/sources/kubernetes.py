@@ -77,7 +77,7 @@ from bbr.modelmap import (
     Pacer,
     parse_configmap,
 )
-from bbr.sources import LoadReport
+from bbr.sources import LoadReport, warn
 from bbr.sources.events import EventRecorder
 from bbr.sources.kubeclient import (
     SERVICE_ACCOUNT_DIR,
@@ -890,10 +890,7 @@ class KubernetesSource:
         except ConfigMapParseError as exc:
             return _Parsed(version, None, exc.error, obj.get("data"))
         for warning in warnings:
-            log.warning(
-                "ConfigMap loaded with a warning",
-                extra=fields(configmap=str(ref), key=warning.key, reason=str(warning)),
-            )
+            warn(warning)
         return _Parsed(version, config, None, obj.get("data"))
 
     def uid_of(self, ref: ConfigMapRef) -> str | None:

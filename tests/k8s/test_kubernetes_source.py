@@ -292,7 +292,7 @@ def test_go_bbr_style_adapters_load_through_the_api(
     kube: Kube, namespace: str, watch: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A ConfigMap the Go BBR loaded (unquoted numbers, an empty item) loads here too."""
-    caplog.set_level(logging.WARNING, logger="bbr.sources.kubernetes")
+    caplog.set_level(logging.WARNING, logger="bbr.sources")
     w = watch([namespace])
     kube.apply(namespace, "m", data={"baseModel": "b", "adapters": "- 1.10\n-\n- 1234\n- x\n"})
     w.wait_for({"b": "b", "1.10": "b", "1234": "b", "x": "b"})
