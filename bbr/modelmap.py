@@ -155,13 +155,6 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def is_managed(labels: Mapping[str, Any] | None) -> bool:
-    """True for ConfigMaps carrying either project's bbr label."""
-    if not labels:
-        return False
-    return any(str(labels.get(key, "")).lower() == "true" for key in MANAGED_LABELS)
-
-
 def _timestamp(value: Any) -> int | None:
     if isinstance(value, datetime):
         return int(value.timestamp())

@@ -21,10 +21,9 @@ from bbr import __version__, h2grpc, metrics
 from bbr.config import Config, StartupError, check_ports, check_tracing, raise_fd_limit
 from bbr.health import NOT_SERVING, SERVING, Health
 from bbr.logs import fields
-from bbr.modelmap import Conflict, MapFileError, MapHolder, ModelMap
+from bbr.modelmap import Conflict, MapHolder, ModelMap
 from bbr.service import Processor, h2_server
-from bbr.sources.files import FileSource, LoadReport
-from bbr.sources.kubernetes import KubeConfigError, KubernetesSource
+from bbr.sources import Source, SourceError, build
 
 if TYPE_CHECKING:
     from bbr.tracing import Tracing
@@ -59,34 +58,7 @@ async def trim_when_idle(processor: Processor, server: h2grpc.Server | None = No
             trim(0)
 
 
-# --- map sources: bbr.sources is to take report_reload, count_reload and build_sources ---
-
-
-def report_reload(report: LoadReport) -> None:
-    for problem in report.file_errors:
-        log.error(
-            "model map file not loaded; the map in force stays",
-            extra=fields(path=problem.path, line=problem.line, reason=problem.reason),
-        )
-    for error in report.errors:
-        log.error(
-            "ConfigMap not loaded; its last good version stays in force",
-            extra=fields(
-                source=error.source,
-                configmap=str(error.ref) if error.ref else None,
-                key=error.key,
-                reason=error.reason,
-            ),
-        )
-    if report.ok:
-        metrics.RELOAD_OK.inc()
-    else:
-        metrics.RELOAD_ERROR.inc()
-
-
-def count_reload(report: LoadReport) -> None:
-    """on_reload for the Kubernetes source, which logs its own errors."""
-    (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
+# --- map sources ---------------------------------------------------------------------
 
 
 class MapAnnouncer:
@@ -126,47 +98,21 @@ class MapAnnouncer:
 
 def build_sources(
     config: Config, holder: MapHolder, *, announce: bool = True, events: bool | None = None
-) -> list[FileSource | KubernetesSource]:
-    """Load every map source once; a file that cannot be used stops the start.
-
-    The Kubernetes source lists on start(); health waits for its first full list.
-    """
-    if not config.model_maps and not config.kubernetes:
-        raise StartupError("no model map: give --model-map PATH or --kubernetes")
+) -> list[Source]:
+    """The map sources of `config` (`bbr.sources.build`); one that cannot start stops the
+    start. `announce`: log and count each map put in force and each load and reload."""
     if announce:
         holder.subscribe(MapAnnouncer())
-    sources: list[FileSource | KubernetesSource] = []
-    if config.model_maps:
-        source = FileSource(config.model_maps, holder, on_reload=report_reload)
-        try:
-            report = source.load()
-        except MapFileError as exc:
-            raise StartupError(str(exc)) from None
-        for error in report.errors if announce else ():
-            log.error(
-                "ConfigMap skipped",
-                extra=fields(
-                    source=error.source,
-                    configmap=str(error.ref) if error.ref else None,
-                    key=error.key,
-                    reason=error.reason,
-                ),
-            )
-        if announce:
-            (metrics.RELOAD_OK if report.ok else metrics.RELOAD_ERROR).inc()
-        sources.append(source)
-    if config.kubernetes:
-        try:
-            kube = KubernetesSource(
-                holder,
-                config.namespaces,
-                on_reload=count_reload if announce else None,
-                record_events=announce if events is None else events,
-            )
-        except KubeConfigError as exc:
-            raise StartupError(f"{exc.flag}: {exc}") from None
-        sources.append(kube)
-    return sources
+    try:
+        return build(
+            holder,
+            config.model_maps,
+            config.namespaces if config.kubernetes else None,
+            reports=announce,
+            events=announce if events is None else events,
+        )
+    except SourceError as exc:
+        raise StartupError(str(exc)) from None
 
 
 # --- the process -----------------------------------------------------------------------

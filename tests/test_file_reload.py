@@ -82,6 +82,24 @@ def test_invalid_configmap_at_start_is_reported_and_skipped(
     assert logged, "the invalid ConfigMap was not reported"
 
 
+def test_with_workers_a_bad_edit_is_reported_once_per_worker(
+    map_path: Path, start_bbr: StartBbr
+) -> None:
+    """With --workers each worker reports a failed reload (one line, one count); the
+    supervisor, which watches the same files for its own copy of the map, adds none."""
+    process = start_bbr("--workers", "2", model_map=map_path)
+    channel = process.channel()
+    errors = reload_errors(process)
+    map_path.write_text("kind: [not, closed\n")
+    took = wait_until(lambda: reload_errors(process) >= errors + 2, timeout=RELOAD_DEADLINE)
+    assert took is not None, f"{reload_errors(process) - errors} reload errors counted"
+    time.sleep(1.0)  # two more polls: a report from the supervisor would be in by now
+    assert reload_errors(process) == errors + 2
+    message = "model map file not loaded; the map in force stays"
+    assert [r.get("msg") for r in process.log_records()].count(message) == 2
+    assert routes(channel, "food") == {"food": "llama"}  # the map in force stays
+
+
 def test_atomic_replace_adds_an_adapter(map_path: Path, start_bbr: StartBbr) -> None:
     process = start_bbr(model_map=map_path)
     channel = process.channel()

@@ -29,7 +29,7 @@ from bbr.modelmap import (
     ModelMap,
 )
 from bbr.sources import kubernetes
-from bbr.sources.kubernetes import KubernetesSource, _slim, _Stream, decode_event, decode_page
+from bbr.sources.kubernetes import KubernetesSource, decode_event, decode_page
 
 BASES = ["B0", "B1", "B2", "x0"]  # x0 is also an adapter name: a base may collide
 ADAPTERS = ["x0", "x1", "x2", "x3", "B1"]
@@ -262,7 +262,7 @@ change_st = st.tuples(
 @given(st.lists(change_st, max_size=25), st.randoms(use_true_random=False))
 def test_source_events_equal_scratch(changes: list[Any], rnd: Any) -> None:
     source, holder = _source()
-    streams: dict[str, _Stream] = {s.label: s for s in source._streams}
+    streams = {s.label: s for s in source._streams}
     truth: dict[ConfigMapRef, dict[str, Any]] = {}
     queues: dict[str, list[dict[str, Any]]] = {label: [] for label in MANAGED_LABELS}
     version = 1
@@ -380,18 +380,24 @@ def test_label_removed_without_the_other_removes_at_once() -> None:
 
 def test_lists_and_events_are_decoded_to_what_the_map_needs() -> None:
     """Pages and watch events are decoded typed (managedFields and other data keys never
-    built); the result is what `_slim` makes of the whole object, also for an object
-    the API would not send (a non-string data value: the general decoder's turn)."""
+    built); the result is the slim object (the metadata the map reads, the managed
+    labels, baseModel and adapters), also for an object the API would not send (a
+    non-string data value: the general decoder's turn)."""
     full = _object(REFS[0], 7, "B0", ["x1"], {MANAGED_LABELS[0]})
     full["metadata"]["labels"]["app"] = "other"
-    slim = _slim(full)
-    assert "managedFields" not in slim["metadata"] and "notes" not in slim["data"]
+    kept = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+    labels = {"labels": {MANAGED_LABELS[0]: "true"}}  # the managed ones only
+    slim = {
+        "metadata": {k: full["metadata"][k] for k in kept} | labels,
+        "data": {"baseModel": "B0", "adapters": full["data"]["adapters"]},
+    }
     page = {"metadata": {"continue": "next", "resourceVersion": "9"}, "items": [full]}
     decoded = decode_page(json.dumps(page).encode())
     assert decoded == {"metadata": page["metadata"], "items": [slim]}
     odd = json.loads(json.dumps(full))
     odd["data"]["baseModel"] = 5  # not a string
-    assert decode_page(json.dumps({"items": [odd]}).encode())["items"] == [_slim(odd)]
+    odd_slim = {**slim, "data": {**slim["data"], "baseModel": 5}}
+    assert decode_page(json.dumps({"items": [odd]}).encode())["items"] == [odd_slim]
     for kind in ("ADDED", "MODIFIED", "DELETED"):
         event = decode_event(json.dumps({"type": kind, "object": full}).encode())
         assert event == {"type": kind, "object": slim}

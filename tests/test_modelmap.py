@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bbr.modelmap import MapFileError, MapHolder, ModelMap, is_managed, parse_file_text
+from bbr.modelmap import MapFileError, MapHolder, ModelMap, parse_file_text
 from bbr.sources.files import FileSource
 
 
@@ -118,13 +118,6 @@ def test_conflict_older_creation_timestamp_wins_then_name() -> None:
     same_a = api("b", "B", "2026-01-01T00:00:00Z", ns="ns1")
     same_b = api("a", "A", "2026-01-01T00:00:00Z", ns="ns2")
     assert ModelMap([same_b, same_a]).lookup("shared") == "B"  # type: ignore[list-item]
-
-
-def test_labels() -> None:
-    assert is_managed({"inference.networking.k8s.io/bbr-managed": "true"})
-    assert is_managed({"inference.llm-d.ai/ipp-managed": "true"})
-    assert not is_managed({"inference.networking.k8s.io/bbr-managed": "false"})
-    assert not is_managed(None)
 
 
 def test_not_yaml_names_the_line() -> None:
@@ -322,7 +315,7 @@ def test_file_source_logs_each_warning_once(
 ) -> None:
     import logging
 
-    caplog.set_level(logging.WARNING, logger="bbr.sources.files")
+    caplog.set_level(logging.WARNING, logger="bbr.sources")
     path = tmp_path / "map.yaml"
     path.write_text(cm("a", "A", "- a1\n-\n- 1.10"))
     source, holder = source_for(path)

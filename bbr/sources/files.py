@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bbr.logs import fields
 from bbr.modelmap import (
     ConfigMapError,
     ConfigMapRef,
@@ -23,6 +22,7 @@ from bbr.modelmap import (
     ModelConfig,
     parse_file_text,
 )
+from bbr.sources import LoadReport, warn
 
 log = logging.getLogger("bbr.sources.files")
 
@@ -86,21 +86,12 @@ class _FileState:
     errors: list[ConfigMapError] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class LoadReport:
-    """One load or reload: what changed and what went wrong."""
-
-    changed: bool = False
-    file_errors: list[MapFileError] = field(default_factory=list)
-    errors: list[ConfigMapError] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.file_errors and not self.errors
-
-
 class FileSource:
-    """Keeps the model map in step with files; feeds a MapHolder."""
+    """Keeps the model map in step with files; feeds a MapHolder.
+
+    `on_reload` gets the LoadReport of each reload that changed something or found a
+    file it cannot use (`bbr.sources.report` when bbr serves); `load` returns the first.
+    """
 
     name = "files"
 
@@ -193,10 +184,7 @@ class FileSource:
                 continue
             self._bad.pop(path, None)
             for warning in parsed.warnings:
-                log.warning(
-                    "ConfigMap loaded with a warning",
-                    extra=fields(configmap=str(warning.ref), key=warning.key, reason=str(warning)),
-                )
+                warn(warning)
             configs = list(parsed.configs)
             valid_refs = {c.ref for c in configs}
             for ref in parsed.invalid_refs:
@@ -232,10 +220,8 @@ class FileSource:
 
     def _publish(self) -> None:
         configs = [c for state in self._files.values() for c in state.configs]
-        self.holder.publish(self.name, configs, self.errors())
-
-    def errors(self) -> list[ConfigMapError]:
-        return [e for state in self._files.values() for e in state.errors]
+        errors = [e for state in self._files.values() for e in state.errors]
+        self.holder.publish(self.name, configs, errors)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="bbr-file-watch", daemon=True)

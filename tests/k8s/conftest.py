@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from bbr.modelmap import MANAGED_LABELS, MapHolder
-from bbr.sources.files import LoadReport
-from bbr.sources.kubernetes import ApiError, KubeClient, KubernetesSource
+from bbr.sources import LoadReport, report
+from bbr.sources.kubeclient import ApiError, KubeClient
+from bbr.sources.kubernetes import KubernetesSource
 from tests.k8s.apiserver import ApiServer, ToolsMissing
 
 BBR_LABEL, LLMD_LABEL = MANAGED_LABELS
@@ -184,11 +185,16 @@ def watch(api: ApiServer) -> Iterator[Callable[..., Watch]]:
     ) -> Watch:
         holder = MapHolder()
         reports: list[LoadReport] = []
+
+        def on_reload(load: LoadReport) -> None:
+            reports.append(load)
+            report(load)  # as `bbr serve` does: logged and counted
+
         source = KubernetesSource(
             holder,
             list(namespaces),
             kubeconfig=str(kubeconfig or api.kubeconfig()),
-            on_reload=reports.append,
+            on_reload=on_reload,
             **kwargs,
         )
         sources.append(source)

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bbr.sources.kubernetes import ApiError, KubeClient
+from bbr.sources.kubeclient import ApiError, KubeClient
 from tests.k8s.apiserver import TOOLS, ApiServer
 from tests.k8s.conftest import start_api, stop_api
 from tests.test_chart import (

@@ -31,14 +31,14 @@ from prometheus_client import REGISTRY
 
 from bbr.modelmap import MapHolder
 from bbr.sources import kubernetes
-from bbr.sources.kubernetes import (
+from bbr.sources.kubeclient import (
     CredentialError,
     KubeClient,
-    KubernetesSource,
     ProxyError,
     error_reason,
     no_proxy_matches,
 )
+from bbr.sources.kubernetes import KubernetesSource
 from tests.conftest import wait_until
 from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
 from tests.k8s.conftest import Kube, Watch

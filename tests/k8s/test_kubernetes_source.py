@@ -20,7 +20,8 @@ import pytest
 
 from bbr.modelmap import MapHolder, ModelMap
 from bbr.sources import kubernetes
-from bbr.sources.kubernetes import ApiError, KubeClient, KubeConfigError, KubernetesSource
+from bbr.sources.kubeclient import ApiError, KubeClient, KubeConfigError
+from bbr.sources.kubernetes import KubernetesSource
 from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
 from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
 from tests.k8s.proxy import CuttableProxy
@@ -261,7 +262,7 @@ def test_unlabelled_ignored(kube: Kube, namespace: str, watch: Start) -> None:
 def test_invalid_keeps_last_good(
     kube: Kube, namespace: str, watch: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="bbr.sources.kubernetes")
+    caplog.set_level(logging.ERROR, logger="bbr.sources")
     w = watch([namespace])
     kube.apply(namespace, "m", base="good", adapters=["a"])
     w.wait_for({"good": "good", "a": "good"})
@@ -291,7 +292,7 @@ def test_go_bbr_style_adapters_load_through_the_api(
     kube: Kube, namespace: str, watch: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A ConfigMap the Go BBR loaded (unquoted numbers, an empty item) loads here too."""
-    caplog.set_level(logging.WARNING, logger="bbr.sources.kubernetes")
+    caplog.set_level(logging.WARNING, logger="bbr.sources")
     w = watch([namespace])
     kube.apply(namespace, "m", data={"baseModel": "b", "adapters": "- 1.10\n-\n- 1234\n- x\n"})
     w.wait_for({"b": "b", "1.10": "b", "1234": "b", "x": "b"})
