@@ -33,8 +33,8 @@ import yaml
 from bench import bodies, common
 from bench.common import RssSampler, Server
 from bench.loadtest import kube_api
-from demo.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
-from demo.processes import Child, free_port, http_ready, stop_all, tcp_ready, wait_until
+from harness.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
+from harness.processes import Child, free_port, http_ready, stop_all, tcp_ready, wait_until
 
 BUFFER_LIMIT = 32 * 1024 * 1024
 PATH = "/v1/chat/completions"

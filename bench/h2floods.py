@@ -25,7 +25,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import configmap_yaml, free_ports, write_model_map
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import free_ports
 from tests.test_h2_attacks import (
     CONTINUATION,
     DATA,

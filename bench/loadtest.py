@@ -41,7 +41,7 @@ def kube_api(workdir: Path, kind: str = "auto") -> Iterator[tuple[Path, str]]:
     configmaps = load_configmaps(common.MODEL_MAP)
     if kind in ("auto", "real"):
         try:
-            from tests.k8s.apiserver import ApiServer, ToolsMissing
+            from harness.apiserver import ApiServer, ToolsMissing
         except ImportError:
             if kind == "real":
                 raise
@@ -70,7 +70,7 @@ def _create(url: str, ca: Path, configmap: dict[str, Any]) -> None:
     import ssl
     import urllib.request
 
-    from tests.k8s.apiserver import ADMIN_TOKEN
+    from harness.apiserver import ADMIN_TOKEN
 
     meta = dict(configmap["metadata"])
     for key in ("uid", "resourceVersion", "creationTimestamp"):

@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         return probe(*args.probe, args.realtime)
 
-    from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
+    from harness.apiserver import ADMIN_TOKEN, ApiServer
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     results: dict[str, Any] = {"machine_before": common.machine(), "sizes": []}

@@ -53,7 +53,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
 
 from bench.common import ghz_argv  # noqa: E402
-from demo.processes import Child, free_port, grpc_health_ready, wait_until  # noqa: E402
+from harness.processes import Child, free_port, grpc_health_ready, wait_until  # noqa: E402
 
 PROTOSET = REPO / "protos" / "ext_proc.protoset"
 PROCESS_METHOD = "envoy.service.ext_proc.v3.ExternalProcessor.Process"

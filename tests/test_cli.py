@@ -16,20 +16,18 @@ from pathlib import Path
 import pytest
 
 import bbr
-from tests.conftest import (
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import free_port, free_ports
+from tests.support import (
     BASE_HEADER,
     MODEL_HEADER,
     StartBbr,
-    configmap_yaml,
-    free_port,
-    free_ports,
     immediate,
     json_body,
     last_line,
     request,
     route,
     run_bbr,
-    write_model_map,
 )
 
 EXIT_USAGE = 2

@@ -29,19 +29,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tests.conftest import (
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import REPO_ROOT, free_ports
+from tests.extproc import set_headers
+from tests.support import (
     CHANNEL_OPTIONS,
     EXT_PROC_SERVICE,
-    REPO_ROOT,
     BbrProcess,
     StartBbr,
     clean_env,
-    configmap_yaml,
-    free_ports,
     request,
     route,
-    set_headers,
-    write_model_map,
 )
 
 MiB = 1024 * 1024

@@ -14,16 +14,9 @@ import pytest
 
 from bbr import mapview
 from bbr.modelmap import ConfigMapError, ConfigMapRef, MapHolder, ModelConfig, parse_file_text
-from tests.conftest import (
-    StartBbr,
-    configmap_yaml,
-    free_port,
-    last_line,
-    replace_model_map,
-    run_bbr,
-    wait_until,
-    write_model_map,
-)
+from harness.modelmaps import configmap_yaml, replace_model_map, write_model_map
+from harness.processes import free_port, poll_until
+from tests.support import StartBbr, last_line, run_bbr
 
 
 def get(port: int, path: str = "/modelmap") -> tuple[int, dict[str, str], bytes]:
@@ -105,7 +98,7 @@ def test_modelmap_shows_names_sources_conflicts_invalid(
 
     # An edit shows up (within the 2 s of SPEC §3), with a later last_change.
     replace_model_map(path, configmap_yaml("llama", "llama", ["food", "new-one"]))
-    assert wait_until(lambda: "new-one" in view(bbr.metrics_port)["models"], timeout=5)
+    assert poll_until(lambda: "new-one" in view(bbr.metrics_port)["models"], timeout=5)
     after = view(bbr.metrics_port)
     assert after["last_change"] > doc["last_change"]
     assert after["conflicts"] == [] and after["invalid"] == []

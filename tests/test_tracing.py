@@ -17,16 +17,10 @@ import pytest
 
 from bbr import tracing
 from bbr.tracing import Parent, parent_of
+from harness.processes import REPO_ROOT, free_port
 from tests import extproc
-from tests.conftest import (
-    REPO_ROOT,
-    StartBbr,
-    free_port,
-    json_body,
-    last_line,
-    run_bbr,
-)
 from tests.otlp import ReceivedSpan, Receiver
+from tests.support import StartBbr, json_body, last_line, run_bbr
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"

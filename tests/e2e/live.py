@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import socket
 import struct
 import time
@@ -22,20 +21,27 @@ from typing import IO, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.envoy_config import BbrTLS, render
-from demo.processes import (
+from harness.envoy_config import BbrTLS, render
+from harness.processes import (
+    REPO_ROOT,
     Child,
     StartupError,
     bbr_argv,
     envoy_argv,
     free_port,
-    grpc_health_ready,
     http_ready,
-    tcp_ready,
     wait_until,
 )
-
-from .harness import LLAMA, REPO_ROOT, STARTUP_TIMEOUT, ModelServers, Reply, send
+from harness.stack import (
+    LLAMA,
+    BbrPorts,
+    ModelServers,
+    Reply,
+    send,
+    wait_bbr,
+    wait_envoy,
+)
+from tests.support import clean_env
 
 PATIENCE = 60.0
 """Seconds any wait may take: the machine is shared and busy; nothing here is a benchmark."""
@@ -203,19 +209,11 @@ class Live:
                 flags=self.bbr_flags,
             ),
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BBR_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        child = Child("bbr", argv, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
+        child = Child("bbr", argv, cwd=REPO_ROOT, env=clean_env(), stdout=log_file, stderr=log_file)
         self.bbr = Bbr(child, self.grpc_port, self.health_port, self.metrics_port, log, log_file)
         if wait:
             try:
-                wait_until(
-                    "bbr health",
-                    grpc_health_ready(self.health_port),
-                    child=child,
-                    timeout=STARTUP_TIMEOUT,
-                )
-                wait_until("bbr gRPC port", tcp_ready(self.grpc_port), child=child)
+                wait_bbr(child, BbrPorts(self.grpc_port, self.health_port, self.metrics_port))
                 wait_until("bbr metrics", http_ready(self.metrics_port, "/metrics"), child=child)
             except StartupError as exc:
                 raise StartupError(f"{exc}\n{self.log_tails()}") from None
@@ -245,12 +243,7 @@ class Live:
         self.envoy = Envoy(child, self.port, self.admin_port, log, log_file)
         if wait:
             try:
-                wait_until(
-                    "envoy ready",
-                    http_ready(self.admin_port, "/ready"),
-                    child=child,
-                    timeout=STARTUP_TIMEOUT,
-                )
+                wait_envoy(child, self.admin_port)
             except StartupError as exc:
                 raise StartupError(f"{exc}\n{self.log_tails()}") from None
         return self.envoy

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .harness import DEEPSEEK, LLAMA, ModelServers, Reply, Stack, chunks_of, demo_pools
+from harness.stack import DEEPSEEK, LLAMA, ModelServers, Reply, Stack, chunks_of, demo_pools
 
 pytestmark = pytest.mark.e2e
 

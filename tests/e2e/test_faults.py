@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from bbr.logs import FLUSH_SECONDS
+from harness.stack import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 
-from .harness import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 from .live import PATIENCE, HeldRequest, Live, chat_body, poll, served_by
 
 pytestmark = pytest.mark.e2e

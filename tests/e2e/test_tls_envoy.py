@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from demo.envoy_config import BbrTLS
+from harness.envoy_config import BbrTLS
+from harness.stack import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 from tests.pki import Authority, SecretVolume
 
-from .harness import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 from .live import Live, poll, served_by
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ import pytest
 from bbr.modelmap import MANAGED_LABELS, MapHolder
 from bbr.sources.files import LoadReport
 from bbr.sources.kubernetes import ApiError, KubeClient, KubernetesSource
-from tests.k8s.apiserver import ApiServer, ToolsMissing
+from harness.apiserver import ApiServer, ToolsMissing
 
 BBR_LABEL, LLMD_LABEL = MANAGED_LABELS
 # SPEC §3: an API event is in force within 2 s. Poll with a little slack.

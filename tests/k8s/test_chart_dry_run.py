@@ -40,7 +40,7 @@ import pytest
 import yaml
 
 from bbr.sources.kubernetes import ApiError, KubeClient
-from tests.k8s.apiserver import TOOLS, ApiServer
+from harness.apiserver import TOOLS, ApiServer
 from tests.k8s.conftest import start_api, stop_api
 from tests.test_chart import (
     COMBINATIONS,

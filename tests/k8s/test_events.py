@@ -16,7 +16,7 @@ import pytest
 from bbr.modelmap import ConfigMapRef
 from bbr.sources import events as events_module
 from bbr.sources.events import CONFLICT, INVALID, VALID, EventRecorder
-from tests.k8s.apiserver import ApiServer
+from harness.apiserver import ApiServer
 from tests.k8s.conftest import DEADLINE, Kube, Watch
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]

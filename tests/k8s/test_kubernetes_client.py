@@ -39,8 +39,8 @@ from bbr.sources.kubernetes import (
     error_reason,
     no_proxy_matches,
 )
-from tests.conftest import wait_until
-from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
+from harness.apiserver import ADMIN_TOKEN, ApiServer
+from harness.processes import poll_until
 from tests.k8s.conftest import Kube, Watch
 from tests.k8s.proxy import ConnectProxy, CuttableProxy, FailingApi
 from tests.k8s.test_serve_kubernetes import assert_usage_error, serve_exits
@@ -531,13 +531,16 @@ def test_revoked_token_is_reported_until_it_works_again(
     token.write_text(ADMIN_TOKEN)
     kube.apply(namespace, "m", base="kept", adapters=["after"])
     w.wait_for({"kept": "kept", "after": "kept"})
+
     # The gauge is the oldest stream's sync: another stream may still be in its (fast,
     # at most FAST_CAP) backoff when this one has delivered the edit.
     def moved_on() -> bool:
         fresh = sample("bbr_kubernetes_last_sync_timestamp_seconds")
         return fresh is not None and fresh > stale
 
-    assert wait_until(moved_on, timeout=10), sample("bbr_kubernetes_last_sync_timestamp_seconds")
+    assert poll_until(moved_on, timeout=10) is not None, sample(
+        "bbr_kubernetes_last_sync_timestamp_seconds"
+    )
     assert any("reachable again" in r.getMessage() for r in caplog.records)
 
 

@@ -21,7 +21,7 @@ import pytest
 from bbr.modelmap import MapHolder, ModelMap
 from bbr.sources import kubernetes
 from bbr.sources.kubernetes import ApiError, KubeClient, KubeConfigError, KubernetesSource
-from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
+from harness.apiserver import ADMIN_TOKEN, ApiServer
 from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
 from tests.k8s.proxy import CuttableProxy
 
