@@ -26,14 +26,14 @@ run: $(STAMP)
 
 ## make test: lint, type-check and every test (unit, in-process gRPC, end-to-end through Envoy).
 test: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts
-	$(VENV)/bin/ruff format --check bbr tests demo scripts
+	$(VENV)/bin/ruff check bbr tests demo scripts harness
+	$(VENV)/bin/ruff format --check bbr tests demo scripts harness
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts
-	$(VENV)/bin/ruff format --check bbr tests demo scripts
+	$(VENV)/bin/ruff check bbr tests demo scripts harness
+	$(VENV)/bin/ruff format --check bbr tests demo scripts harness
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

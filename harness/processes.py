@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,15 +39,33 @@ def bbr_argv(
         "serve",
         "--model-map",
         str(model_map),
+        *bbr_port_flags(grpc_port, health_port, metrics_port),
+        *(["--streaming"] if streaming else []),
+        *flags,
+    ]
+
+
+def bbr_port_flags(grpc_port: int, health_port: int, metrics_port: int) -> list[str]:
+    """`bbr serve`'s three port flags."""
+    return [
         "--grpc-port",
         str(grpc_port),
         "--grpc-health-port",
         str(health_port),
         "--metrics-port",
         str(metrics_port),
-        *(["--streaming"] if streaming else []),
-        *flags,
     ]
+
+
+def log_tails(logs: Iterable[tuple[str, Path]], lines: int = 40) -> str:
+    """The last `lines` lines of each (title, log file), for a failure message."""
+    out = []
+    for title, path in logs:
+        with contextlib.suppress(OSError):
+            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            out.append(f"--- {title}, last {lines} lines:")
+            out += text[-lines:]
+    return "\n".join(out)
 
 
 def envoy_binary() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -29,6 +28,7 @@ from harness.processes import (
     free_ports,
     grpc_health_ready,
     http_ready,
+    log_tails,
     stop_all,
     tcp_ready,
     wait_until,
@@ -192,13 +192,8 @@ class Stack:
         return self.send("POST", "/v1/chat/completions", json.dumps(payload).encode(), hdrs)
 
     def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for what, path in self.logs.items():
-            with contextlib.suppress(OSError):
-                text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-                out.append(f"--- {self.name} {what} ({path}), last {lines} lines:")
-                out += text[-lines:]
-        return "\n".join(out)
+        logs = [(f"{self.name} {what} ({path})", path) for what, path in self.logs.items()]
+        return log_tails(logs, lines)
 
     def close(self) -> None:
         if self in RUNNING:

@@ -29,7 +29,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.processes import REPO_ROOT, free_ports
+from harness.processes import REPO_ROOT, bbr_port_flags, free_ports
 from tests import extproc
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -415,14 +415,7 @@ class Launcher:
         if model_map is not None:
             argv += ["--model-map", os.fspath(model_map)]
         if port_flags:
-            argv += [
-                "--grpc-port",
-                str(grpc_port),
-                "--grpc-health-port",
-                str(health_port),
-                "--metrics-port",
-                str(metrics_port),
-            ]
+            argv += bbr_port_flags(grpc_port, health_port, metrics_port)
         process = BbrProcess(
             argv,
             grpc_port=grpc_port,

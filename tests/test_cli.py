@@ -17,7 +17,7 @@ import pytest
 
 import bbr
 from harness.modelmaps import configmap_yaml, write_model_map
-from harness.processes import free_port, free_ports
+from harness.processes import bbr_port_flags, free_port, free_ports
 from tests.support import (
     BASE_HEADER,
     MODEL_HEADER,
@@ -52,15 +52,7 @@ def assert_usage_error(result_stderr: str, returncode: int, *names: str) -> str:
 
 
 def port_flags() -> list[str]:
-    grpc_port, health_port, metrics_port = free_ports(3)
-    return [
-        "--grpc-port",
-        str(grpc_port),
-        "--grpc-health-port",
-        str(health_port),
-        "--metrics-port",
-        str(metrics_port),
-    ]
+    return bbr_port_flags(*free_ports(3))
 
 
 # --- bad flags ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from harness.processes import (
     envoy_argv,
     free_port,
     http_ready,
+    log_tails,
     wait_until,
 )
 from harness.stack import (
@@ -275,13 +276,7 @@ class Live:
     # --- teardown ---
 
     def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for path in sorted(self.workdir.glob("*.log")):
-            with contextlib.suppress(OSError):
-                text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-                out.append(f"--- {path.name}, last {lines} lines:")
-                out += text[-lines:]
-        return "\n".join(out)
+        return log_tails(((p.name, p) for p in sorted(self.workdir.glob("*.log"))), lines)
 
     def close(self) -> None:
         for part in (self.envoy, self.bbr):

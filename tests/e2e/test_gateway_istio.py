@@ -36,7 +36,15 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from harness.processes import Child, envoy_binary, free_port, stop_all, tcp_ready, wait_until
+from harness.processes import (
+    Child,
+    envoy_binary,
+    free_port,
+    log_tails,
+    stop_all,
+    tcp_ready,
+    wait_until,
+)
 from harness.stack import (
     DEEPSEEK,
     LLAMA,
@@ -296,11 +304,7 @@ class Gateway:
         return send(self.port, "POST", "/v1/chat/completions", body, hdrs, timeout=30.0)
 
     def logs(self) -> str:
-        out = []
-        for log in sorted(self.workdir.glob("*.log")):
-            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-            out.append(f"--- {log.name}:\n" + "\n".join(lines))
-        return "\n".join(out)
+        return log_tails(((p.name, p) for p in sorted(self.workdir.glob("*.log"))), 30)
 
     def close(self) -> None:
         stop_all(self.children)
