@@ -25,9 +25,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from harness.modelmaps import configmap_yaml, write_model_map
-from harness.processes import free_ports
-from tests.test_h2_attacks import (
+from harness.h2client import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -42,6 +40,8 @@ from tests.test_h2_attacks import (
     Attacker,
     frame,
 )
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import free_ports
 
 UNLIMITED = (
     *("--max-pings-per-second", "100000000"),

@@ -1,4 +1,5 @@
-"""Fixtures shared by the tests: bbr processes started on free ports, a small model map.
+"""Fixtures shared by the tests: bbr processes on free ports, a small model map, an OTLP
+receiver.
 
 The helpers they use live in tests/support.py and harness/; test modules import those,
 never this file.
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.modelmaps import configmap_yaml, write_model_map
+from tests.otlp import Receiver
 from tests.support import Launcher, StartBbr
 
 
@@ -51,3 +53,13 @@ def simple_map(tmp_path: Path) -> Path:
         configmap_yaml("llama", "llama", ["food", "movie"]),
         configmap_yaml("qwen", "qwen"),
     )
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    """An OTLP/gRPC trace receiver on a free port (tests/otlp.py), for a module's tests."""
+    found = Receiver()
+    try:
+        yield found
+    finally:
+        found.close()

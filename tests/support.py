@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness.processes import REPO_ROOT, bbr_port_flags, free_ports
 from tests import extproc
 
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 START_TIMEOUT = 10.0
@@ -72,6 +72,16 @@ def run_bbr(
 def last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def validate_table(stdout: str) -> dict[str, tuple[str, str]]:
+    """`bbr validate`'s table: model -> (base model, source)."""
+    rows: dict[str, tuple[str, str]] = {}
+    for line in stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip(), maxsplit=2)
+        if len(cells) == 3 and cells[0] != "MODEL":
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
 
 
 # --- ext_proc ---------------------------------------------------------------------------

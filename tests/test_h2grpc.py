@@ -44,6 +44,7 @@ from hyperframe.frame import (
 from bbr import h2grpc, metrics
 from bbr.decision import Options
 from bbr.server import SERVICE_NAME, Health, Processor, h2_server
+from harness.h2client import PREFACE
 from harness.processes import poll_until
 from tests.extproc import BASE, CHAT, LLAMA, NAME, body, headers, holder_with, set_headers, stub
 
@@ -57,7 +58,6 @@ PROCESS = f"/{SERVICE_NAME}/Process".encode()
 HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 HOLDER = holder_with()

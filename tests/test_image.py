@@ -40,8 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bbr import __version__
 from bbr.server import SERVICE_NAME
 from harness.processes import REPO_ROOT, poll_until
+from tests.chart import MODELS, NAMESPACE, render
 from tests.support import BASE_HEADER, CHANNEL_OPTIONS, MODEL_HEADER, metric_value, route
-from tests.test_chart import MODELS, NAMESPACE, render
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 IMAGE_SCRIPT = REPO_ROOT / "scripts" / "image.sh"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -168,15 +167,6 @@ def test_tracing_off_never_imports_the_sdk() -> None:
 
 
 # --- a real bbr exporting to a real receiver ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    try:
-        yield found
-    finally:
-        found.close()
 
 
 def otel_env(receiver: Receiver, **extra: str) -> dict[str, str]:

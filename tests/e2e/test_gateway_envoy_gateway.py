@@ -53,7 +53,7 @@ from harness.stack import (
     wait_bbr,
     wait_envoy,
 )
-from tests.test_chart import render
+from tests.chart import render
 from tests.tools import tool
 
 pytestmark = pytest.mark.e2e

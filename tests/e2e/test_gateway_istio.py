@@ -57,8 +57,8 @@ from harness.stack import (
     wait_bbr,
     wait_envoy,
 )
+from tests.chart import template_text
 from tests.e2e.picker import Picker, serve
-from tests.test_chart import template_text
 from tests.tools import tool
 
 pytestmark = pytest.mark.e2e

@@ -115,15 +115,6 @@ def traced_stack(
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    try:
-        yield found
-    finally:
-        found.close()
-
-
-@pytest.fixture(scope="module")
 def traced(
     tmp_path_factory: pytest.TempPathFactory, model_servers: ModelServers, receiver: Receiver
 ) -> Iterator[Stack]:

@@ -41,8 +41,7 @@ import yaml
 
 from bbr.sources.kubernetes import ApiError, KubeClient
 from harness.apiserver import TOOLS, ApiServer
-from tests.k8s.conftest import start_api, stop_api
-from tests.test_chart import (
+from tests.chart import (
     COMBINATIONS,
     NAMESPACE,
     Manifest,
@@ -50,6 +49,7 @@ from tests.test_chart import (
     render,
     rendered_manifests,
 )
+from tests.k8s.support import start_api, stop_api
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 

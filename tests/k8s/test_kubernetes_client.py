@@ -41,9 +41,8 @@ from bbr.sources.kubernetes import (
 )
 from harness.apiserver import ADMIN_TOKEN, ApiServer
 from harness.processes import poll_until
-from tests.k8s.conftest import Kube, Watch
 from tests.k8s.proxy import ConnectProxy, CuttableProxy, FailingApi
-from tests.k8s.test_serve_kubernetes import assert_usage_error, serve_exits
+from tests.k8s.support import Kube, Watch, assert_usage_error, serve_exits
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 

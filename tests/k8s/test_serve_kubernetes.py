@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,9 +20,9 @@ import pytest
 
 from harness.apiserver import ApiServer
 from harness.modelmaps import configmap_yaml, write_model_map
-from harness.processes import REPO_ROOT, free_ports, poll_until
-from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube
+from harness.processes import poll_until
 from tests.k8s.proxy import CuttableProxy
+from tests.k8s.support import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, assert_usage_error, serve_exits
 from tests.support import (
     BASE_HEADER,
     CHANNEL_OPTIONS,
@@ -32,7 +30,6 @@ from tests.support import (
     SERVING,
     BbrProcess,
     StartBbr,
-    last_line,
     metric_value,
     route,
 )
@@ -377,33 +374,6 @@ def wait_metric_max(bbr: BbrProcess) -> None:
 
 
 # --- no config, API outage -----------------------------------------------------------------
-
-
-def serve_exits(kubeconfig: Path, home: Path) -> subprocess.CompletedProcess[str]:
-    """`bbr serve --kubernetes` with KUBECONFIG=`kubeconfig`, outside any pod."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BBR_", "KUBERNETES_"))}
-    env |= {"KUBECONFIG": str(kubeconfig), "HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    ports = [str(p) for p in free_ports(3)]
-    flags = ["--grpc-port", ports[0], "--grpc-health-port", ports[1], "--metrics-port", ports[2]]
-    return subprocess.run(
-        [sys.executable, "-m", "bbr", "serve", "--kubernetes", *flags],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """SPEC §2: exit 2, one line naming the flag, no traceback."""
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in ("--kubernetes", *words):
-        assert word in last_line(result.stderr), result.stderr
 
 
 def test_no_kubeconfig_is_a_usage_error(tmp_path: Path) -> None:
