@@ -55,6 +55,16 @@ class Reply:
         return f"HTTP {self.status} {self.headers} {self.body[:600]!r}"
 
 
+def routed(reply: Reply) -> dict[str, Any]:
+    """The model server's report (``x_bbr_demo``), after checking that one answered 200."""
+    if reply.status != 200:
+        raise AssertionError(str(reply))
+    report = reply.json().get("x_bbr_demo")
+    if not isinstance(report, dict):
+        raise AssertionError(str(reply))
+    return report
+
+
 def send(
     port: int,
     method: str,

@@ -14,7 +14,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -65,6 +65,13 @@ def chat_body(model: str, size: int = 0) -> bytes:
     content = "hi" + " padding" * (size // 8)
     payload = {"model": model, "messages": [{"role": "user", "content": content}]}
     return json.dumps(payload).encode()
+
+
+def assert_routes(live: Live, model_servers: ModelServers, known: Mapping[str, str]) -> None:
+    """Every model in ``known`` (model → base model) reaches its base model's server."""
+    for model, base in known.items():
+        reply = live.chat(model)
+        assert served_by(reply) == model_servers.name_of(base), f"{model}: {reply}"
 
 
 def served_by(reply: Reply) -> str | None:

@@ -47,6 +47,7 @@ from harness.stack import (
     ModelServers,
     Reply,
     demo_pools,
+    routed,
     send,
     spawn_bbr,
     spawn_envoy,
@@ -545,13 +546,6 @@ def plain(make_gateway: GatewayFactory) -> Gateway:
 def with_picker(make_gateway: GatewayFactory) -> Gateway:
     """The same, plus a route-level EnvoyExtensionPolicy (a picker) on the llama route."""
     return make_gateway("picker", chart_values(), picker_objects(llama_route()))
-
-
-def routed(reply: Reply) -> dict[str, Any]:
-    assert reply.status == 200, str(reply)
-    demo = reply.json().get("x_bbr_demo")
-    assert isinstance(demo, dict), str(reply)
-    return demo
 
 
 def openai_error(reply: Reply, status: int, code: str) -> None:
