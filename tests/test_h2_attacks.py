@@ -34,6 +34,7 @@ from harness.h2client import (
     DATA,
     END_HEADERS,
     ENHANCE_YOUR_CALM,
+    EXT_PROC_SERVICE,
     HEADERS,
     INITIAL_WINDOW_SIZE,
     PING,
@@ -53,7 +54,6 @@ from harness.processes import REPO_ROOT, free_ports
 from tests.extproc import set_headers
 from tests.support import (
     CHANNEL_OPTIONS,
-    EXT_PROC_SERVICE,
     BbrProcess,
     StartBbr,
     clean_env,

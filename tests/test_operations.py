@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import bbr
+from harness.h2client import EXT_PROC_SERVICE
 from harness.modelmaps import configmap_yaml, write_model_map
 from harness.processes import poll_until
 from tests import extproc
@@ -24,7 +25,6 @@ from tests.extproc import set_headers
 from tests.support import (
     BASE_HEADER,
     CHANNEL_OPTIONS,
-    EXT_PROC_SERVICE,
     MODEL_HEADER,
     NOT_SERVING,
     SERVING,
