@@ -1,6 +1,6 @@
 """bbr and Envoy as separately stoppable processes, for the fault and TLS tests.
 
-`tests/e2e/harness.start_stack` starts both together and stops both together; the fault
+`harness.stack.start_stack` starts both together and stops both together; the fault
 tests need to kill, signal and restart each on its own, keep ports across restarts, run
 bbr as another user or with TLS, and read bbr's metrics and Envoy's stats. Everything
 else (model servers, Envoy config, child processes) is the harness's.
