@@ -34,14 +34,14 @@ run: $(STAMP)
 ## make test: lint, type-check and every test (unit, in-process gRPC, end-to-end through Envoy).
 .SECONDEXPANSION:
 test: $(STAMP) $$(TEST_TOOLS)
-	$(VENV)/bin/ruff check bbr tests demo scripts bench
-	$(VENV)/bin/ruff format --check bbr tests demo scripts bench
+	$(VENV)/bin/ruff check bbr tests demo scripts bench harness
+	$(VENV)/bin/ruff format --check bbr tests demo scripts bench harness
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bbr tests demo scripts bench
-	$(VENV)/bin/ruff format --check bbr tests demo scripts bench
+	$(VENV)/bin/ruff check bbr tests demo scripts bench harness
+	$(VENV)/bin/ruff format --check bbr tests demo scripts bench harness
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

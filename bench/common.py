@@ -19,7 +19,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from bench import bodies
-from demo.processes import Child, bbr_argv, free_port, stop_all, tcp_ready, wait_until
+from harness.processes import Child, bbr_argv, free_port, stop_all, tcp_ready, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"

@@ -34,8 +34,8 @@ from bench import bodies, common
 from bench.common import RssSampler, Server
 from bench.loadtest import kube_api
 from bench.tables import Column, Table
-from demo.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
-from demo.processes import (
+from harness.envoy_config import EXT_PROC_TYPE, HCM_TYPE, ROUTER_TYPE, static_cluster
+from harness.processes import (
     Child,
     envoy_binary,
     free_port,

@@ -3,7 +3,7 @@
 The Go BBR reads its model map from labelled ConfigMaps through controller-runtime.
 For load tests all it needs is to list them once and hold a watch open; a real etcd and
 kube-apiserver would do, but cost a second core-hungry process on a 2-core machine while
-measuring. Prefer `tests/k8s/apiserver.py` where it exists (see bench/loadtest.py).
+measuring. Prefer `harness/apiserver.py` where it exists (see bench/loadtest.py).
 
 Served: /api, /apis, /api/v1, /version, ConfigMap list/watch (cluster-wide and per
 namespace) and get. Watches stay open and send nothing (the map never changes during a

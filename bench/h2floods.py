@@ -24,8 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import MODEL_MAP, percentile
 from bench.tables import Column, Table
-from demo.processes import bbr_argv, free_port
-from tests.test_h2_attacks import (
+from harness.h2client import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -40,6 +39,7 @@ from tests.test_h2_attacks import (
     Attacker,
     frame,
 )
+from harness.processes import bbr_argv, free_port
 
 UNLIMITED = (
     *("--max-pings-per-second", "100000000"),

@@ -4,7 +4,7 @@ Each server runs as a child process. For every body size the servers take turns
 (A B C A B C ...), so drifting machine load hits all of them alike; the summary takes
 the median of the rounds. bbr runs twice: at its defaults (request logs at info) and
 at --log-level warning. The Go BBR needs a Kubernetes API for its ConfigMaps: the real
-one from tests/k8s/apiserver.py when present, else bench/fakekube.py.
+one from harness/apiserver.py when present, else bench/fakekube.py.
 
     python -m bench.loadtest [--duration S] [--rounds N] [--concurrency C] [--no-go]
 """
@@ -34,7 +34,7 @@ MiB = 1024 * 1024
 def kube_api(workdir: Path, kind: str = "auto") -> Iterator[tuple[Path, str]]:
     """A Kubernetes API holding config/model-map.yaml's ConfigMaps; yields (kubeconfig, kind).
 
-    `real`: etcd + kube-apiserver from tests/k8s/apiserver.py (binaries from `make
+    `real`: etcd + kube-apiserver from harness/apiserver.py (binaries from `make
     kube-tools`); `fake`: bench/fakekube.py; `auto`: real when its binaries are there.
     """
     from bench.fakekube import FakeKube, load_configmaps
@@ -42,7 +42,7 @@ def kube_api(workdir: Path, kind: str = "auto") -> Iterator[tuple[Path, str]]:
     configmaps = load_configmaps(common.MODEL_MAP)
     if kind in ("auto", "real"):
         try:
-            from tests.k8s.apiserver import ApiServer, ToolsMissing
+            from harness.apiserver import ApiServer, ToolsMissing
         except ImportError:
             if kind == "real":
                 raise
@@ -56,7 +56,7 @@ def kube_api(workdir: Path, kind: str = "auto") -> Iterator[tuple[Path, str]]:
                 try:
                     for cm in configmaps:
                         _create(api.url, workdir / "kube" / "ca.crt", cm)
-                    yield api.kubeconfig("admin"), "kube-apiserver (tests/k8s/apiserver.py)"
+                    yield api.kubeconfig("admin"), "kube-apiserver (harness/apiserver.py)"
                 finally:
                     api.stop()
                 return
@@ -71,7 +71,7 @@ def _create(url: str, ca: Path, configmap: dict[str, Any]) -> None:
     import ssl
     import urllib.request
 
-    from tests.k8s.apiserver import ADMIN_TOKEN
+    from harness.apiserver import ADMIN_TOKEN
 
     meta = dict(configmap["metadata"])
     for key in ("uid", "resourceVersion", "creationTimestamp"):

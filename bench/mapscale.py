@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         kubeconfig, log_path = args.probe
         return probe(kubeconfig, log_path, args.realtime)
 
-    from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
+    from harness.apiserver import ADMIN_TOKEN, ApiServer
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     results: dict[str, Any] = {"machine_before": common.machine(), "sizes": []}

@@ -49,7 +49,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from bench import bodies, common
 from bench.common import PROTOSET, REPO, ghz_argv
 from bench.tables import Column, Table
-from demo.processes import Child, bbr_argv, free_port, grpc_health_ready, wait_until
+from harness.processes import Child, bbr_argv, free_port, grpc_health_ready, wait_until
 
 TOOLS_TARGET = "make perf-tools"
 BASE_HEADER = "x-gateway-base-model-name"

@@ -17,9 +17,10 @@ import signal
 import sys
 from pathlib import Path
 
-from bbr.modelmap import MapFileError, parse_file_text
-from demo.envoy_config import render
-from demo.processes import (
+from bbr.modelmap import MapFileError
+from harness.envoy_config import render
+from harness.modelmaps import read_model_map
+from harness.processes import (
     REPO_ROOT,
     Cancelled,
     Child,
@@ -35,7 +36,7 @@ from demo.processes import (
     tcp_ready,
     wait_until,
 )
-from demo.signals import StopSignals
+from harness.signals import StopSignals
 
 LISTEN_PORT = 8080
 ADMIN_PORT = 9901
@@ -43,24 +44,6 @@ FIRST_MODEL_PORT = 8001
 BBR_GRPC_PORT = 9004
 BBR_HEALTH_PORT = 9005
 BBR_METRICS_PORT = 9090
-
-
-def read_model_map(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Base model → pool name, and every model name → its base model, in file order.
-
-    Read with bbr's own parser (so `- 1.10` is the name "1.10" here too); only what the
-    demo needs to start model servers and print examples. Invalid ConfigMaps are left
-    out, as bbr leaves them out.
-    """
-    parsed = parse_file_text(path.read_bytes(), path=str(path))
-    pools: dict[str, str] = {}
-    models: dict[str, str] = {}
-    for config in parsed.configs:
-        base = config.base_model
-        pools.setdefault(base, f"pool-{config.ref.name}")
-        for name in (base, *config.adapters):
-            models.setdefault(name, base)
-    return pools, models
 
 
 def curl_examples(models: dict[str, str], port: int = LISTEN_PORT) -> list[str]:
@@ -203,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     sys.executable,
                     "-m",
-                    "demo.model_server",
+                    "harness.model_server",
                     "--port",
                     str(port),
                     "--name",

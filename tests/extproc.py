@@ -67,12 +67,19 @@ def trailers() -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_trailers=pb.HttpTrailers())
 
 
-def set_headers(response: pb.ProcessingResponse) -> dict[str, str]:
-    """Headers a response sets, whichever phase it answers."""
-    common = _common(response)
-    if common is None:
-        return {}
-    return {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+def set_headers(
+    responses: pb.ProcessingResponse | Iterable[pb.ProcessingResponse],
+) -> dict[str, str]:
+    """Headers one response, or all of several, set, whichever phase each answers."""
+    if isinstance(responses, pb.ProcessingResponse):
+        responses = (responses,)
+    found: dict[str, str] = {}
+    for response in responses:
+        common = _common(response)
+        if common is not None:
+            for h in common.header_mutation.set_headers:
+                found[h.header.key] = h.header.raw_value.decode()
+    return found
 
 
 def removed_headers(response: pb.ProcessingResponse) -> list[str]:

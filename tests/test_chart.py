@@ -7,8 +7,8 @@ to the inference Gateway alone; Envoy sending request headers and body only, in 
 bbr runs in; ConfigMap-only RBAC; probes on the health port; a locked-down pod; model
 ConfigMaps that bbr's own parser accepts; container args that bbr's own CLI accepts.
 
-`render()` and `rendered_manifests()` return plain dicts, one per object, so that a
-server-side dry run against a real API server can reuse exactly these renders.
+The renders come from tests/chart.py (plain dicts, one per object), which the
+server-side dry run against a real API server reuses.
 
 Not checked here: that the objects are accepted by an API server with the providers' CRDs
 (that is the dry run's job), nor what each gateway implementation does with them (Envoy
@@ -20,7 +20,6 @@ own chart for gke (see those tests for what each cannot check).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
@@ -28,7 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,154 +38,32 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
 
 from bbr import modelmap
 from bbr.cli import build_parser
-from tests.tools import tool
+from harness.processes import REPO_ROOT
+from tests.chart import (
+    CHART,
+    COMBINATIONS,
+    MODELS,
+    NAMESPACE,
+    PROVIDERS,
+    RELEASE,
+    SCENARIOS,
+    UNSUPPORTED,
+    HelmError,
+    Manifest,
+    helm_binary,
+    merge,
+    provider_values,
+    render,
+    run_helm,
+    template_text,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHART = REPO_ROOT / "charts" / "body-based-routing"
-RELEASE = "bbr"
-NAMESPACE = "bbr-system"
-GATEWAY = "inference-gateway"
-BASE_HEADER = "x-gateway-base-model-name"
-MANAGED_LABEL = "inference.networking.k8s.io/bbr-managed"
-PROVIDERS = ("none", "istio", "gke", "envoy-gateway", "kgateway")
 # protobuf ships no type stubs here; only ParseDict is used.
 json_format: Any = importlib.import_module("google.protobuf.json_format")
 
-Manifest = dict[str, Any]
-
-# Models with names that YAML would misread if the chart did not quote them.
-MODELS: list[dict[str, Any]] = [
-    {
-        "baseModel": "meta-llama/Llama-3.1-8B-Instruct",
-        "adapters": ["food-review-1", "movie-critique", "yes", "null", "1e3", 'a"b: c', "modèle"],
-        "inferencePool": "vllm-llama3-8b-instruct",
-    },
-    {"name": "deepseek", "baseModel": "deepseek/vllm-deepseek-r1", "adapters": ["ski-resorts"]},
-    {"name": "phi", "baseModel": "microsoft/Phi-4-mini-instruct"},
-]
-
-# Value combinations every provider is rendered with.
-SCENARIOS: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "models-and-routes": {"models": MODELS, "httpRoute": {"enabled": True}},
-    "streaming": {"bbr": {"streaming": True}, "models": MODELS[:1]},
-    "gateway-elsewhere": {
-        "inferenceGateway": {"name": "llm-gw", "namespace": "gateways"},
-        "bbr": {"watchNamespaces": ["team-a", "team-b"]},
-        "models": MODELS,
-        "httpRoute": {"enabled": True},
-    },
-    "everything": {
-        "bbr": {
-            "replicas": 3,
-            "image": {"registry": "registry.example/ml", "digest": "sha256:" + "ab" * 32},
-            "multiNamespace": True,
-            "secureServing": True,
-            "tls": {"secretName": "bbr-tls", "clientCA": True},
-            "unknownModel": "reject",
-            "maxBodyBytes": 33554432,
-            "modelsEndpoint": True,
-            "workers": 2,
-            "logLevel": "debug",
-            "logFormat": "text",
-            "flags": {"models-endpoint": "true"},
-            "autoscaling": {"enabled": True},
-            "podDisruptionBudget": {"minAvailable": 1},
-            "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
-        },
-        "provider": {
-            "supportedEvents": ["RequestHeaders", "RequestBody", "ResponseHeaders", "ResponseBody"],
-            "envoyGateway": {"clientTrafficPolicy": {"bufferLimit": "20Mi"}},
-        },
-        "models": MODELS,
-        "httpRoute": {"enabled": True, "hostnames": ["llm.example.com"], "requestTimeout": ""},
-    },
-}
-
-
-# Combinations the chart refuses, with the reason it gives.
-UNSUPPORTED = {
-    ("gke", "gateway-elsewhere"): "install this release in the Gateway's namespace",
-}
-COMBINATIONS = [(p, s) for p in PROVIDERS for s in SCENARIOS if (p, s) not in UNSUPPORTED]
-
-
-# --- helm -------------------------------------------------------------------------------
-
-
-def helm_binary() -> str:
-    """The helm that `make helm` installed (or $BBR_HELM, or on PATH)."""
-    return tool("helm", env="BBR_HELM", path=True)
-
-
-def run_helm(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm_binary(), *args, str(chart)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep merge of value layers (later wins), as helm merges -f files."""
-    out: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-                out[key] = merge(out[key], value)
-            else:
-                out[key] = value
-    return out
-
-
-@functools.cache
-def _template(values_json: str, namespace: str, show_only: str | None) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        handle.write(values_json)
-    try:
-        args = ["template", RELEASE, "--namespace", namespace, "--values", handle.name]
-        if show_only:
-            args += ["--show-only", show_only]
-        result = run_helm(*args)
-    finally:
-        os.unlink(handle.name)
-    if result.returncode != 0:
-        raise HelmError(result.stderr.strip())
-    return result.stdout
-
-
-class HelmError(Exception):
-    pass
-
-
-def template_text(
-    values: Mapping[str, Any] | None = None,
-    *,
-    namespace: str = NAMESPACE,
-    show_only: str | None = None,
-) -> str:
-    """`helm template` output, as text (raises HelmError with helm's stderr)."""
-    return _template(json.dumps(values or {}, sort_keys=True), namespace, show_only)
-
-
-def render(
-    values: Mapping[str, Any] | None = None, *, namespace: str = NAMESPACE
-) -> list[Manifest]:
-    """Every object `helm template` renders for `values`, as dicts."""
-    text = template_text(values, namespace=namespace)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
-
-
-def provider_values(provider: str, scenario: str) -> dict[str, Any]:
-    return merge(SCENARIOS[scenario], {"provider": {"name": provider}})
-
-
-def rendered_manifests() -> Iterator[tuple[str, str, list[Manifest]]]:
-    """(provider, scenario, objects) for every supported provider and scenario."""
-    for provider, scenario in COMBINATIONS:
-        yield provider, scenario, render(provider_values(provider, scenario))
+GATEWAY = "inference-gateway"
+BASE_HEADER = "x-gateway-base-model-name"
+MANAGED_LABEL = "inference.networking.k8s.io/bbr-managed"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,20 +16,19 @@ from pathlib import Path
 import pytest
 
 import bbr
-from tests.conftest import (
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import bbr_port_flags, free_port, free_ports
+from tests.support import (
     BASE_HEADER,
     MODEL_HEADER,
     StartBbr,
-    configmap_yaml,
-    free_port,
-    free_ports,
     immediate,
     json_body,
     last_line,
     request,
     route,
     run_bbr,
-    write_model_map,
+    validate_table,
 )
 
 EXIT_USAGE = 2
@@ -54,15 +53,7 @@ def assert_usage_error(result_stderr: str, returncode: int, *names: str) -> str:
 
 
 def port_flags() -> list[str]:
-    grpc_port, health_port, metrics_port = free_ports(3)
-    return [
-        "--grpc-port",
-        str(grpc_port),
-        "--grpc-health-port",
-        str(health_port),
-        "--metrics-port",
-        str(metrics_port),
-    ]
+    return bbr_port_flags(*free_ports(3))
 
 
 # --- bad flags ----------------------------------------------------------------------------
@@ -328,16 +319,6 @@ def test_model_map_flag_repeatable(tmp_path: Path, start_bbr: StartBbr) -> None:
 # --- bbr validate ---------------------------------------------------------------------------
 
 
-def table(stdout: str) -> dict[str, tuple[str, str]]:
-    """`bbr validate`'s table: model -> (base model, source)."""
-    rows: dict[str, tuple[str, str]] = {}
-    for line in stdout.splitlines():
-        cells = re.split(r"\s{2,}", line.strip(), maxsplit=2)
-        if len(cells) == 3 and cells[0] != "MODEL":
-            rows[cells[0]] = (cells[1], cells[2])
-    return rows
-
-
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "error" in line.lower()]
 
@@ -354,7 +335,7 @@ def test_validate_good_file_prints_the_table(tmp_path: Path) -> None:
     )
     result = run_bbr("validate", str(path))
     assert result.returncode == 0, result.stderr
-    rows = table(result.stdout)
+    rows = validate_table(result.stdout)
     llama = "meta-llama/Llama-3.1-8B-Instruct"
     assert {name: base for name, (base, _) in rows.items()} == {
         llama: llama,
@@ -434,7 +415,7 @@ def test_validate_lists_every_invalid_configmap(tmp_path: Path) -> None:
     assert has_error(report, f"{path}#6", "adapters[0]"), report  # empty once trimmed
     # The valid ConfigMap (with a name of exactly 256 bytes) is still in the table; no
     # name from an invalid ConfigMap is.
-    rows = table(result.stdout)
+    rows = validate_table(result.stdout)
     assert set(rows) == {"base-five", "é" * 128}
 
 
@@ -467,7 +448,7 @@ def test_validate_accepts_go_bbr_adapters_and_warns_what_differs(tmp_path: Path)
     path.write_text(MIGRATED % {"bad": "ok"})
     result = run_bbr("validate", str(path))
     assert result.returncode == 0, result.stderr
-    assert {"food-review-1", "1.10", "1234"} <= set(table(result.stdout))
+    assert {"food-review-1", "1.10", "1234"} <= set(validate_table(result.stdout))
     assert "accepted 2 ConfigMap(s) from 1 file(s): 2 base model(s), 4 adapter(s)" in (
         result.stdout
     )
@@ -507,7 +488,7 @@ def test_validate_conflict_is_an_error(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout
     assert has_error(result.stderr, "shared", "first", "second"), result.stderr
     # The earlier document wins.
-    assert table(result.stdout)["shared"][0] == "llama"
+    assert validate_table(result.stdout)["shared"][0] == "llama"
 
 
 def test_validate_same_base_in_two_configmaps_is_no_conflict(tmp_path: Path) -> None:
@@ -518,7 +499,7 @@ def test_validate_same_base_in_two_configmaps_is_no_conflict(tmp_path: Path) -> 
     )
     result = run_bbr("validate", str(path))
     assert result.returncode == 0, result.stderr
-    assert {n: b for n, (b, _) in table(result.stdout).items()} == {
+    assert {n: b for n, (b, _) in validate_table(result.stdout).items()} == {
         "llama": "llama",
         "food": "llama",
         "movie": "llama",
@@ -562,7 +543,7 @@ def test_validate_kind_list_and_multiple_documents(tmp_path: Path) -> None:
     path.write_text(LIST_AND_DOCUMENTS)
     result = run_bbr("validate", str(path))
     assert result.returncode == 0, result.stderr
-    assert {n: b for n, (b, _) in table(result.stdout).items()} == {
+    assert {n: b for n, (b, _) in validate_table(result.stdout).items()} == {
         "base-one": "base-one",
         "one-a": "base-one",
         "one-b": "base-one",
@@ -599,7 +580,7 @@ def test_validate_directory(tmp_path: Path) -> None:
     (folder / "..data").symlink_to("sub")
     result = run_bbr("validate", str(folder))
     assert result.returncode == 0, result.stderr
-    assert {n: b for n, (b, _) in table(result.stdout).items()} == {
+    assert {n: b for n, (b, _) in validate_table(result.stdout).items()} == {
         "base-a": "base-a",
         "base-b": "base-b",
         "base-c": "base-c",
@@ -611,7 +592,7 @@ def test_validate_several_paths(tmp_path: Path) -> None:
     first, second = two_maps(tmp_path)
     result = run_bbr("validate", str(first), str(second))
     assert result.returncode == 0, result.stderr
-    rows = table(result.stdout)
+    rows = validate_table(result.stdout)
     assert rows["food"][0] == "llama" and str(first) in rows["food"][1]
     assert rows["poem"][0] == "qwen" and str(second) in rows["poem"][1]
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STORM = textwrap.dedent(
     """
     import os, signal, sys, threading
-    from demo.signals import StopSignals
+    from harness.signals import StopSignals
 
     stop = StopSignals()
     def storm():
@@ -47,7 +47,9 @@ def test_a_signal_storm_stops_the_waiter_cleanly() -> None:
 
 def test_wait_times_out_without_a_signal() -> None:
     code = (
-        "from demo.signals import StopSignals\ns = StopSignals()\nprint(s.wait(0.05), s.received)\n"
+        "from harness.signals import StopSignals\n"
+        "s = StopSignals()\n"
+        "print(s.wait(0.05), s.received)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30

@@ -13,20 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from harness.modelmaps import configmap_yaml, replace_model_map, write_model_map
+from harness.processes import poll_until
 from tests import extproc
-from tests.conftest import (
-    BASE_HEADER,
-    MODEL_HEADER,
-    BbrProcess,
-    Conversation,
-    StartBbr,
-    base_model,
-    configmap_yaml,
-    replace_model_map,
-    set_headers,
-    wait_until,
-    write_model_map,
-)
+from tests.extproc import set_headers
+from tests.support import BASE_HEADER, MODEL_HEADER, BbrProcess, Conversation, StartBbr, base_model
 
 RELOAD_DEADLINE = 2.5  # SPEC: within 2 s; a little slack for the poll itself
 
@@ -36,7 +27,7 @@ QWEN = configmap_yaml("qwen", "qwen", ["poem"])
 
 def expect_route(channel: grpc.Channel, model: str, base: str | None) -> None:
     """`model` routes to `base` (None: unknown) within the reload deadline."""
-    took = wait_until(lambda: base_model(channel, model) == base, timeout=RELOAD_DEADLINE)
+    took = poll_until(lambda: base_model(channel, model) == base, timeout=RELOAD_DEADLINE)
     assert took is not None, (
         f"{model!r} still routes to {base_model(channel, model)!r}, not {base!r}, "
         f"{RELOAD_DEADLINE} s after the change"
@@ -91,7 +82,7 @@ def test_with_workers_a_bad_edit_is_reported_once_per_worker(
     channel = process.channel()
     errors = reload_errors(process)
     map_path.write_text("kind: [not, closed\n")
-    took = wait_until(lambda: reload_errors(process) >= errors + 2, timeout=RELOAD_DEADLINE)
+    took = poll_until(lambda: reload_errors(process) >= errors + 2, timeout=RELOAD_DEADLINE)
     assert took is not None, f"{reload_errors(process) - errors} reload errors counted"
     time.sleep(1.0)  # two more polls: a report from the supervisor would be in by now
     assert reload_errors(process) == errors + 2
@@ -178,7 +169,7 @@ def test_garbage_rewrite_keeps_the_previous_map(map_path: Path, start_bbr: Start
     channel = process.channel()
     errors = reload_errors(process)
     replace_model_map(map_path, "apiVersion: v1\nkind: ConfigMap\ndata: {baseModel: [oops\n")
-    took = wait_until(lambda: reload_errors(process) > errors, timeout=RELOAD_DEADLINE)
+    took = poll_until(lambda: reload_errors(process) > errors, timeout=RELOAD_DEADLINE)
     assert took is not None, "a file that does not parse was not counted as a failed reload"
     assert routes(channel, "food", "poem", "llama") == {
         "food": "llama",
@@ -206,7 +197,7 @@ def test_new_broken_file_in_directory_is_reported_once(tmp_path: Path, start_bbr
     channel = process.channel()
     errors = reload_errors(process)
     replace_model_map(folder / "new.yaml", "kind: ConfigMap\ndata: {baseModel: [oops\n")
-    took = wait_until(lambda: reload_errors(process) > errors, timeout=RELOAD_DEADLINE)
+    took = poll_until(lambda: reload_errors(process) > errors, timeout=RELOAD_DEADLINE)
     assert took is not None, "the broken new file was not counted"
     assert base_model(channel, "food") == "llama"
     counted = reload_errors(process)

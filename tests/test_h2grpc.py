@@ -45,6 +45,8 @@ from bbr import h2grpc, metrics
 from bbr.decision import Options
 from bbr.health import SERVICE_NAME, Health
 from bbr.service import Processor, h2_server
+from harness.h2client import PREFACE
+from harness.processes import poll_until
 from tests.extproc import BASE, CHAT, LLAMA, NAME, body, headers, holder_with, set_headers, stub
 
 ROUTED = {BASE: LLAMA, NAME: "food-review-1"}
@@ -57,7 +59,6 @@ PROCESS = f"/{SERVICE_NAME}/Process".encode()
 HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 HOLDER = holder_with()
@@ -66,15 +67,6 @@ HOLDER = holder_with()
 def active_streams() -> float:
     value: float = metrics.ACTIVE_STREAMS._value.get()
     return value
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def chunked(payload: bytes, size: int) -> list[pb.ProcessingRequest]:
@@ -136,7 +128,9 @@ def serve(loop: asyncio.AbstractEventLoop) -> Iterator[Serve]:
     yield start
     for running in started:
         asyncio.run_coroutine_threadsafe(running.server.stop(0), loop).result(10)
-    assert wait_until(lambda: active_streams() == 0), "a stream was never freed"
+    assert poll_until(lambda: active_streams() == 0, timeout=5) is not None, (
+        "a stream was never freed"
+    )
 
 
 @pytest.fixture
@@ -294,7 +288,7 @@ def test_grpc_200_concurrent_streams_on_one_channel(serve: Serve) -> None:
 
         with ThreadPoolExecutor(max_workers=200) as pool:
             futures = [pool.submit(one, i) for i in range(200)]
-            all_open = wait_until(lambda: running.processor.active == 200, timeout=10)
+            all_open = poll_until(lambda: running.processor.active == 200, timeout=10) is not None
             release.set()
             results = [f.result(20) for f in futures]
     assert all_open, f"only {running.processor.active} streams were open at once"
@@ -306,7 +300,7 @@ def test_grpc_200_concurrent_streams_on_one_channel(serve: Serve) -> None:
 
 def test_grpc_cancelled_stream_releases_it(serve: Serve) -> None:
     running = serve()
-    assert wait_until(lambda: active_streams() == 0)
+    assert poll_until(lambda: active_streams() == 0, timeout=5) is not None
     gate = threading.Event()
 
     def requests() -> Iterator[pb.ProcessingRequest]:
@@ -316,10 +310,10 @@ def test_grpc_cancelled_stream_releases_it(serve: Serve) -> None:
 
     with open_channel(running) as chan:
         call = stub(chan).Process(requests())
-        assert wait_until(lambda: active_streams() == 1)
+        assert poll_until(lambda: active_streams() == 1, timeout=5) is not None
         call.cancel()
         gate.set()
-        assert wait_until(lambda: active_streams() == 0)
+        assert poll_until(lambda: active_streams() == 0, timeout=5) is not None
         assert running.processor.active == 0
 
 
@@ -355,7 +349,7 @@ def test_grpc_idle_streamed_body_is_deadline_exceeded(serve: Serve) -> None:
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no request body message" in (info.value.details() or "")
     assert time.monotonic() - started < 3
-    assert wait_until(lambda: running.processor.active == 0)
+    assert poll_until(lambda: running.processor.active == 0, timeout=5) is not None
 
 
 # --- HTTP/2 framing helpers --------------------------------------------------------------
@@ -765,15 +759,15 @@ def test_h2_messages_split_and_coalesced_across_data_frames(
 
 def test_h2_rst_stream_frees_the_call(serve: Serve, h2client: Callable[..., H2Client]) -> None:
     running = serve(streaming=True)
-    assert wait_until(lambda: active_streams() == 0)
+    assert poll_until(lambda: active_streams() == 0, timeout=5) is not None
     client = h2client(running)
     stream_id = client.open()
     client.send(stream_id, process_request(headers(), body(b'{"model": ', end_of_stream=False)))
-    assert wait_until(lambda: running.processor.active == 1)
+    assert poll_until(lambda: running.processor.active == 1, timeout=5) is not None
     assert active_streams() == 1
     client.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
     client.flush()
-    assert wait_until(lambda: running.processor.active == 0)
+    assert poll_until(lambda: running.processor.active == 0, timeout=5) is not None
     assert active_streams() == 0
     # The connection goes on: a new stream on it is answered.
     reply = client.call(process_request(headers(), body(CHAT)))
@@ -922,7 +916,7 @@ def _drain_with_a_held_call(
     running = serve(streaming=True)
     client = raw(running)
     _open_held_call(client)
-    assert wait_until(lambda: running.processor.active == 1)
+    assert poll_until(lambda: running.processor.active == 1, timeout=5) is not None
     stopping: Future[None] = asyncio.run_coroutine_threadsafe(running.server.stop(10), loop)
     frames = client.frames_until(lambda f: isinstance(f, GoAwayFrame))
     return running, client, stopping, frames

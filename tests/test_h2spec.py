@@ -19,16 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import (
-    CHANNEL_OPTIONS,
-    SERVING,
-    BbrProcess,
-    StartBbr,
-    configmap_yaml,
-    route,
-    write_model_map,
-)
+from harness.modelmaps import configmap_yaml, write_model_map
 from tests.pki import served_certificate
+from tests.support import CHANNEL_OPTIONS, SERVING, BbrProcess, StartBbr, route
 from tests.tools import tool
 
 CASES = 145  # h2spec v2.2.1's cases without --strict

@@ -39,16 +39,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bbr import __version__
 from bbr.health import SERVICE_NAME
-from tests.conftest import (
-    BASE_HEADER,
-    CHANNEL_OPTIONS,
-    MODEL_HEADER,
-    REPO_ROOT,
-    metric_value,
-    route,
-    wait_until,
-)
-from tests.test_chart import MODELS, NAMESPACE, render
+from harness.processes import REPO_ROOT, poll_until
+from tests.chart import MODELS, NAMESPACE, render
+from tests.support import BASE_HEADER, CHANNEL_OPTIONS, MODEL_HEADER, metric_value, route
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 IMAGE_SCRIPT = REPO_ROOT / "scripts" / "image.sh"
@@ -309,7 +302,7 @@ class Container:
 def chart_container(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     container = Container(image, tmp_path_factory.mktemp("chart"), "chart")
     try:
-        took = wait_until(container.serving, timeout=60, interval=0.2)
+        took = poll_until(container.serving, timeout=60, interval=0.2)
         assert took is not None, f"not SERVING within 60 s:\n{container.logs()}"
         yield container
     finally:
@@ -450,7 +443,7 @@ def test_workers_share_the_read_only_root(image: str, tmp_path: Path) -> None:
     """bbr.workers > 1 keeps its metrics files in the chart's /tmp volume, nowhere else."""
     container = Container(image, tmp_path, "workers", {"bbr": {"workers": 2}})
     try:
-        took = wait_until(container.serving, timeout=60, interval=0.2)
+        took = poll_until(container.serving, timeout=60, interval=0.2)
         assert took is not None, f"not SERVING within 60 s:\n{container.logs()}"
         # Four connections, spread over the workers by the kernel; /metrics counts them all.
         for _ in range(4):

@@ -10,16 +10,9 @@ from prometheus_client import REGISTRY, generate_latest
 
 from bbr import metrics
 from bbr.modelmap import ConfigMapRef, MapHolder, ModelConfig
-from tests.conftest import (
-    StartBbr,
-    configmap_yaml,
-    json_body,
-    metric_samples,
-    replace_model_map,
-    request,
-    wait_until,
-    write_model_map,
-)
+from harness.modelmaps import configmap_yaml, replace_model_map, write_model_map
+from harness.processes import poll_until
+from tests.support import StartBbr, json_body, metric_samples, request
 
 NAME = "bbr_model_requests_total"
 
@@ -68,7 +61,7 @@ def test_a_base_model_that_leaves_the_map_leaves_the_metric(
     replace_model_map(
         path, configmap_yaml("llama", "llama", ["food"]), configmap_yaml("mistral", "mistral")
     )
-    assert wait_until(lambda: "qwen" not in per_base(bbr.metrics_text()), timeout=10) is not None
+    assert poll_until(lambda: "qwen" not in per_base(bbr.metrics_text()), timeout=10) is not None
     # A base model that stays keeps its count; a new one starts at 0.
     assert per_base(bbr.metrics_text()) == {"llama": 1, "mistral": 0}
     send(bbr.channel(), "mistral")

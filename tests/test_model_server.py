@@ -14,7 +14,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from demo.model_server import ModelServer
+from harness.model_server import ModelServer
 
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
 ROUTING = {"x-gateway-base-model-name": BASE, "x-gateway-model-name": "food-review-1"}

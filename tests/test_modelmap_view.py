@@ -14,16 +14,9 @@ import pytest
 
 from bbr import mapview
 from bbr.modelmap import ConfigMapError, ConfigMapRef, MapHolder, ModelConfig, parse_file_text
-from tests.conftest import (
-    StartBbr,
-    configmap_yaml,
-    free_port,
-    last_line,
-    replace_model_map,
-    run_bbr,
-    wait_until,
-    write_model_map,
-)
+from harness.modelmaps import configmap_yaml, replace_model_map, write_model_map
+from harness.processes import free_port, poll_until
+from tests.support import StartBbr, last_line, run_bbr, validate_table
 
 
 def get(port: int, path: str = "/modelmap") -> tuple[int, dict[str, str], bytes]:
@@ -40,15 +33,6 @@ def view(port: int) -> dict[str, Any]:
     assert status == 200 and headers["Content-Type"] == "application/json"
     doc: dict[str, Any] = json.loads(body)
     return doc
-
-
-def table(stdout: str) -> dict[str, tuple[str, str]]:
-    rows: dict[str, tuple[str, str]] = {}
-    for line in stdout.splitlines():
-        cells = re.split(r"\s{2,}", line.strip(), maxsplit=2)
-        if len(cells) == 3 and cells[0] != "MODEL":
-            rows[cells[0]] = (cells[1], cells[2])
-    return rows
 
 
 CONFLICTED = (
@@ -105,7 +89,7 @@ def test_modelmap_shows_names_sources_conflicts_invalid(
 
     # An edit shows up (within the 2 s of SPEC §3), with a later last_change.
     replace_model_map(path, configmap_yaml("llama", "llama", ["food", "new-one"]))
-    assert wait_until(lambda: "new-one" in view(bbr.metrics_port)["models"], timeout=5)
+    assert poll_until(lambda: "new-one" in view(bbr.metrics_port)["models"], timeout=5)
     after = view(bbr.metrics_port)
     assert after["last_change"] > doc["last_change"]
     assert after["conflicts"] == [] and after["invalid"] == []
@@ -119,7 +103,7 @@ def test_validate_live_prints_the_table_and_fails_on_conflicts(
     bbr = start_bbr(model_map=path)
     result = run_bbr("validate", "--live", f"http://127.0.0.1:{bbr.metrics_port}")
     assert result.returncode == 1, result.stderr
-    rows = table(result.stdout)
+    rows = validate_table(result.stdout)
     assert {name: base for name, (base, _) in rows.items()} == {
         "food": "llama",
         "llama": "llama",
@@ -132,7 +116,7 @@ def test_validate_live_prints_the_table_and_fails_on_conflicts(
     # The same file, validated offline, lists the same table.
     offline = run_bbr("validate", str(path))
     assert offline.returncode == 1
-    assert {n: b for n, (b, _) in table(offline.stdout).items()} == {
+    assert {n: b for n, (b, _) in validate_table(offline.stdout).items()} == {
         n: b for n, (b, _) in rows.items()
     }
 
@@ -142,7 +126,7 @@ def test_validate_live_clean_map_exits_0(start_bbr: StartBbr, tmp_path: Path) ->
     bbr = start_bbr(model_map=path)
     result = run_bbr("validate", "--live", f"127.0.0.1:{bbr.metrics_port}/modelmap")
     assert result.returncode == 0, result.stderr
-    assert table(result.stdout) == {
+    assert validate_table(result.stdout) == {
         "a": ("base", f"{path}#1 (default/m)"),
         "base": ("base", f"{path}#1 (default/m)"),
     }

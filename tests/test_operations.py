@@ -18,11 +18,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import bbr
+from harness.h2client import EXT_PROC_SERVICE
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import poll_until
 from tests import extproc
-from tests.conftest import (
+from tests.extproc import set_headers
+from tests.support import (
     BASE_HEADER,
     CHANNEL_OPTIONS,
-    EXT_PROC_SERVICE,
     MODEL_HEADER,
     NOT_SERVING,
     SERVING,
@@ -30,16 +33,12 @@ from tests.conftest import (
     Conversation,
     StartBbr,
     call,
-    configmap_yaml,
     immediate,
     json_body,
     metric_samples,
     metric_value,
     request,
     route,
-    set_headers,
-    wait_until,
-    write_model_map,
 )
 
 MAX_BODY = 6 * 1024 * 1024
@@ -183,7 +182,7 @@ def test_logs_are_json_with_outcome_and_never_the_body(tmp_path: Path, start_bbr
     def request_records() -> list[dict[str, object]]:
         return [r for r in process.log_records() if "outcome" in r]
 
-    assert wait_until(lambda: len(request_records()) >= 6, timeout=5) is not None
+    assert poll_until(lambda: len(request_records()) >= 6, timeout=5) is not None
     records = request_records()
     routed = [r for r in records if r["outcome"] == "routed"]
     assert routed and all(r["model"] == "food" and r["base_model"] == "llama" for r in routed), (
@@ -222,16 +221,16 @@ def test_sigterm_drains_open_streams(simple_map: Path, start_bbr: StartBbr) -> N
     conversation.send(extproc.headers({"content-type": "application/json"}, streaming=True))
     conversation.send(extproc.body(first, end_of_stream=False))
     assert conversation.nothing_within(0.3)  # held until the model is known
-    assert wait_until(lambda: process.metric("bbr_active_streams") == 1, timeout=5) is not None
+    assert poll_until(lambda: process.metric("bbr_active_streams") == 1, timeout=5) is not None
 
     process.send_signal(signal.SIGTERM)
-    assert wait_until(lambda: process.health("") == NOT_SERVING, timeout=3) is not None, (
+    assert poll_until(lambda: process.health("") == NOT_SERVING, timeout=3) is not None, (
         "health did not go NOT_SERVING after SIGTERM"
     )
     assert process.health(EXT_PROC_SERVICE) == NOT_SERVING
     # A new stream is refused, on a new connection and on the open one (Envoy's) ...
     for channel in (process.channel(), conversation_channel):
-        assert wait_until(functools.partial(refused, channel), timeout=2) is not None
+        assert poll_until(functools.partial(refused, channel), timeout=2) is not None
     # ... while the open one still runs to its end.
     assert process.returncode is None
     assert process.health("") == NOT_SERVING
@@ -306,7 +305,7 @@ def test_killed_workers_come_back_with_the_supervisors_settings(
         ready = [r for r in process.log_records() if r.get("msg") == "worker ready"]
         return len(ready) == 4 and len(children(process.pid) - first) == 2
 
-    assert wait_until(replaced, timeout=30) is not None, process.stderr_text()
+    assert poll_until(replaced, timeout=30) is not None, process.stderr_text()
     exits = [r for r in process.log_records() if r.get("msg") == "worker exited; restarting"]
     assert sorted(r["worker"] for r in exits) == [0, 1]
     assert {r["code"] for r in exits} == {-signal.SIGKILL}
@@ -408,21 +407,21 @@ def test_200_concurrent_streams(shared: BbrProcess) -> None:
         else:
             answer = immediate(responses)
             assert answer is not None and answer.status.code == 404, (i, responses)
-    assert wait_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=5) is not None
+    assert poll_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=5) is not None
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["buffered", "streamed"])
 def test_cancelled_stream_releases_it(shared: BbrProcess, streaming: bool) -> None:
-    assert wait_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=5) is not None
+    assert poll_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=5) is not None
     conversation = Conversation(shared.channel())
     conversation.send(extproc.headers({"content-type": "application/json"}, streaming=streaming))
     if streaming:
         conversation.send(extproc.body(b'{"model": "fo', end_of_stream=False))
     else:
         conversation.recv()  # buffered: the headers answer comes at once; the body is due
-    assert wait_until(lambda: shared.metric("bbr_active_streams") == 1, timeout=5) is not None
+    assert poll_until(lambda: shared.metric("bbr_active_streams") == 1, timeout=5) is not None
     conversation.cancel()
-    assert wait_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=3) is not None
+    assert poll_until(lambda: shared.metric("bbr_active_streams") == 0, timeout=3) is not None
     # The server is fine afterwards.
     assert route(shared.channel(), "poem")[BASE_HEADER] == "qwen"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,16 +16,10 @@ import pytest
 
 from bbr import tracing
 from bbr.tracing import Parent, parent_of
+from harness.processes import REPO_ROOT, free_port
 from tests import extproc
-from tests.conftest import (
-    REPO_ROOT,
-    StartBbr,
-    free_port,
-    json_body,
-    last_line,
-    run_bbr,
-)
 from tests.otlp import ReceivedSpan, Receiver
+from tests.support import StartBbr, json_body, last_line, run_bbr
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -174,15 +167,6 @@ def test_tracing_off_never_imports_the_sdk() -> None:
 
 
 # --- a real bbr exporting to a real receiver ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    try:
-        yield found
-    finally:
-        found.close()
 
 
 def otel_env(receiver: Receiver, **extra: str) -> dict[str, str]:

@@ -6,9 +6,7 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
-from .harness import ModelServers, Stack, demo_pools, start_stack
-
-_STACKS: list[Stack] = []
+from harness.stack import RUNNING, ModelServers, Stack, demo_pools, start_stack
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -23,7 +21,7 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.when == "call" and report.failed and item.get_closest_marker("e2e"):
-        for stack in _STACKS:
+        for stack in RUNNING:
             report.sections.append((f"logs of stack {stack.name}", stack.log_tails()))
     return report
 
@@ -46,11 +44,9 @@ def _stack(
 ) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp(name)
     stack = start_stack(name, workdir, model_servers, flags, streaming=streaming)
-    _STACKS.append(stack)
     try:
         yield stack
     finally:
-        _STACKS.remove(stack)
         stack.close()
 
 

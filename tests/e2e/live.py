@@ -1,6 +1,6 @@
 """bbr and Envoy as separately stoppable processes, for the fault and TLS tests.
 
-`tests/e2e/harness.start_stack` starts both together and stops both together; the fault
+`harness.stack.start_stack` starts both together and stops both together; the fault
 tests need to kill, signal and restart each on its own, keep ports across restarts, run
 bbr as another user or with TLS, and read bbr's metrics and Envoy's stats. Everything
 else (model servers, Envoy config, child processes) is the harness's.
@@ -11,31 +11,38 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from demo.envoy_config import BbrTLS, render
-from demo.processes import (
+from harness.envoy_config import BbrTLS, render
+from harness.processes import (
+    REPO_ROOT,
     Child,
     StartupError,
     bbr_argv,
     envoy_argv,
     free_port,
-    grpc_health_ready,
     http_ready,
-    tcp_ready,
+    log_tails,
     wait_until,
 )
-
-from .harness import LLAMA, REPO_ROOT, STARTUP_TIMEOUT, ModelServers, Reply, send
+from harness.stack import (
+    LLAMA,
+    BbrPorts,
+    ModelServers,
+    Reply,
+    send,
+    wait_bbr,
+    wait_envoy,
+)
+from tests.support import clean_env
 
 PATIENCE = 60.0
 """Seconds any wait may take: the machine is shared and busy; nothing here is a benchmark."""
@@ -58,6 +65,13 @@ def chat_body(model: str, size: int = 0) -> bytes:
     content = "hi" + " padding" * (size // 8)
     payload = {"model": model, "messages": [{"role": "user", "content": content}]}
     return json.dumps(payload).encode()
+
+
+def assert_routes(live: Live, model_servers: ModelServers, known: Mapping[str, str]) -> None:
+    """Every model in ``known`` (model → base model) reaches its base model's server."""
+    for model, base in known.items():
+        reply = live.chat(model)
+        assert served_by(reply) == model_servers.name_of(base), f"{model}: {reply}"
 
 
 def served_by(reply: Reply) -> str | None:
@@ -203,19 +217,11 @@ class Live:
                 flags=self.bbr_flags,
             ),
         ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BBR_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        child = Child("bbr", argv, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
+        child = Child("bbr", argv, cwd=REPO_ROOT, env=clean_env(), stdout=log_file, stderr=log_file)
         self.bbr = Bbr(child, self.grpc_port, self.health_port, self.metrics_port, log, log_file)
         if wait:
             try:
-                wait_until(
-                    "bbr health",
-                    grpc_health_ready(self.health_port),
-                    child=child,
-                    timeout=STARTUP_TIMEOUT,
-                )
-                wait_until("bbr gRPC port", tcp_ready(self.grpc_port), child=child)
+                wait_bbr(child, BbrPorts(self.grpc_port, self.health_port, self.metrics_port))
                 wait_until("bbr metrics", http_ready(self.metrics_port, "/metrics"), child=child)
             except StartupError as exc:
                 raise StartupError(f"{exc}\n{self.log_tails()}") from None
@@ -245,12 +251,7 @@ class Live:
         self.envoy = Envoy(child, self.port, self.admin_port, log, log_file)
         if wait:
             try:
-                wait_until(
-                    "envoy ready",
-                    http_ready(self.admin_port, "/ready"),
-                    child=child,
-                    timeout=STARTUP_TIMEOUT,
-                )
+                wait_envoy(child, self.admin_port)
             except StartupError as exc:
                 raise StartupError(f"{exc}\n{self.log_tails()}") from None
         return self.envoy
@@ -282,13 +283,7 @@ class Live:
     # --- teardown ---
 
     def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for path in sorted(self.workdir.glob("*.log")):
-            with contextlib.suppress(OSError):
-                text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-                out.append(f"--- {path.name}, last {lines} lines:")
-                out += text[-lines:]
-        return "\n".join(out)
+        return log_tails(((p.name, p) for p in sorted(self.workdir.glob("*.log"))), lines)
 
     def close(self) -> None:
         for part in (self.envoy, self.bbr):

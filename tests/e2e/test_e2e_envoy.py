@@ -15,20 +15,12 @@ from typing import Any
 
 import pytest
 
-from .harness import DEEPSEEK, LLAMA, ModelServers, Reply, Stack, chunks_of, demo_pools
+from harness.stack import DEEPSEEK, LLAMA, ModelServers, Reply, Stack, chunks_of, demo_pools, routed
 
 pytestmark = pytest.mark.e2e
 
 BASE_HEADER = "x-gateway-base-model-name"
 MODEL_HEADER = "x-gateway-model-name"
-
-
-def routed(reply: Reply) -> dict[str, Any]:
-    """The model server's report, after checking the request reached one."""
-    assert reply.status == 200, str(reply)
-    demo = reply.json().get("x_bbr_demo")
-    assert isinstance(demo, dict), str(reply)
-    return demo
 
 
 def error(reply: Reply, status: int, code: str | None) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from bbr.logs import FLUSH_SECONDS
+from harness.stack import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 
-from .harness import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
-from .live import PATIENCE, HeldRequest, Live, chat_body, poll, served_by
+from .live import PATIENCE, HeldRequest, Live, assert_routes, chat_body, poll, served_by
 
 pytestmark = pytest.mark.e2e
 
@@ -76,12 +76,6 @@ def running(live: Live) -> Iterator[Live]:
         yield live
     finally:
         live.close()
-
-
-def assert_routes_everything(live: Live, model_servers: ModelServers) -> None:
-    for model, base in KNOWN.items():
-        reply = live.chat(model)
-        assert served_by(reply) == model_servers.name_of(base), f"{model}: {reply}"
 
 
 def idle(live: Live) -> None:
@@ -138,7 +132,7 @@ def test_client_reset_mid_body_frees_the_stream(
         for client in clients:
             client.close()
     assert live.bbr.child.exited() is None
-    assert_routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     idle(live)
 
 
@@ -178,7 +172,7 @@ def test_streamed_body_that_never_finishes_is_dropped(
         assert live.bbr.child.exited() is None
         reply = live.send(chat_body("ski-resorts", 8192), chunked=True)
         assert served_by(reply) == model_servers.name_of(DEEPSEEK), str(reply)
-        assert_routes_everything(live, model_servers)
+        assert_routes(live, model_servers, KNOWN)
         idle(live)
 
 
@@ -290,9 +284,9 @@ def test_model_map_fault_keeps_the_last_good_map(
     # bbr noticed (it counts the failed reload) ...
     poll("a failed reload counted", lambda: bbr.metric(RELOAD_ERRORS) > errors_before)
     # ... and goes on routing with the map it had, for as long as the file stays bad.
-    assert_routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     time.sleep(1.5)  # several more polls of the bad file
-    assert_routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     assert bbr.metric('bbr_model_map_models{kind="base"}') == 2
 
     # A good file again: a new adapter shows that it was read.
@@ -300,7 +294,7 @@ def test_model_map_fault_keeps_the_last_good_map(
     remove_any(path)
     replace_atomically(path, good_map_text(probe))
     live.wait_routing(probe, DEEPSEEK)
-    assert_routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     assert bbr.child.exited() is None
 
 
@@ -478,7 +472,7 @@ def test_envoy_restart_leaves_bbr_serving(
         assert bbr.health() == health_pb2.HealthCheckResponse.SERVING
         live.start_envoy()
         live.wait_routing()
-        assert_routes_everything(live, model_servers)
+        assert_routes(live, model_servers, KNOWN)
         reply = live.send(chat_body("movie-critique", 8192), chunked=True)
         assert served_by(reply) == model_servers.name_of(LLAMA), str(reply)
         assert bbr.pid == pid and bbr.child.exited() is None

@@ -39,28 +39,23 @@ import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from tests.test_chart import render
-from tests.tools import tool
-
-from .harness import (
+from harness.processes import REPO_ROOT, Child, StartupError, free_port, stop_all
+from harness.stack import (
     DEEPSEEK,
     LLAMA,
-    REPO_ROOT,
-    Child,
+    BbrPorts,
     ModelServers,
     Reply,
-    StartupError,
-    bbr_argv,
     demo_pools,
-    envoy_argv,
-    envoy_binary,
-    free_port,
-    grpc_health_ready,
-    http_ready,
+    routed,
     send,
-    stop_all,
-    wait_until,
+    spawn_bbr,
+    spawn_envoy,
+    wait_bbr,
+    wait_envoy,
 )
+from tests.chart import render
+from tests.tools import tool
 
 pytestmark = pytest.mark.e2e
 
@@ -438,24 +433,12 @@ def chart_bbr(workdir: Path, values: dict[str, Any]) -> Iterator[int]:
         a for a in container["args"] if a.startswith("--max-body-bytes=") or a == "--streaming"
     ]
     assert f"--max-body-bytes={values['bbr']['maxBodyBytes']}" in body_flags
-    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+    ports = BbrPorts.free()
     with (workdir / "bbr.log").open("wb") as log:
-        bbr = Child(
-            f"bbr ({workdir.name})",
-            bbr_argv(
-                model_map,
-                grpc_port=grpc_port,
-                health_port=health_port,
-                metrics_port=metrics_port,
-                flags=body_flags,
-            ),
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=log,
-        )
+        bbr = spawn_bbr(workdir.name, model_map, ports, log, flags=body_flags)
         try:
-            wait_until("bbr health", grpc_health_ready(health_port), child=bbr, timeout=30)
-            yield grpc_port
+            wait_bbr(bbr, ports)
+            yield ports.grpc
         finally:
             stop_all([bbr])
 
@@ -501,16 +484,10 @@ def start_gateway(
     config.write_text(json.dumps(bootstrap, indent=1), encoding="utf-8")
     log = workdir / "envoy.log"
     with log.open("wb") as handle:
-        proxy = Child(
-            f"envoy ({name})",
-            envoy_argv(config, binary=envoy_binary()),
-            cwd=workdir,
-            stdout=handle,
-            stderr=handle,
-        )
+        proxy = spawn_envoy(name, config, handle, cwd=workdir)
     gateway = Gateway(name, translation, port, log, [proxy])
     try:
-        wait_until(f"envoy ({name})", http_ready(admin_port, "/ready"), child=proxy, timeout=30)
+        wait_envoy(proxy, admin_port)
     except StartupError as exc:
         stop_all(gateway.children)
         raise StartupError(f"{exc}\n{log.read_text(errors='replace')[-4000:]}") from None
@@ -569,13 +546,6 @@ def plain(make_gateway: GatewayFactory) -> Gateway:
 def with_picker(make_gateway: GatewayFactory) -> Gateway:
     """The same, plus a route-level EnvoyExtensionPolicy (a picker) on the llama route."""
     return make_gateway("picker", chart_values(), picker_objects(llama_route()))
-
-
-def routed(reply: Reply) -> dict[str, Any]:
-    assert reply.status == 200, str(reply)
-    demo = reply.json().get("x_bbr_demo")
-    assert isinstance(demo, dict), str(reply)
-    return demo
 
 
 def openai_error(reply: Reply, status: int, code: str) -> None:

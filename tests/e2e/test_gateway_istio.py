@@ -36,24 +36,29 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from demo.processes import Child, envoy_argv, envoy_binary, stop_all
-from tests.e2e.harness import (
-    DEEPSEEK,
-    LLAMA,
-    REPO_ROOT,
-    STARTUP_TIMEOUT,
-    ModelServers,
-    Reply,
-    bbr_argv,
+from harness.processes import (
+    Child,
+    envoy_binary,
     free_port,
-    grpc_health_ready,
-    http_ready,
-    send,
+    log_tails,
+    stop_all,
     tcp_ready,
     wait_until,
 )
+from harness.stack import (
+    DEEPSEEK,
+    LLAMA,
+    BbrPorts,
+    ModelServers,
+    Reply,
+    send,
+    spawn_bbr,
+    spawn_envoy,
+    wait_bbr,
+    wait_envoy,
+)
+from tests.chart import template_text
 from tests.e2e.picker import Picker, serve
-from tests.test_chart import template_text
 from tests.tools import tool
 
 pytestmark = pytest.mark.e2e
@@ -299,11 +304,7 @@ class Gateway:
         return send(self.port, "POST", "/v1/chat/completions", body, hdrs, timeout=30.0)
 
     def logs(self) -> str:
-        out = []
-        for log in sorted(self.workdir.glob("*.log")):
-            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
-            out.append(f"--- {log.name}:\n" + "\n".join(lines))
-        return "\n".join(out)
+        return log_tails(((p.name, p) for p in sorted(self.workdir.glob("*.log"))), 30)
 
     def close(self) -> None:
         stop_all(self.children)
@@ -348,11 +349,11 @@ def start_gateway(
                 if c["name"].split("|")[-1].startswith(f"{pool}-ip-")
             ]
             upstreams[pool_cluster.split("|")[-1]] = model_port
-        bbr_ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
+        bbr_ports = BbrPorts.free()
         (bbr_service,) = [
             d["metadata"]["name"] for d in yaml.safe_load_all(chart) if d and d["kind"] == "Service"
         ]
-        upstreams[host(bbr_service)] = bbr_ports["grpc"]
+        upstreams[host(bbr_service)] = bbr_ports.grpc
         model_map = workdir / "model-map.yaml"
         maps = [d for d in yaml.safe_load_all(chart) if d and d["kind"] == "ConfigMap"]
         model_map.write_text(yaml.safe_dump_all(maps), encoding="utf-8")
@@ -366,41 +367,22 @@ def start_gateway(
         config.write_text(json.dumps(bootstrap, indent=1), encoding="utf-8")
         bbr_log = (workdir / "bbr.log").open("wb")
         gateway.files.append(bbr_log)
-        bbr = Child(
-            f"bbr ({name})",
-            bbr_argv(
-                model_map,
-                grpc_port=bbr_ports["grpc"],
-                health_port=bbr_ports["health"],
-                metrics_port=bbr_ports["metrics"],
-                streaming=streaming,
-                flags=["--max-body-bytes", str(LIMIT)],
-            ),
-            cwd=REPO_ROOT,
-            stdout=bbr_log,
-            stderr=bbr_log,
+        bbr = spawn_bbr(
+            name,
+            model_map,
+            bbr_ports,
+            bbr_log,
+            streaming=streaming,
+            flags=["--max-body-bytes", str(LIMIT)],
         )
         gateway.children.append(bbr)
         envoy_log = (workdir / "envoy.log").open("wb")
         gateway.files.append(envoy_log)
-        proxy = Child(
-            f"envoy ({name})",
-            envoy_argv(config, binary=envoy),
-            cwd=workdir,
-            stdout=envoy_log,
-            stderr=envoy_log,
-        )
+        proxy = spawn_envoy(name, config, envoy_log, cwd=workdir, binary=envoy)
         gateway.children.append(proxy)
-        wait_until(
-            f"bbr ({name})",
-            grpc_health_ready(bbr_ports["health"]),
-            child=bbr,
-            timeout=STARTUP_TIMEOUT,
-        )
+        wait_bbr(bbr, bbr_ports)
         admin = bootstrap["admin"]["address"]["socket_address"]["port_value"]
-        wait_until(
-            f"envoy ({name})", http_ready(admin, "/ready"), child=proxy, timeout=STARTUP_TIMEOUT
-        )
+        wait_envoy(proxy, admin)
         wait_until(f"envoy ({name}) listener", tcp_ready(gateway.port), child=proxy)
     except BaseException:
         print(gateway.logs())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.processes import free_port, port_in_use
+from harness.processes import free_port, port_in_use
 
 pytestmark = pytest.mark.e2e
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from demo.envoy_config import BbrTLS
+from harness.envoy_config import BbrTLS
+from harness.stack import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
 from tests.pki import Authority, SecretVolume
 
-from .harness import DEEPSEEK, LLAMA, MODEL_MAP, ModelServers, Reply
-from .live import Live, poll, served_by
+from .live import Live, assert_routes, poll, served_by
 
 pytestmark = pytest.mark.e2e
 
@@ -93,12 +93,6 @@ def stacks() -> Iterator[list[Live]]:
         live.close()
 
 
-def routes_everything(live: Live, model_servers: ModelServers) -> None:
-    for model, base in KNOWN.items():
-        reply = live.chat(model)
-        assert served_by(reply) == model_servers.name_of(base), f"{model}: {reply}"
-
-
 def refused(reply: Reply) -> None:
     """Envoy could not get an answer from bbr: its own 500, no model server involved."""
     assert reply.status == 500, str(reply)
@@ -163,7 +157,7 @@ def test_given_certificate(
     flags = ["--secure-serving", "--cert-path", str(tmp_path / "certs")]
     live = tls_stack(tmp_path / "stack", model_servers, flags, envoy_tls(pki, client=None))
     stacks.append(live)
-    routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     assert served_certificate(live.grpc_port, pki, client=False) == server.der
 
 
@@ -174,7 +168,7 @@ def test_self_signed_certificate(
     bbr_tls = envoy_tls(pki, client=None, ca=None)
     live = tls_stack(tmp_path, model_servers, ["--secure-serving"], bbr_tls)
     stacks.append(live)
-    routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
 
 
 def test_envoy_refuses_a_bbr_certificate_it_does_not_trust(
@@ -225,7 +219,7 @@ def test_mutual_tls_routes(
     flags, _ = mtls_flags
     live = tls_stack(tmp_path / "stack", model_servers, flags, envoy_tls(pki))
     stacks.append(live)
-    routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     # Spoofed routing headers still never survive over TLS.
     reply = live.chat("ski-resorts", {"x-gateway-base-model-name": LLAMA})
     assert served_by(reply) == model_servers.name_of(DEEPSEEK), str(reply)
@@ -270,7 +264,7 @@ def test_certificate_rotation_is_picked_up(
     live = tls_stack(tmp_path / "stack", model_servers, flags, envoy_tls(pki))
     stacks.append(live)
     first = served_certificate(live.grpc_port, pki, client=True)
-    routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
 
     second = pki.ca.issue("bbr")
     assert second.certificate.serial_number != x509.load_der_x509_certificate(first).serial_number
@@ -279,11 +273,11 @@ def test_certificate_rotation_is_picked_up(
         "bbr serves the rotated certificate",
         lambda: served_certificate(live.grpc_port, pki, client=True) == second.der,
     )
-    routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
 
     assert live.envoy is not None
     live.envoy.child.stop()
     live.envoy.log_file.close()
     live.start_envoy()
-    routes_everything(live, model_servers)
+    assert_routes(live, model_servers, KNOWN)
     assert live.bbr is not None and live.bbr.child.exited() is None

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 
-from demo.envoy_config import static_cluster
+from harness.envoy_config import static_cluster
+from harness.processes import free_port
+from harness.stack import LLAMA, ModelServers, Stack, start_stack
 from tests.otlp import ReceivedSpan, Receiver
-
-from .conftest import _STACKS
-from .harness import LLAMA, ModelServers, Stack, free_port, start_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -109,21 +108,10 @@ def traced_stack(
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         },
     )
-    _STACKS.append(stack)
     try:
         yield stack
     finally:
-        _STACKS.remove(stack)
         stack.close()
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    try:
-        yield found
-    finally:
-        found.close()
 
 
 @pytest.fixture(scope="module")

@@ -23,22 +23,45 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
-class CuttableProxy:
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
+class _Listener:
+    """A loopback listener whose accept loop hands each connection to `_handle`."""
+
+    def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        _close(self._listener)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._handle(client)
+
+    def _handle(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class CuttableProxy(_Listener):
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._cut = False
-        self._closed = False
         self.attempts: list[float] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -60,47 +83,31 @@ class CuttableProxy:
             self._cut = False
 
     def close(self) -> None:
-        self._closed = True
+        super().close()
         self.cut()
-        _close(self._listener)
 
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._cut:
-                    self.attempts.append(time.monotonic())
-                    _close(client)
-                    continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
+    def _handle(self, client: socket.socket) -> None:
+        with self._lock:
+            if self._cut:
+                self.attempts.append(time.monotonic())
                 _close(client)
-                continue
-            with self._lock:
-                self._open.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+                return
         try:
-            while data := source.recv(65536):
-                sink.sendall(data)
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
         except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                _close(s)
-            with self._lock:
-                self._open.discard(source)
-                self._open.discard(sink)
+            _close(client)
+            return
+        with self._lock:
+            self._open.update((client, upstream))
+        _tunnel(client, upstream, self._forget)
+
+    def _forget(self, *sockets: socket.socket) -> None:
+        with self._lock:
+            self._open.difference_update(sockets)
 
 
-class ConnectProxy:
+class ConnectProxy(_Listener):
     """An HTTP CONNECT proxy on loopback. `hosts` maps a host name to the loopback port
     to tunnel to (a name bbr cannot resolve itself); `credentials` ("user:password")
     makes it answer 407 to a request without them. `asked` is every CONNECT target and
@@ -112,26 +119,14 @@ class ConnectProxy:
             "Basic " + base64.b64encode(credentials.encode()).decode() if credentials else None
         )
         self.asked: list[tuple[str, str | None]] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._listener.getsockname()[1])
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def close(self) -> None:
-        self._closed = True
-        _close(self._listener)
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+    def _handle(self, client: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         try:
@@ -164,8 +159,7 @@ class ConnectProxy:
         except (OSError, ValueError):
             _close(client)
             return
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+        _tunnel(client, upstream)
 
 
 class FailingApi:
@@ -219,7 +213,21 @@ class FailingApi:
         self.httpd.server_close()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _tunnel(
+    client: socket.socket,
+    upstream: socket.socket,
+    done: Callable[[socket.socket, socket.socket], None] | None = None,
+) -> None:
+    """Copy bytes both ways, a thread each; both ends close when either side ends."""
+    for a, b in ((client, upstream), (upstream, client)):
+        threading.Thread(target=_pump, args=(a, b, done), daemon=True).start()
+
+
+def _pump(
+    source: socket.socket,
+    sink: socket.socket,
+    done: Callable[[socket.socket, socket.socket], None] | None,
+) -> None:
     try:
         while data := source.recv(65536):
             sink.sendall(data)
@@ -228,6 +236,8 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
     finally:
         for s in (source, sink):
             _close(s)
+        if done is not None:
+            done(source, sink)
 
 
 def _close(s: socket.socket) -> None:

@@ -1,7 +1,7 @@
 """The rendered chart, accepted by a real API server: server-side dry run (`dryRun=All`).
 
-Every object `helm template` renders for every provider and scenario of tests/test_chart.py
-is POSTed to a real kube-apiserver (tests/k8s/apiserver.py) with `dryRun=All` and
+Every object `helm template` renders for every provider and scenario of tests/chart.py
+is POSTed to a real kube-apiserver (harness/apiserver.py) with `dryRun=All` and
 `fieldValidation=Strict`, so schema errors, CEL rules of the CRDs, unknown or misspelled
 fields and bad enum values fail the test. The API server first gets the CRDs that
 `make crds` (scripts/crds.sh) fetched from the providers' Go modules into
@@ -40,9 +40,8 @@ import pytest
 import yaml
 
 from bbr.sources.kubeclient import ApiError, KubeClient
-from tests.k8s.apiserver import TOOLS, ApiServer
-from tests.k8s.conftest import start_api, stop_api
-from tests.test_chart import (
+from harness.apiserver import TOOLS, ApiServer
+from tests.chart import (
     COMBINATIONS,
     NAMESPACE,
     Manifest,
@@ -50,6 +49,7 @@ from tests.test_chart import (
     render,
     rendered_manifests,
 )
+from tests.k8s.support import start_api, stop_api
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 

@@ -16,8 +16,8 @@ import pytest
 from bbr.modelmap import ConfigMapRef
 from bbr.sources import events as events_module
 from bbr.sources.events import CONFLICT, INVALID, VALID, EventRecorder
-from tests.k8s.apiserver import ApiServer
-from tests.k8s.conftest import DEADLINE, Kube, Watch
+from harness.apiserver import ApiServer
+from tests.k8s.support import DEADLINE, Kube, Watch
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 
@@ -147,16 +147,7 @@ def test_without_rbac_for_events_the_map_still_works(
     rules: list[dict[str, Any]] = [
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]}
     ]
-    kube.client.request("POST", f"{rbac}/roles", body={"metadata": {"name": "bbr"}, "rules": rules})
-    kube.client.request(
-        "POST",
-        f"{rbac}/rolebindings",
-        body={
-            "metadata": {"name": "bbr"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bbr"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bbr"}],
-        },
-    )
+    kube.grant_bbr(namespace, rules)
     w = watch([namespace], kubeconfig=api.kubeconfig("bbr"), record_events=True)
     kube.apply(namespace, "bad", data={"baseModel": "x\ty"})
     kube.apply(namespace, "ok", base="fine")

@@ -39,11 +39,10 @@ from bbr.sources.kubeclient import (
     no_proxy_matches,
 )
 from bbr.sources.kubernetes import KubernetesSource
-from tests.conftest import wait_until
-from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
-from tests.k8s.conftest import Kube, Watch
+from harness.apiserver import ADMIN_TOKEN, ApiServer
+from harness.processes import poll_until
 from tests.k8s.proxy import ConnectProxy, CuttableProxy, FailingApi
-from tests.k8s.test_serve_kubernetes import assert_usage_error, serve_exits
+from tests.k8s.support import Kube, Watch, assert_usage_error, serve_exits
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 
@@ -538,7 +537,9 @@ def test_revoked_token_is_reported_until_it_works_again(
         fresh = sample("bbr_kubernetes_last_sync_timestamp_seconds")
         return fresh is not None and fresh > stale
 
-    assert wait_until(moved_on, timeout=10), sample("bbr_kubernetes_last_sync_timestamp_seconds")
+    assert poll_until(moved_on, timeout=10) is not None, sample(
+        "bbr_kubernetes_last_sync_timestamp_seconds"
+    )
     assert any("reachable again" in r.getMessage() for r in caplog.records)
 
 

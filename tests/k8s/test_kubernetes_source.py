@@ -22,9 +22,9 @@ from bbr.modelmap import MapHolder, ModelMap
 from bbr.sources import kubernetes
 from bbr.sources.kubeclient import ApiError, KubeClient, KubeConfigError
 from bbr.sources.kubernetes import KubernetesSource
-from tests.k8s.apiserver import ADMIN_TOKEN, ApiServer
-from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
+from harness.apiserver import ADMIN_TOKEN, ApiServer
 from tests.k8s.proxy import CuttableProxy
+from tests.k8s.support import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, Watch, start_api, stop_api
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 
@@ -522,23 +522,8 @@ def test_rbac_list_watch_is_enough(
     w = watch([namespace], kubeconfig=api.kubeconfig("bbr"), wait_loaded=False)
     time.sleep(1)
     assert not w.holder.loaded.is_set()
-    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
-    kube.client.request(
-        "POST",
-        f"{rbac}/roles",
-        body={
-            "metadata": {"name": "bbr"},
-            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]}],
-        },
-    )
-    kube.client.request(
-        "POST",
-        f"{rbac}/rolebindings",
-        body={
-            "metadata": {"name": "bbr"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bbr"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bbr"}],
-        },
+    kube.grant_bbr(
+        namespace, [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]}]
     )
     assert w.holder.loaded.wait(DEADLINE + 1)
     assert w.table() == {"rbac": "rbac"}

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -20,25 +18,21 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import (
+from harness.apiserver import ApiServer
+from harness.modelmaps import configmap_yaml, write_model_map
+from harness.processes import poll_until
+from tests.k8s.proxy import CuttableProxy
+from tests.k8s.support import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube, assert_usage_error, serve_exits
+from tests.support import (
     BASE_HEADER,
     CHANNEL_OPTIONS,
     NOT_SERVING,
-    REPO_ROOT,
     SERVING,
     BbrProcess,
     StartBbr,
-    configmap_yaml,
-    free_ports,
-    last_line,
     metric_value,
     route,
-    wait_until,
-    write_model_map,
 )
-from tests.k8s.apiserver import ApiServer
-from tests.k8s.conftest import BBR_LABEL, DEADLINE, LLMD_LABEL, Kube
-from tests.k8s.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.k8s, pytest.mark.e2e]
 
@@ -69,7 +63,7 @@ def routes(channel: grpc.Channel, models: Iterable[str]) -> dict[str, str | None
 def wait_routes(bbr: BbrProcess, expected: Routes, deadline: float = DEADLINE) -> float:
     """Poll through ext_proc until every model routes as `expected`; the seconds it took."""
     channel = bbr.channel()
-    took = wait_until(lambda: routes(channel, expected) == dict(expected), timeout=deadline)
+    took = poll_until(lambda: routes(channel, expected) == dict(expected), timeout=deadline)
     if took is None:
         pytest.fail(
             f"not routed within {deadline}s: {routes(channel, expected)} != {dict(expected)}\n"
@@ -100,7 +94,7 @@ def map_models(bbr: BbrProcess) -> tuple[float | None, float | None]:
 
 
 def wait_metric(bbr: BbrProcess, base: int, adapter: int) -> None:
-    if wait_until(lambda: map_models(bbr) == (base, adapter), timeout=DEADLINE) is None:
+    if poll_until(lambda: map_models(bbr) == (base, adapter), timeout=DEADLINE) is None:
         pytest.fail(f"bbr_model_map_models is {map_models(bbr)}, not ({base}, {adapter})")
 
 
@@ -198,7 +192,7 @@ def test_not_serving_until_the_first_list(
         assert SERVING not in seen, seen
         assert NOT_SERVING in seen, f"health never answered: {seen}\n{tail(bbr)}"
         proxy.restore()
-        took = wait_until(lambda: health_or_none(bbr) == SERVING, timeout=DEADLINE + 1)
+        took = poll_until(lambda: health_or_none(bbr) == SERVING, timeout=DEADLINE + 1)
         assert took is not None, tail(bbr)
         # The first map published is the whole list.
         assert routes(bbr.channel(), ["first-list", "fl"]) == {
@@ -280,7 +274,7 @@ def test_invalid_configmap_keeps_last_good_and_is_counted(
     kube.apply(namespace, "m", data={"baseModel": "good", "adapters": "not: [a, list"})
     kube.apply(namespace, "marker", base="after-bad")  # proves the bad event was seen
     wait_routes(bbr, {"good": "good", "g1": "good", "after-bad": "after-bad"})
-    took = wait_until(
+    took = poll_until(
         lambda: (bbr.metric("bbr_model_map_reloads_total", result="error") or 0.0) > errors
     )
     assert took is not None, bbr.metrics_text()
@@ -303,7 +297,7 @@ def test_conflict_oldest_wins_and_is_reported(
     assert bbr.metric("bbr_model_map_conflicts") == 1
     kube.delete(namespace, "z-old")
     wait_routes(bbr, {"base-old": None, "shared": "base-new"})
-    assert wait_until(lambda: bbr.metric("bbr_model_map_conflicts") == 0) is not None
+    assert poll_until(lambda: bbr.metric("bbr_model_map_conflicts") == 0) is not None
 
 
 def test_env_twins(start_bbr: StartBbr, api: ApiServer, kube: Kube, namespace: str) -> None:
@@ -368,45 +362,18 @@ def test_workers(start_bbr: StartBbr, api: ApiServer, kube: Kube, namespace: str
     # Every worker watches: an edit reaches all of them within the deadline.
     kube.apply(namespace, "m", base="w-base", adapters=["w1", "w2"])
     expected = {"w-base": "w-base", "w1": "w-base", "w2": "w-base"}
-    took = wait_until(lambda: fresh_routes(bbr, expected, 8) == [expected] * 8, timeout=DEADLINE)
+    took = poll_until(lambda: fresh_routes(bbr, expected, 8) == [expected] * 8, timeout=DEADLINE)
     assert took is not None, fresh_routes(bbr, expected, 8)
     wait_metric_max(bbr)
 
 
 def wait_metric_max(bbr: BbrProcess) -> None:
     """Across workers the gauge is still the map's size, not a sum per worker."""
-    if wait_until(lambda: map_models(bbr) == (1, 2), timeout=DEADLINE) is None:
+    if poll_until(lambda: map_models(bbr) == (1, 2), timeout=DEADLINE) is None:
         pytest.fail(f"bbr_model_map_models with 2 workers: {map_models(bbr)}, want (1, 2)")
 
 
 # --- no config, API outage -----------------------------------------------------------------
-
-
-def serve_exits(kubeconfig: Path, home: Path) -> subprocess.CompletedProcess[str]:
-    """`bbr serve --kubernetes` with KUBECONFIG=`kubeconfig`, outside any pod."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BBR_", "KUBERNETES_"))}
-    env |= {"KUBECONFIG": str(kubeconfig), "HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    ports = [str(p) for p in free_ports(3)]
-    flags = ["--grpc-port", ports[0], "--grpc-health-port", ports[1], "--metrics-port", ports[2]]
-    return subprocess.run(
-        [sys.executable, "-m", "bbr", "serve", "--kubernetes", *flags],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
-    """SPEC §2: exit 2, one line naming the flag, no traceback."""
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    for word in ("--kubernetes", *words):
-        assert word in last_line(result.stderr), result.stderr
 
 
 def test_no_kubeconfig_is_a_usage_error(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Starting, watching and stopping the demo's child processes (shared with tests/e2e)."""
+"""Starting, watching and stopping child processes, free ports, readiness polls."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,15 +39,33 @@ def bbr_argv(
         "serve",
         "--model-map",
         str(model_map),
+        *bbr_port_flags(grpc_port, health_port, metrics_port),
+        *(["--streaming"] if streaming else []),
+        *flags,
+    ]
+
+
+def bbr_port_flags(grpc_port: int, health_port: int, metrics_port: int) -> list[str]:
+    """`bbr serve`'s three port flags."""
+    return [
         "--grpc-port",
         str(grpc_port),
         "--grpc-health-port",
         str(health_port),
         "--metrics-port",
         str(metrics_port),
-        *(["--streaming"] if streaming else []),
-        *flags,
     ]
+
+
+def log_tails(logs: Iterable[tuple[str, Path]], lines: int = 40) -> str:
+    """The last `lines` lines of each (title, log file), for a failure message."""
+    out = []
+    for title, path in logs:
+        with contextlib.suppress(OSError):
+            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            out.append(f"--- {title}, last {lines} lines:")
+            out += text[-lines:]
+    return "\n".join(out)
 
 
 def envoy_binary() -> str:
@@ -80,11 +98,23 @@ def envoy_argv(
     ]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports (bound to 0 on every interface together, then released)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("0.0.0.0", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (bind to port 0 and let the kernel choose)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A currently free TCP port (the kernel's choice for port 0)."""
+    return free_ports(1)[0]
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
@@ -192,6 +222,19 @@ class Cancelled(Exception):
     """A wait was given up because ``stop()`` turned true (a stop signal arrived)."""
 
 
+def poll_until(
+    predicate: Callable[[], bool], *, timeout: float = 2.5, interval: float = 0.05
+) -> float | None:
+    """Poll `predicate` until true; the seconds it took, or None at the deadline."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            return None
+        time.sleep(interval)
+
+
 def wait_until(
     what: str,
     ready: Callable[[], bool],
@@ -202,22 +245,22 @@ def wait_until(
 ) -> None:
     """Poll ``ready()`` until it returns True; fail if ``child`` dies or time runs out.
 
-    Raises Cancelled as soon as ``stop()`` is true.
+    A start-up wait: connection errors count as not ready yet; raises StartupError at the
+    deadline, and Cancelled as soon as ``stop()`` is true.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def attempt() -> bool:
         if stop is not None and stop():
             raise Cancelled(what)
         if child is not None:
             child.check_alive()
         try:
-            if ready():
-                return
+            return ready()
         except (OSError, http.client.HTTPException):
-            pass
-        if time.monotonic() >= deadline:
-            raise StartupError(f"{what} not ready after {timeout:.0f} s")
-        time.sleep(0.1)
+            return False
+
+    if poll_until(attempt, timeout=timeout, interval=0.1) is None:
+        raise StartupError(f"{what} not ready after {timeout:.0f} s")
 
 
 def tcp_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:

@@ -1,6 +1,6 @@
-"""A simulated OpenAI-compatible model server for the demo and the end-to-end tests.
+"""A simulated OpenAI-compatible model server for the demo and the tests.
 
-    python -m demo.model_server --port 8001 --name pool-llama
+    python -m harness.model_server --port 8001 --name pool-llama
 
 Speaks enough of the OpenAI API for the official SDKs: chat completions and completions
 (``stream=True`` as server-sent events), embeddings (floats or base64), responses
@@ -29,7 +29,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from demo.signals import StopSignals
+from harness.signals import StopSignals
 
 BASE_HEADER = "x-gateway-base-model-name"
 MODEL_HEADER = "x-gateway-model-name"

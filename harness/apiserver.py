@@ -1,4 +1,4 @@
-"""A real kube-apiserver and etcd on loopback, for tests.
+"""A real kube-apiserver and etcd on loopback, for the tests and the benchmarks.
 
 `ApiServer(workdir).start()` runs etcd and kube-apiserver on free loopback ports with
 throwaway credentials: a CA, a serving certificate for 127.0.0.1, an admin bearer token
@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -28,6 +27,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from harness.processes import free_port
 
 TOOLS = Path(os.environ.get("BBR_TOOLS") or Path.home() / ".cache" / "bbr-tools")
 BIN = TOOLS / "bin"
@@ -48,12 +49,6 @@ def binary(name: str) -> str:
             "kube-apiserver and etcd from the Go module proxy"
         )
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -1,37 +1,34 @@
-"""Start and stop the end-to-end stack: model servers, bbr and Envoy on ephemeral ports."""
+"""One bbr behind one Envoy in front of simulated model servers, on ephemeral ports."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import shutil
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from demo.__main__ import read_model_map  # noqa: E402
-from demo.envoy_config import render  # noqa: E402
-from demo.model_server import ModelServer  # noqa: E402
-from demo.processes import (  # noqa: E402
+from harness.envoy_config import render
+from harness.model_server import ModelServer
+from harness.modelmaps import read_model_map
+from harness.processes import (
+    REPO_ROOT,
     Child,
     StartupError,
     bbr_argv,
     envoy_argv,
     envoy_binary,
     free_port,
+    free_ports,
     grpc_health_ready,
     http_ready,
+    log_tails,
     stop_all,
     tcp_ready,
     wait_until,
@@ -56,6 +53,16 @@ class Reply:
 
     def __str__(self) -> str:
         return f"HTTP {self.status} {self.headers} {self.body[:600]!r}"
+
+
+def routed(reply: Reply) -> dict[str, Any]:
+    """The model server's report (``x_bbr_demo``), after checking that one answered 200."""
+    if reply.status != 200:
+        raise AssertionError(str(reply))
+    report = reply.json().get("x_bbr_demo")
+    if not isinstance(report, dict):
+        raise AssertionError(str(reply))
+    return report
 
 
 def send(
@@ -108,6 +115,62 @@ class ModelServers:
             server.server_close()
 
 
+@dataclass(frozen=True)
+class BbrPorts:
+    """The three ports of one `bbr serve`."""
+
+    grpc: int
+    health: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> BbrPorts:
+        grpc, health, metrics = free_ports(3)
+        return cls(grpc, health, metrics)
+
+
+def spawn_bbr(
+    name: str,
+    model_map: Path,
+    ports: BbrPorts,
+    log: IO[Any],
+    *,
+    streaming: bool = False,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Child:
+    """`bbr serve` named ``bbr (name)``, output to ``log``; see `wait_bbr`."""
+    argv = bbr_argv(
+        model_map,
+        grpc_port=ports.grpc,
+        health_port=ports.health,
+        metrics_port=ports.metrics,
+        streaming=streaming,
+        flags=flags,
+    )
+    full_env = {**os.environ, **env} if env else None
+    return Child(f"bbr ({name})", argv, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=log)
+
+
+def wait_bbr(bbr: Child, ports: BbrPorts, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Until bbr's health says SERVING and its gRPC port accepts connections."""
+    wait_until(f"{bbr.name} health", grpc_health_ready(ports.health), child=bbr, timeout=timeout)
+    wait_until(f"{bbr.name} gRPC port", tcp_ready(ports.grpc), child=bbr)
+
+
+def spawn_envoy(
+    name: str, config: Path, log: IO[Any], *, cwd: Path, binary: str | None = None
+) -> Child:
+    """Envoy named ``envoy (name)`` on the bootstrap file ``config``; see `wait_envoy`."""
+    argv = envoy_argv(config, binary=binary)
+    return Child(f"envoy ({name})", argv, cwd=cwd, stdout=log, stderr=log)
+
+
+def wait_envoy(envoy: Child, admin_port: int, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Until Envoy's admin port answers /ready (its listeners are up)."""
+    wait_until(envoy.name, http_ready(admin_port, "/ready"), child=envoy, timeout=timeout)
+
+
 @dataclass
 class Stack:
     """One bbr process and one Envoy in front of it."""
@@ -139,18 +202,19 @@ class Stack:
         return self.send("POST", "/v1/chat/completions", json.dumps(payload).encode(), hdrs)
 
     def log_tails(self, lines: int = 40) -> str:
-        out = []
-        for what, path in self.logs.items():
-            with contextlib.suppress(OSError):
-                text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-                out.append(f"--- {self.name} {what} ({path}), last {lines} lines:")
-                out += text[-lines:]
-        return "\n".join(out)
+        logs = [(f"{self.name} {what} ({path})", path) for what, path in self.logs.items()]
+        return log_tails(logs, lines)
 
     def close(self) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         stop_all(self.children)
         for fh in self.files:
             fh.close()
+
+
+RUNNING: list[Stack] = []
+"""Stacks started by `start_stack` and not yet closed (a failed test shows their logs)."""
 
 
 def start_stack(
@@ -195,45 +259,21 @@ def start_stack(
         envoy_edit(edited)
         bootstrap = yaml.safe_dump(edited, sort_keys=False, width=1000)
     envoy_yaml.write_text(bootstrap, encoding="utf-8")
-    bbr_command = bbr_argv(
-        model_map,
-        grpc_port=stack.grpc_port,
-        health_port=stack.health_port,
-        metrics_port=stack.metrics_port,
-        streaming=streaming,
-        flags=bbr_flags,
-    )
+    ports = BbrPorts(stack.grpc_port, stack.health_port, stack.metrics_port)
     try:
         bbr_log = stack.logs["bbr"].open("wb")
         stack.files.append(bbr_log)
-        env = {**os.environ, **bbr_env} if bbr_env else None
-        bbr = Child(
-            f"bbr ({name})", bbr_command, cwd=REPO_ROOT, env=env, stdout=bbr_log, stderr=bbr_log
+        bbr = spawn_bbr(
+            name, model_map, ports, bbr_log, streaming=streaming, flags=bbr_flags, env=bbr_env
         )
         stack.children.append(bbr)
         envoy_log = stack.logs["envoy"].open("wb")
         stack.files.append(envoy_log)
-        proxy = Child(
-            f"envoy ({name})",
-            envoy_argv(envoy_yaml, binary=envoy),
-            cwd=workdir,
-            stdout=envoy_log,
-            stderr=envoy_log,
-        )
+        proxy = spawn_envoy(name, envoy_yaml, envoy_log, cwd=workdir, binary=envoy)
         stack.children.append(proxy)
-        wait_until(
-            f"bbr ({name}) health",
-            grpc_health_ready(stack.health_port),
-            child=bbr,
-            timeout=STARTUP_TIMEOUT,
-        )
-        wait_until(f"bbr ({name}) gRPC port", tcp_ready(stack.grpc_port), child=bbr)
-        wait_until(
-            f"envoy ({name})",
-            http_ready(stack.admin_port, "/ready"),
-            child=proxy,
-            timeout=STARTUP_TIMEOUT,
-        )
+        wait_bbr(bbr, ports)
+        wait_envoy(proxy, stack.admin_port)
+        RUNNING.append(stack)
     except BaseException as exc:
         stack.close()
         if isinstance(exc, StartupError):
