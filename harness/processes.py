@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import shutil
 import signal
 import socket
@@ -98,8 +99,50 @@ def envoy_argv(
     ]
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for outgoing connections and port 0."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports are picked below the ephemeral range: a port the kernel chose for `bind(0)` and
+# then released is soon someone's outgoing connection (Envoy's, a test client's), and
+# the process meant to listen on it exits with "port is already in use". Below the range
+# only another explicit bind can take it; ports handed out in this process are not
+# handed out again.
+_PORT_FLOOR = 10000
+_handed_out: set[int] = set()
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports (bound to 0 on every interface together, then released)."""
+    """`count` distinct free TCP ports, each bound on every interface to check it, then
+    released; below the ephemeral range where there is room, else the kernel's choice."""
+    low = _ephemeral_low()
+    if low - _PORT_FLOOR < 1000:
+        return _kernel_ports(count)
+    ports: list[int] = []
+    for _ in range(count * 200):
+        if len(ports) == count:
+            break
+        port = random.randrange(_PORT_FLOOR, low)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        ports.append(port)
+    if len(ports) < count:
+        ports += _kernel_ports(count - len(ports))
+    return ports
+
+
+def _kernel_ports(count: int) -> list[int]:
     sockets = []
     try:
         for _ in range(count):
