@@ -110,15 +110,12 @@ def build(
     if not model_maps and namespaces is None:
         raise SourceError("no model map: give --model-map PATH or --kubernetes")
     on_reload = report if reports else None
+    # Every source is made (each declares itself to the holder) before any loads: a file
+    # published first would otherwise count as the whole map, and health would say
+    # SERVING before the Kubernetes list is in force.
     sources: list[Source] = []
-    if model_maps:
-        files = FileSource(model_maps, holder, on_reload=on_reload)
-        try:
-            loaded = files.load()
-        except MapFileError as exc:
-            raise SourceError(str(exc)) from None
-        if reports:
-            report(loaded, at_start=True)
+    files = FileSource(model_maps, holder, on_reload=on_reload) if model_maps else None
+    if files is not None:
         sources.append(files)
     if namespaces is not None:
         from bbr.sources.kubeclient import KubeConfigError
@@ -129,4 +126,11 @@ def build(
         except KubeConfigError as exc:
             raise SourceError(f"{exc.flag}: {exc}") from None
         sources.append(kube)
+    if files is not None:
+        try:
+            loaded = files.load()
+        except MapFileError as exc:
+            raise SourceError(str(exc)) from None
+        if reports:
+            report(loaded, at_start=True)
     return sources

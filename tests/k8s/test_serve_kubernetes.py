@@ -172,16 +172,24 @@ def test_preexisting_configmaps_route_at_once(
 # --- health before the first list --------------------------------------------------------
 
 
+@pytest.mark.parametrize("with_file", [False, True], ids=["kubernetes", "file-and-kubernetes"])
 def test_not_serving_until_the_first_list(
-    start_bbr: StartBbr, api: ApiServer, kube: Kube, namespace: str
-) -> None:
+    start_bbr: StartBbr, api: ApiServer, kube: Kube, namespace: str, tmp_path: Path,
+    with_file: bool,
+) -> None:  # fmt: skip
+    """Health stays NOT_SERVING until every source is in force: a model-map file loaded at
+    once does not make bbr serve without the Kubernetes list (it did: the file published
+    before the Kubernetes source declared itself)."""
     kube.apply(namespace, "m", base="first-list", adapters=["fl"])
+    path = None
+    if with_file:
+        path = write_model_map(tmp_path / "map.yaml", configmap_yaml("f", "file-base", ["fa"]))
     proxy = CuttableProxy(api.port)
     try:
         proxy.cut()  # the API is unreachable: no list can complete
         bbr = start(
             start_bbr, api, "--namespace", namespace,
-            kubeconfig=api.kubeconfig(server=proxy.url), wait=False,
+            kubeconfig=api.kubeconfig(server=proxy.url), wait=False, model_map=path,
         )  # fmt: skip
         seen: set[int | None] = set()
         end = time.monotonic() + 4.0  # long enough for several retries
