@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,8 +41,14 @@ _RESOLVER: Any = yaml.resolver.Resolver()
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ConfigMapRef:
+# The map's long-lived per-ConfigMap objects are msgspec Structs with gc=False: Python's
+# cyclic GC neither tracks nor walks them (they hold only strings, ints and tuples of
+# them, so they can be in no cycle), nor the dicts and tuples that hold only them. As
+# dataclasses, each edit left a few tracked objects behind and a fold made a 10 k-entry
+# dict of them: young collections walked those while the request loop waited.
+
+
+class ConfigMapRef(msgspec.Struct, frozen=True, order=True, gc=False):
     namespace: str
     name: str
 
@@ -50,8 +56,7 @@ class ConfigMapRef:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
+class ModelConfig(msgspec.Struct, frozen=True, gc=False):
     """One valid ConfigMap: a base model and the adapters that run on it."""
 
     ref: ConfigMapRef
@@ -629,6 +634,8 @@ def _positions(config: ModelConfig, name: str) -> Iterator[int]:
 
 
 _Key = tuple[Any, ...]  # conflict order: (rank, arrival)
+_Claims = tuple[tuple[_Key, ModelConfig], ...] | list[tuple[_Key, ModelConfig]]
+CLAIMS_TUPLE_MAX = 16
 _Group = tuple[tuple[_Key, Conflict], ...]  # one name's conflicts, each with its order
 
 
@@ -877,7 +884,12 @@ class MapHolder:
         self._notify_lock = threading.Lock()
         self._entries: dict[str, dict[Hashable, tuple[_Key, ModelConfig]]] = {}
         self._problems: dict[str, dict[Hashable, ConfigMapError]] = {}
-        self._claims: dict[str, list[tuple[_Key, ModelConfig]]] = {}
+        # name -> its claimants in conflict order: a tuple while there are few (most names
+        # have one), which the cyclic GC stops tracking at its first pass (it holds only
+        # tuples and untracked ModelConfigs), so an edit leaves no tracked list behind; a
+        # list past CLAIMS_TUPLE_MAX (a base model many ConfigMaps declare), so an
+        # insert never copies a long tuple.
+        self._claims: dict[str, _Claims] = {}
         # name -> how many of its claimants name each base model: a name claimed by one
         # base model only (a base model declared by 10 k ConfigMaps, say) has no
         # conflicts, and is settled without walking its claimants.
@@ -973,7 +985,7 @@ class MapHolder:
                 entry = ((config.rank, self._seq), config)
                 entries[key] = entry
                 for name in {config.base_model, *config.adapters}:
-                    insort(self._claims.setdefault(name, []), entry, key=_first)
+                    self._claim(name, entry)
                     bases = self._claim_bases.setdefault(name, {})
                     bases[config.base_model] = bases.get(config.base_model, 0) + 1
                     touched.add(name)
@@ -995,11 +1007,26 @@ class MapHolder:
             self.loaded.set()
         return self.current
 
+    def _claim(self, name: str, entry: tuple[_Key, ModelConfig]) -> None:
+        claims = self._claims.get(name)
+        if claims is None:
+            self._claims[name] = (entry,)
+        elif isinstance(claims, list):
+            insort(claims, entry, key=_first)
+        else:
+            index = bisect_right(claims, entry[0], key=_first)
+            grown = (*claims[:index], entry, *claims[index:])
+            self._claims[name] = list(grown) if len(grown) > CLAIMS_TUPLE_MAX else grown
+
     def _unclaim(self, name: str, entry: tuple[_Key, ModelConfig]) -> None:
         claims = self._claims[name]
         index = bisect_left(claims, entry[0], key=_first)
         assert claims[index] is entry or claims[index] == entry
-        del claims[index]
+        if isinstance(claims, list):
+            del claims[index]
+        else:
+            claims = claims[:index] + claims[index + 1 :]
+            self._claims[name] = claims
         if not claims:
             del self._claims[name]
         bases = self._claim_bases[name]

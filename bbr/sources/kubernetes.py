@@ -1017,10 +1017,10 @@ def default_namespace(
 # --------------------------------------------------------------------------- source
 
 
-@dataclass(slots=True)
-class _Copy:
+class _Copy(msgspec.Struct, frozen=True, gc=False):
     """One stream's latest copy of a ConfigMap: only what the map needs of it
-    (`_slim`), not the whole object (managedFields, other data keys, ...)."""
+    (`_slim`), not the whole object (managedFields, other data keys, ...). Not tracked
+    by the cyclic GC (decoded JSON holds no cycle), like ModelConfig."""
 
     obj: dict[str, Any]
     version: int
@@ -1178,8 +1178,7 @@ class _Stream:
         return f"{self.namespace or ALL_NAMESPACES} [{self.selector}]"
 
 
-@dataclass(slots=True)
-class _Parsed:
+class _Parsed(msgspec.Struct, frozen=True, gc=False):  # untracked, as _Copy
     version: str
     config: ModelConfig | None
     error: ConfigMapError | None
