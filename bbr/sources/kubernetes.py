@@ -1019,12 +1019,19 @@ def default_namespace(
 
 class _Copy(msgspec.Struct, frozen=True, gc=False):
     """One stream's latest copy of a ConfigMap: only what the map needs of it
-    (`_slim`), not the whole object (managedFields, other data keys, ...). Not tracked
-    by the cyclic GC (decoded JSON holds no cycle), like ModelConfig."""
+    (`_slim`), not the whole object (managedFields, other data keys, ...). Like
+    ModelConfig, untracked by the cyclic GC (decoded JSON holds no cycle), and so are
+    its two dicts of strings (labels, read on arrival only, are left out: a dict in a
+    dict would be tracked), so the copies an edit leaves are never walked."""
 
-    obj: dict[str, Any]
+    metadata: dict[str, Any]
+    data: Any
     version: int
     seq: int
+
+    @property
+    def obj(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "data": self.data}
 
 
 _KEEP_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
@@ -1568,7 +1575,13 @@ class KubernetesSource:
 
     def _copy(self, obj: dict[str, Any]) -> _Copy:
         self._seq += 1
-        return _Copy(obj, _version(obj), self._seq)
+        metadata = obj.get("metadata")
+        kept = (
+            {k: v for k, v in metadata.items() if k != "labels"}
+            if isinstance(metadata, Mapping)
+            else {}
+        )
+        return _Copy(kept, obj.get("data"), _version(obj), self._seq)
 
     # -- a DELETED that may be a move: ask the API server which it was
 
