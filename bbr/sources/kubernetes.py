@@ -74,6 +74,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -89,6 +90,7 @@ import yaml
 from bbr import metrics
 from bbr.logs import fields
 from bbr.modelmap import (
+    GIL_BUDGET,
     MANAGED_LABELS,
     ConfigMapError,
     ConfigMapParseError,
@@ -1302,6 +1304,10 @@ class KubernetesSource:
     def start(self) -> None:
         """Start one daemon thread per stream, the map builder and the thread that asks
         about deletes; returns at once."""
+        # The builder gives the GIL up after GIL_BUDGET of map work (Pacer); the switch
+        # interval holds the other threads (watch decoding, listeners) to the same when
+        # the request loop waits (CPython's default lets one run on for 5 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_BUDGET))
         if self.events is not None:
             self.events.start()
         for target, name in ((self._build, "bbr-kube-map"), (self._check, "bbr-kube-check")):
