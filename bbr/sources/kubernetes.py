@@ -1831,18 +1831,14 @@ class KubernetesSource:
 
 
 def _collect_young(first: bool) -> None:
-    """Keep Python's cyclic GC off the request loop's path; called by the map builder
-    after each round, off the loop.
+    """Keep Python's cyclic GC off the request loop (docs/performance.md, "The model map
+    at scale"); the map builder calls it after each round, off the loop.
 
-    After the first round (the first lists in force) everything then alive (the
-    imports, the server, the map) goes to the permanent generation, once: a full
-    collection never walks it again (at 50 k names one took 11-15 ms with the GIL held;
-    now ~0). The cost: cyclic garbage not yet collected at that moment is never
-    collected; start-up's, once. After each later round, a young collection walks only
-    that round's leftovers (tuples, untracked as it goes). Left to CPython none comes:
-    an edit frees as many objects as it makes, so the allocation count that triggers one
-    stays flat while the young generation grows (40 k objects after 5,000 edits at 50 k
-    names: one pass of 10 ms, on whichever thread, the loop waiting).
+    After the first lists, freeze what is alive (imports, server, map) once: full
+    collections never walk it again; cyclic garbage alive then is never collected.
+    After later rounds, a young collection walks only that round's leftovers: CPython
+    would run none, as an edit frees as many objects as it makes (its trigger counts
+    allocations minus frees), and the young generation would grow without bound.
     """
     if first:
         gc.freeze()
