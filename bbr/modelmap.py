@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,8 +41,14 @@ _RESOLVER: Any = yaml.resolver.Resolver()
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ConfigMapRef:
+# The map's long-lived per-ConfigMap objects are msgspec Structs with gc=False: Python's
+# cyclic GC neither tracks nor walks them (they hold only strings, ints and tuples of
+# them, so they can be in no cycle), nor the dicts and tuples that hold only them. As
+# dataclasses, each edit left a few tracked objects behind and a fold made a 10 k-entry
+# dict of them: young collections walked those while the request loop waited.
+
+
+class ConfigMapRef(msgspec.Struct, frozen=True, order=True, gc=False):
     namespace: str
     name: str
 
@@ -50,8 +56,7 @@ class ConfigMapRef:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
+class ModelConfig(msgspec.Struct, frozen=True, gc=False):
     """One valid ConfigMap: a base model and the adapters that run on it."""
 
     ref: ConfigMapRef
@@ -622,6 +627,19 @@ def _positions(config: ModelConfig, name: str) -> Iterator[int]:
 
 
 _Key = tuple[Any, ...]  # conflict order: (rank, arrival)
+
+
+class _Entry(msgspec.Struct, frozen=True, gc=False):
+    """One ConfigMap's claim, in conflict order. A Struct the GC does not track, not a
+    tuple: a tuple of tuples is untracked one level per GC pass, so each edit's claims
+    would linger in the older generations."""
+
+    key: _Key  # (rank, arrival)
+    config: ModelConfig
+
+
+_Claims = tuple[_Entry, ...] | list[_Entry]
+CLAIMS_TUPLE_MAX = 16
 _Group = tuple[tuple[_Key, Conflict], ...]  # one name's conflicts, each with its order
 
 
@@ -868,9 +886,14 @@ class MapHolder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._notify_lock = threading.Lock()
-        self._entries: dict[str, dict[Hashable, tuple[_Key, ModelConfig]]] = {}
+        self._entries: dict[str, dict[Hashable, _Entry]] = {}
         self._problems: dict[str, dict[Hashable, ConfigMapError]] = {}
-        self._claims: dict[str, list[tuple[_Key, ModelConfig]]] = {}
+        # name -> its claimants in conflict order: a tuple while there are few (most names
+        # have one), which the cyclic GC stops tracking at its first pass (it holds only
+        # tuples and untracked ModelConfigs), so an edit leaves no tracked list behind; a
+        # list past CLAIMS_TUPLE_MAX (a base model many ConfigMaps declare), so an
+        # insert never copies a long tuple.
+        self._claims: dict[str, _Claims] = {}
         # name -> how many of its claimants name each base model: a name claimed by one
         # base model only (a base model declared by 10 k ConfigMaps, say) has no
         # conflicts, and is settled without walking its claimants.
@@ -954,19 +977,19 @@ class MapHolder:
         for key, config in changes.items():
             pace()
             old = entries.get(key)
-            if old is not None and config is not None and old[1] == config:
+            if old is not None and config is not None and old.config == config:
                 continue
             if old is not None:
                 del entries[key]
-                for name in {old[1].base_model, *old[1].adapters}:
+                for name in {old.config.base_model, *old.config.adapters}:
                     self._unclaim(name, old)
                     touched.add(name)
             if config is not None:
                 self._seq += 1
-                entry = ((config.rank, self._seq), config)
+                entry = _Entry((config.rank, self._seq), config)
                 entries[key] = entry
                 for name in {config.base_model, *config.adapters}:
-                    insort(self._claims.setdefault(name, []), entry, key=_first)
+                    self._claim(name, entry)
                     bases = self._claim_bases.setdefault(name, {})
                     bases[config.base_model] = bases.get(config.base_model, 0) + 1
                     touched.add(name)
@@ -988,15 +1011,30 @@ class MapHolder:
             self.loaded.set()
         return self.current
 
-    def _unclaim(self, name: str, entry: tuple[_Key, ModelConfig]) -> None:
+    def _claim(self, name: str, entry: _Entry) -> None:
+        claims = self._claims.get(name)
+        if claims is None:
+            self._claims[name] = (entry,)
+        elif isinstance(claims, list):
+            insort(claims, entry, key=_entry_key)
+        else:
+            index = bisect_right(claims, entry.key, key=_entry_key)
+            grown = (*claims[:index], entry, *claims[index:])
+            self._claims[name] = list(grown) if len(grown) > CLAIMS_TUPLE_MAX else grown
+
+    def _unclaim(self, name: str, entry: _Entry) -> None:
         claims = self._claims[name]
-        index = bisect_left(claims, entry[0], key=_first)
+        index = bisect_left(claims, entry.key, key=_entry_key)
         assert claims[index] is entry or claims[index] == entry
-        del claims[index]
+        if isinstance(claims, list):
+            del claims[index]
+        else:
+            claims = claims[:index] + claims[index + 1 :]
+            self._claims[name] = claims
         if not claims:
             del self._claims[name]
         bases = self._claim_bases[name]
-        base = entry[1].base_model
+        base = entry.config.base_model
         bases[base] -= 1
         if not bases[base]:
             del bases[base]
@@ -1026,7 +1064,7 @@ class MapHolder:
                     changed = True
                 new_conflicts: _Group = ()
             else:
-                winner = claims[0][1]
+                winner = claims[0].config
                 base = winner.base_model
                 counts[base != name] += 1
                 if old_base != base:
@@ -1041,10 +1079,13 @@ class MapHolder:
                 new_conflicts = ()
                 if len(self._claim_bases[name]) > 1:
                     new_conflicts = tuple(
-                        ((key, position), Conflict(name, winner.ref, base, c.ref, c.base_model))
-                        for key, c in claims[1:]
-                        if c.base_model != base
-                        for position in _positions(c, name)
+                        (
+                            (claim.key, position),
+                            Conflict(name, winner.ref, base, claim.config.ref, base_model),
+                        )
+                        for claim in claims[1:]
+                        if (base_model := claim.config.base_model) != base
+                        for position in _positions(claim.config, name)
                     )
             if (old_base == name) != (base == name):
                 self._base_changes[name] = base == name
@@ -1113,3 +1154,7 @@ class MapHolder:
 
 def _first(entry: tuple[_Key, Any]) -> _Key:
     return entry[0]
+
+
+def _entry_key(entry: _Entry) -> _Key:
+    return entry.key

@@ -178,6 +178,12 @@ def test_a_change_copies_only_what_changed() -> None:
     assert not gc.is_tracked(after._routes[0]) and not gc.is_tracked(after._owners[0])
     folded = modelmap.copied(holder._owners.full, lambda: None)  # as a fold makes them
     assert len(folded) > modelmap.COPY_CHUNK and not gc.is_tracked(folded)
+    # Nor the ConfigMap-sized one, nor what an edit leaves: ModelConfigs and their refs
+    # are untracked, and so is a name's (short) tuple of claimants once the GC saw it.
+    assert not gc.is_tracked(edited) and not gc.is_tracked(edited.ref)
+    assert not gc.is_tracked(after._configs[0]) and not gc.is_tracked(after._configs[1])
+    gc.collect()  # one pass: a tuple of tuples would take one pass per level
+    assert not gc.is_tracked(holder._claims["new"]) and not gc.is_tracked(holder._claims["a42"])
     holder.apply("kubernetes", {edited.ref: None})
     gone = holder.current
     assert gone.lookup("a42") is None and gone.lookup("new") is None and "a42" not in gone

@@ -50,12 +50,14 @@ The API client (kubeconfig, credentials, TLS, proxies, requests) is bbr.sources.
 from __future__ import annotations
 
 import contextlib
+import gc
 import http.client
 import json
 import logging
 import random
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -68,6 +70,7 @@ import msgspec
 from bbr import metrics
 from bbr.logs import fields
 from bbr.modelmap import (
+    GIL_BUDGET,
     MANAGED_LABELS,
     ConfigMapError,
     ConfigMapParseError,
@@ -127,14 +130,21 @@ CHECK_TIMEOUT = DELETE_GRACE
 NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
-@dataclass(slots=True)
-class _Copy:
+class _Copy(msgspec.Struct, frozen=True, gc=False):
     """One stream's latest copy of a ConfigMap: only what the map needs of it
-    (`_slim`), not the whole object (managedFields, other data keys, ...)."""
+    (`_slim`), not the whole object (managedFields, other data keys, ...). Like
+    ModelConfig, untracked by the cyclic GC (decoded JSON holds no cycle), and so are
+    its two dicts of strings (labels, read on arrival only, are left out: a dict in a
+    dict would be tracked), so the copies an edit leaves are never walked."""
 
-    obj: dict[str, Any]
+    metadata: dict[str, Any]
+    data: Any
     version: int
     seq: int
+
+    @property
+    def obj(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "data": self.data}
 
 
 _KEEP_METADATA = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
@@ -288,8 +298,7 @@ class _Stream:
         return f"{self.namespace or ALL_NAMESPACES} [{self.selector}]"
 
 
-@dataclass(slots=True)
-class _Parsed:
+class _Parsed(msgspec.Struct, frozen=True, gc=False):  # untracked, as _Copy
     version: str
     config: ModelConfig | None
     error: ConfigMapError | None
@@ -406,6 +415,10 @@ class KubernetesSource:
     def start(self) -> None:
         """Start one daemon thread per stream, the map builder and the thread that asks
         about deletes; returns at once."""
+        # The builder gives the GIL up after GIL_BUDGET of map work (Pacer); the switch
+        # interval holds the other threads (watch decoding, listeners) to the same when
+        # the request loop waits (CPython's default lets one run on for 5 ms).
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_BUDGET))
         if self.events is not None:
             self.events.start()
         for target, name in ((self._build, "bbr-kube-map"), (self._check, "bbr-kube-check")):
@@ -676,7 +689,13 @@ class KubernetesSource:
 
     def _copy(self, obj: dict[str, Any]) -> _Copy:
         self._seq += 1
-        return _Copy(obj, _version(obj), self._seq)
+        metadata = obj.get("metadata")
+        kept = (
+            {k: v for k, v in metadata.items() if k != "labels"}
+            if isinstance(metadata, Mapping)
+            else {}
+        )
+        return _Copy(kept, obj.get("data"), _version(obj), self._seq)
 
     # -- a DELETED that may be a move: ask the API server which it was
 
@@ -793,6 +812,7 @@ class KubernetesSource:
         # Only this thread applies, so changes are in force in the order they came.
         if changes or problems or first:
             self.holder.apply(self.name, changes, problems)
+            _collect_young(first)
         changed = bool(changes)
         if self.events is not None:
             for ref, uid, problem in turned:
@@ -897,6 +917,22 @@ class KubernetesSource:
         """The uid of a ConfigMap this source has in force, else None."""
         good = self._last_good.get(ref)
         return good[0] if good is not None else None
+
+
+def _collect_young(first: bool) -> None:
+    """Keep Python's cyclic GC off the request loop (docs/performance.md, "The model map
+    at scale"); the map builder calls it after each round, off the loop.
+
+    After the first lists, freeze what is alive (imports, server, map) once: full
+    collections never walk it again; cyclic garbage alive then is never collected.
+    After later rounds, a young collection walks only that round's leftovers: CPython
+    would run none, as an edit frees as many objects as it makes (its trigger counts
+    allocations minus frees), and the young generation would grow without bound.
+    """
+    if first:
+        gc.freeze()
+    else:
+        gc.collect(1 if gc.get_count()[1] >= gc.get_threshold()[1] else 0)
 
 
 def _since(start: float) -> float:
