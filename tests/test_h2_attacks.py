@@ -500,10 +500,20 @@ def test_silent_tls_connections_are_closed_after_the_handshake_timeout(
 # --- and honest clients still get through --------------------------------------------
 
 
-def test_bodies_up_to_the_limit_many_at_once_wait_their_turn(bbr: BbrProcess) -> None:
+def test_bodies_up_to_the_limit_many_at_once_wait_their_turn(
+    start_bbr: StartBbr, tmp_path: Path
+) -> None:
     """Twelve buffered 1 MiB bodies at once on one connection whose budget holds three:
     each is admitted in turn (none deadlocks, none is refused); then three streamed ones
-    at once (bbr holds a streamed body until its end), within the budget, all routed."""
+    at once (bbr holds a streamed body until its end), within the budget, all routed.
+
+    Nine wait in line, each holding what its window let it send before its length was
+    known: with a 64 KiB window that is 576 KiB, inside the quarter of the budget (1 MiB)
+    that bytes not admitted may hold (SECURITY.md: a quarter of the connection budget
+    over the window is how many long messages can wait). With the default 1 MiB window the ninth would be refused, sooner or
+    later depending on how fast the client sends (this test failed one run in three)."""
+    path = write_model_map(tmp_path / "map.yaml", configmap_yaml("llama", "llama", ["food"]))
+    bbr = start_bbr(*LIMIT_ARGS, "--stream-window", "65536", model_map=path)
     payload = b'{"model": "food", "messages": [{"content": "' + b"x" * (MAX_BODY - 100) + b'"}]}'
     with (
         grpc.insecure_channel(f"127.0.0.1:{bbr.grpc_port}", options=CHANNEL_OPTIONS) as chan,
