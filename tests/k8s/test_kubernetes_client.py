@@ -461,7 +461,7 @@ def test_backoff_is_fast_then_exponential_with_jitter(
         start = times[0]
         fast = [b - a for a, b in pairwise(times) if b - start <= 1.0]
         slow = [b - a for a, b in pairwise(times) if a - start > 1.2]
-        assert len(fast) >= 4 and max(fast) <= 0.3, fast
+        assert len(fast) >= 4 and max(fast) <= 0.2 + 0.25, fast  # slack: a loaded machine
         assert slow and slow[-1] >= 0.8 - 0.05, slow  # at the cap: between cap/2 and cap
         assert max(slow) <= 1.6 + 0.3, slow
         assert len(times) <= 25, times  # against ~60 at a constant fast pace
