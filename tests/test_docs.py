@@ -70,3 +70,23 @@ def test_request_tables_say_what_the_code_does(doc: str) -> None:
     assert encoding and "`identity`" in encoding[0], encoding
     assert any("`application/*+json`" in r and "400" in r for r in rows)
     assert any("an empty body however it comes" in r and "pass" in r for r in rows)
+
+
+def test_the_module_map_names_every_module() -> None:
+    """README's Development map names every module of bbr/ and bbr/sources/ and the
+    top-level folders, so a new maintainer finds each one."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Development") :]
+    section = section[: section.index("```", section.index("```") + 3)]
+    missing = [
+        path.stem
+        for folder in (ROOT / "bbr", ROOT / "bbr" / "sources")
+        for path in folder.glob("*.py")
+        if not path.stem.startswith("_") and not re.search(rf"\b{path.stem}(\.py)?\b", section)
+    ]
+    missing += [
+        folder
+        for folder in ("bench/", "harness/", "demo/", "tests/", "charts/", "protos/")
+        if folder not in section
+    ]
+    assert not missing, missing

@@ -510,8 +510,9 @@ def test_bodies_up_to_the_limit_many_at_once_wait_their_turn(
     Nine wait in line, each holding what its window let it send before its length was
     known: with a 64 KiB window that is 576 KiB, inside the quarter of the budget (1 MiB)
     that bytes not admitted may hold (SECURITY.md: a quarter of the connection budget
-    over the window is how many long messages can wait). With the default 1 MiB window the ninth would be refused, sooner or
-    later depending on how fast the client sends (this test failed one run in three)."""
+    over the window is how many long messages can wait). With the default 1 MiB window
+    the ninth would be refused, sooner or later depending on how fast the client sends
+    (this test failed one run in three)."""
     path = write_model_map(tmp_path / "map.yaml", configmap_yaml("llama", "llama", ["food"]))
     bbr = start_bbr(*LIMIT_ARGS, "--stream-window", "65536", model_map=path)
     payload = b'{"model": "food", "messages": [{"content": "' + b"x" * (MAX_BODY - 100) + b'"}]}'
