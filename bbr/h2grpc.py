@@ -195,11 +195,13 @@ class HeaderBlock:
     a stream error PROTOCOL_ERROR (§8.1.1). A block served from the decoder's cache was
     checked when it was first decoded, so a repeated block costs no checking at all; a
     new one costs a few scans of its joined names and values, not a regex per field.
+    What it says depends only on the names, on the values of pseudo-headers,
+    content-type, te and content-length (`_SIGNIFICANT`), and on whether every value is
+    well-formed: `HeaderDecoder` reuses it for blocks that agree on those.
     """
 
     __slots__ = (
         "content_length",
-        "fields",
         "grpc",
         "method",
         "path",
@@ -209,20 +211,10 @@ class HeaderBlock:
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         # Few Python steps, most of the scanning in C: this runs for every header block
-        # the cache does not answer.
-        self.fields = fields
+        # the caches do not answer.
         self.content_length = -1  # none given
         error: str | None = None  # breaks a rule for any block
-        values = b"\n".join(map(_second, fields))
-        if (
-            values.count(b"\n") > max(len(fields) - 1, 0)  # an LF inside a value
-            or b"\x00" in values
-            or b"\r" in values
-            or (
-                (b" " in values or b"\t" in values)
-                and _EDGE_SPACE.search(b"\n" + values + b"\n") is not None
-            )
-        ):
+        if _values_malformed(fields):
             error = "invalid field value"
         names = list(map(_first, fields))
         # Pseudo-headers come first (§8.3). One that does not lands among the regular
@@ -281,6 +273,33 @@ class HeaderBlock:
 
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
+# The fields whose values a `HeaderBlock` reads (besides every pseudo-header).
+_SIGNIFICANT = frozenset((b"content-type", b"te", b"content-length"))
+
+
+def _values_malformed(fields: list[tuple[bytes, bytes]]) -> bool:
+    """A value holds NUL, CR or LF, or starts or ends with a space or tab (§8.2.1)."""
+    values = b"\n".join(map(_second, fields))
+    return (
+        values.count(b"\n") > max(len(fields) - 1, 0)  # an LF inside a value
+        or b"\x00" in values
+        or b"\r" in values
+        or (
+            (b" " in values or b"\t" in values)
+            and _EDGE_SPACE.search(b"\n" + values + b"\n") is not None
+        )
+    )
+
+
+def _no_significant(fields: list[tuple[bytes, bytes]]) -> tuple[()]:
+    return ()
+
+
+Shape = tuple[Callable[[list[tuple[bytes, bytes]]], object], dict[object, HeaderBlock]]
+Decoded = tuple[HeaderBlock, list[tuple[bytes, bytes]]]
+SHAPES = 16  # header-name lists whose checks a connection remembers
+SHAPE_KEYS = 16  # significant values remembered per header-name list
+SHAPE_BYTES = 1024  # the longest names + significant values remembered
 
 
 class HeaderDecoder:
@@ -291,14 +310,23 @@ class HeaderDecoder:
     its result only depends on the table: while the table is unchanged, the same bytes
     give the same headers. Every insertion and resize is counted, and any change empties
     the cache; a block whose decoding changed the table is never cached. What is cached
-    is the checked `HeaderBlock`, so a hit is neither decoded nor checked again.
+    is the decoded fields with their checked `HeaderBlock`, so a hit is neither decoded
+    nor checked again.
+
+    A client whose blocks change the table every call (grpc-go, and so ghz, sends a new
+    `grpc-timeout` value with each) misses that cache, but its blocks keep one shape: the
+    same names with the same significant values (see `HeaderBlock`). The checks of a
+    block are therefore also remembered by its names, then by its significant values
+    (bounded: SHAPES times SHAPE_KEYS entries of at most SHAPE_BYTES), and only its values'
+    well-formedness is tested again.
     """
 
-    __slots__ = ("_cache", "_changes", "_decoder", "_state")
+    __slots__ = ("_cache", "_changes", "_decoder", "_shapes", "_state")
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=HEADER_LIST_LIMIT)
-        self._cache: dict[bytes, HeaderBlock] = {}
+        self._cache: dict[bytes, Decoded] = {}
+        self._shapes: dict[tuple[bytes, ...], Shape] = {}
         self._changes = 0
         table = self._decoder.header_table
         add = table.add
@@ -313,12 +341,21 @@ class HeaderDecoder:
     def _table_state(self) -> tuple[int, int]:
         return (self._changes, self._decoder.header_table.maxsize)
 
-    def decode(self, block: bytes) -> HeaderBlock:
+    def decode(self, block: bytes) -> Decoded:
+        """The block's fields and what the checks say of them."""
         found = self._cache.get(block)
         if found is not None:
             return found
         fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
-        decoded = HeaderBlock(fields)
+        names = tuple(map(_first, fields))
+        shape = self._shapes.get(names)
+        checked = None
+        if shape is not None and not _values_malformed(fields):
+            checked = shape[1].get(shape[0](fields))
+        if checked is None:
+            checked = HeaderBlock(fields)
+            self._remember_shape(names, fields, shape, checked)
+        decoded = (checked, fields)
         state = self._table_state()
         if state != self._state:
             self._state = state
@@ -326,6 +363,35 @@ class HeaderDecoder:
         elif len(self._cache) < 64 and len(block) <= 512:
             self._cache[block] = decoded
         return decoded
+
+    def _remember_shape(
+        self,
+        names: tuple[bytes, ...],
+        fields: list[tuple[bytes, bytes]],
+        shape: Shape | None,
+        checked: HeaderBlock,
+    ) -> None:
+        """Keep `checked` for blocks of these names and significant values, within bounds
+        (a block with a malformed value is not kept: its values decided)."""
+        if shape is None:
+            if len(self._shapes) >= SHAPES or len(b"".join(names)) > SHAPE_BYTES:
+                return
+            indices = [
+                i for i, name in enumerate(names) if name[:1] == b":" or name in _SIGNIFICANT
+            ]
+            getter: Callable[[list[tuple[bytes, bytes]]], object] = (
+                operator.itemgetter(*indices, *indices) if indices else _no_significant
+            )
+            shape = (getter, {})
+        elif len(shape[1]) >= SHAPE_KEYS:
+            return
+        key = shape[0](fields)
+        significant: tuple[tuple[bytes, bytes], ...] = key  # type: ignore[assignment]
+        size = len(b"".join(names)) + sum(len(value) for _, value in significant)
+        if size > SHAPE_BYTES or _values_malformed(fields):
+            return
+        shape[1][key] = checked
+        self._shapes[names] = shape
 
 
 class H2Error(Exception):
@@ -1306,7 +1372,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_header_block(self, flags: int, stream_id: int, block: bytes) -> None:
         try:
-            decoded = self.decoder.decode(block)  # always: it keeps the table in step
+            decoded, headers = self.decoder.decode(block)  # always: it keeps the table in step
         except Exception as exc:  # hpack's errors, and whatever a hostile block provokes
             raise H2Error(COMPRESSION_ERROR, f"header block: {exc}") from None
         call = self.calls.get(stream_id)
@@ -1340,7 +1406,7 @@ class Connection(asyncio.BufferedProtocol):
                 call = Ended(self, stream_id, UNIMPLEMENTED, message)
             else:
                 try:
-                    call = factory(self, stream_id, decoded.fields)
+                    call = factory(self, stream_id, headers)
                 except Exception:
                     log.exception("error starting a gRPC call")
                     call = Ended(self, stream_id, INTERNAL, "internal error")

@@ -1117,7 +1117,41 @@ def test_header_decoder_caches_the_checked_block() -> None:
         repeated = encoder.encode(fields)  # references to it only
         first = decoder.decode(repeated)
         assert decoder.decode(repeated) is first
-        assert (first.request_error is None) == (fields is GRPC_REQUEST)
+        assert (first[0].request_error is None) == (fields is GRPC_REQUEST)
+
+
+def test_header_decoder_checks_by_shape() -> None:
+    """Blocks that change the table every call (grpc-go sends a new grpc-timeout each time)
+    miss the block cache; their checks are reused by names and significant values, and a
+    malformed value, another content-type, :path or te is still judged on its own."""
+    decoder, encoder = h2grpc.HeaderDecoder(), hpack.Encoder()
+    base = _with((b"user-agent", b"grpc-go/1.56.3"))
+    timeout = 0
+
+    def checked(replace: tuple[bytes, bytes] | None = None) -> h2grpc.HeaderBlock:
+        nonlocal timeout
+        timeout += 1
+        fields = [(n, replace[1] if replace and n == replace[0] else v) for n, v in base]
+        fields.append((b"grpc-timeout", b"%du" % timeout))
+        block, decoded = decoder.decode(encoder.encode(fields))
+        assert decoded == fields  # this block's own fields, not the shape's first
+        return block
+
+    first = checked()
+    assert first.request_error is None and first.grpc and first.path == PROCESS
+    assert checked() is first  # same shape: checked once
+    for name, value, why in (
+        (b"user-agent", b"bad\x00agent", "invalid field value"),
+        (b"user-agent", b" leading space", "invalid field value"),
+        (b"te", b"gzip", "te other than trailers"),
+        (b":path", b"", "no or empty :path"),
+    ):
+        assert checked((name, value)).request_error == why, (name, value)
+        assert checked() is first
+    other = checked((b"content-type", b"application/json"))
+    assert other.request_error is None and not other.grpc
+    health = checked((b":path", HEALTH_CHECK))
+    assert health.path == HEALTH_CHECK and health.grpc
 
 
 def expect_stream_error(client: RawClient, stream_id: int, code: ErrorCodes) -> None:
