@@ -29,6 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import hpack
@@ -146,6 +147,10 @@ def literal(name: bytes, value: bytes) -> bytes:
 
 # :status 200 (static index 8) and content-type (static name 31): application/grpc.
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7, 0) + b"application/grpc"
+# A DATA frame's head and a gRPC message's prefix, packed in one step (`send_message`);
+# the first answer of a call also has the response HEADERS frame before them.
+_DATA_MESSAGE = struct.Struct(">BHBBLBL")
+_HEADERS_DATA_MESSAGE = struct.Struct(f">BHBBL{len(RESPONSE_HEADERS)}sBHBBLBL")
 OK_TRAILERS = literal(b"grpc-status", b"0")
 # The answer to a request that is not gRPC (`NotGrpc`).
 NOT_GRPC_BODY = (
@@ -873,11 +878,7 @@ class Connection(asyncio.BufferedProtocol):
         self.abort()
 
     def send_message(self, call: Call, payload: bytes) -> None:
-        if not call.headers_sent:
-            call.headers_sent = True
-            self.write(frame(HEADERS, END_HEADERS, call.stream_id, RESPONSE_HEADERS))
         size = len(payload) + 5
-        prefix = b"\x00" + _U32.pack(len(payload))
         if (
             not call.pending
             and size <= call.send_window
@@ -887,8 +888,34 @@ class Connection(asyncio.BufferedProtocol):
             call.send_window -= size
             self.send_window -= size
             self._data_sent += 1
-            self.write(_frame_head(size, DATA, 0, call.stream_id) + prefix + payload)
+            if call.headers_sent:
+                head = _DATA_MESSAGE.pack(
+                    size >> 16, size & 0xFFFF, DATA, 0, call.stream_id, 0, size - 5
+                )
+            else:  # the first answer: the response headers, then it, in one write
+                call.headers_sent = True
+                stream_id = call.stream_id
+                head = _HEADERS_DATA_MESSAGE.pack(
+                    0,
+                    len(RESPONSE_HEADERS),
+                    HEADERS,
+                    END_HEADERS,
+                    stream_id,
+                    RESPONSE_HEADERS,
+                    size >> 16,
+                    size & 0xFFFF,
+                    DATA,
+                    0,
+                    stream_id,
+                    0,
+                    size - 5,
+                )
+            self.write(head + payload)
             return
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.write(frame(HEADERS, END_HEADERS, call.stream_id, RESPONSE_HEADERS))
+        prefix = b"\x00" + _U32.pack(len(payload))
         call.pending.append(memoryview(prefix + payload))
         self.out_bytes += size
         self.server.out_bytes += size
@@ -918,10 +945,15 @@ class Connection(asyncio.BufferedProtocol):
         self._end(call, block)
 
     def _end(self, call: Call, block: bytes) -> None:
-        self.write(frame(HEADERS, END_HEADERS | END_STREAM, call.stream_id, block))
+        size = len(block)
+        stream_id = call.stream_id
+        self.write(
+            _FRAME.pack(size >> 16, size & 0xFFFF, HEADERS, END_HEADERS | END_STREAM, stream_id)
+            + block
+        )
         if not call.remote_closed:
             # The client may still be sending: tell it to stop (gRPC's convention).
-            self.write(frame(RST_STREAM, 0, call.stream_id, _U32.pack(NO_ERROR)))
+            self.write(frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR)))
             self._forget(call, ClosedBy.SENT_RST)
         else:
             self._forget(call, ClosedBy.END_STREAM)
@@ -1001,30 +1033,79 @@ class Connection(asyncio.BufferedProtocol):
     # -- input --
 
     def _frames(self, view: memoryview, pos: int) -> int:
+        """Handle the frames in `view` from `pos`, at most a turn's budget of them; returns
+        where the first frame not handled starts."""
         size = len(view)
         unpack = _FRAME.unpack_from
-        turn = self.limits.frames_per_turn
-        while size - pos >= 9:
-            if not turn:
-                self._more = True
-                break
-            turn -= 1
-            high, low, kind, flags, stream_id = unpack(view, pos)
-            length = (high << 16) | low
-            if length > FRAME_LIMIT:
-                raise H2Error(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        calls = self.calls
+        half_connection_window = self._half_connection_window
+        # The turn's budget as an iterator: a frame takes one tick, and a HEADERS frame or
+        # each SETTINGS entry takes more (consumed in one step, itertools' `consume`).
+        ticks = iter(range(self.limits.frames_per_turn))
+        for _ in ticks:
+            if size - pos < 9:
+                return pos
+            high, length, kind, flags, stream_id = unpack(view, pos)
+            if high or length > FRAME_LIMIT:  # FRAME_LIMIT < 2**16
+                raise H2Error(FRAME_SIZE_ERROR, f"frame of {(high << 16) | length} bytes")
             end = pos + 9 + length
             if end > size:
-                break
+                return pos
             stream_id &= 0x7FFFFFFF
             payload = view[pos + 9 : end]
             pos = end
             if self._headers is not None and kind != CONTINUATION:
                 raise H2Error(PROTOCOL_ERROR, "expected CONTINUATION")
             if kind == DATA:
-                self._on_data(flags, stream_id, payload, length)
+                # `_on_data` for the frames of a call that is going well, inline: no padding,
+                # not empty (unless it ends the stream), within the windows, no content-length
+                # to count down. Every other DATA frame goes to `_on_data`, which does the
+                # same checks in the same order; nothing is changed before the choice.
+                call = calls.get(stream_id)
+                unacked = self.recv_unacked + length
+                if (
+                    call is None
+                    or flags & PADDED
+                    or not (length or flags & END_STREAM)
+                    or unacked >= half_connection_window
+                    or call.remote_closed
+                    or call.done
+                    or call.recv_window < length
+                    or call.content_left >= 0
+                ):
+                    self._on_data(flags, stream_id, payload, length)
+                    continue
+                self.recv_unacked = unacked
+                call.recv_window -= length
+                end_stream = flags & END_STREAM
+                if end_stream:
+                    call.remote_closed = True
+                if length:
+                    buffer = call._buffer
+                    before = len(buffer)
+                    reserved = call.reserved
+                    if (
+                        reserved
+                        and before + length < reserved
+                        and not end_stream
+                        and not self.out_bytes
+                    ):
+                        # More of an admitted message, still incomplete: `feed` would only
+                        # append it, and it is counted with its window open.
+                        buffer += payload
+                        continue
+                    call.feed(payload)
+                    if reserved and call.reserved and len(call._buffer) == before + length:
+                        pass  # the admitted message grows: counted, window already open
+                    elif before or call._buffer or call.recv_window <= self._half_window:
+                        self._after_feed(call, before, length)
+                if end_stream and not call.done:
+                    if self._stalled and stream_id in self._stalled:
+                        call.eos_pending = True
+                    else:
+                        _guarded(call, call.half_closed)
             elif kind == HEADERS:
-                turn = max(0, turn - 10)  # a new call costs about ten frames' work
+                next(islice(ticks, 10, 10), None)  # a new call costs about ten frames' work
                 self._on_headers(flags, stream_id, payload)
             elif kind == CONTINUATION:
                 self._on_continuation(flags, stream_id, payload)
@@ -1036,7 +1117,8 @@ class Connection(asyncio.BufferedProtocol):
                     raise H2Error(ENHANCE_YOUR_CALM, "WINDOW_UPDATE flood")
                 self._on_window_update(stream_id, payload)
             elif kind == SETTINGS:
-                turn = max(0, turn - length // 6)  # each entry is work
+                entries = length // 6  # each entry is work
+                next(islice(ticks, entries, entries), None)
                 self._on_settings(flags, stream_id, payload)
             elif kind == PING:
                 if stream_id:
@@ -1061,6 +1143,8 @@ class Connection(asyncio.BufferedProtocol):
                 raise H2Error(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             else:  # unknown types are ignored (RFC 9113 §4.1), but not for free
                 self._count_control()
+        if size - pos >= 9:
+            self._more = True  # the budget ran out: the rest next turn
         return pos
 
     def _count_control(self) -> None:
@@ -1604,7 +1688,11 @@ class Connection(asyncio.BufferedProtocol):
             self.withheld.pop(stream_id, None)
         if call.reserved or call.loose or call.retained or call.waiting or call.pending:
             self._release(call)
-        self._close_call(call)
+        call.done = True  # `_close_call`, inline
+        try:
+            call.closed()
+        except Exception:  # a bug in one call must not take the connection down
+            log.exception("error closing a call")
         if not self.calls:
             self.idle_since = self.now
             if self.goaway_sent:
