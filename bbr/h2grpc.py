@@ -474,6 +474,10 @@ class Call:
         "trailers",
         "waiting",
     )
+    # Set when the call enters `conn.partial`, the only place they are read: when DATA
+    # last came, and how many bytes were buffered when the sweep last looked.
+    last_data: float
+    swept: int
 
     def __init__(self, conn: Connection, stream_id: int) -> None:
         self.conn = conn
@@ -488,9 +492,8 @@ class Call:
         self.loose = 0  # buffered bytes of a message not admitted
         self.reserved = 0  # the admitted message's size, counted in the budgets
         self.waiting = 0  # the size of a message waiting for admission
-        self.swept = 0  # buffered bytes when the sweep last looked
         self.retained = 0  # bytes of consumed messages the call still keeps (see `hold`)
-        self.last_data = self.born = conn.now
+        self.born = conn.now
         self.content_left = -1  # request bytes still due by its content-length (-1: none)
         self._buffer = bytearray()
         self.pending: deque[memoryview] = deque()
@@ -674,6 +677,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closing = False
         self.established = False  # preface and SETTINGS received
         self._receive: bytearray | None = None
+        self._small = False  # `_receive` is the first, small buffer
         self._receive_view = memoryview(b"")
         self._filled = 0
         self._preface = False
@@ -693,6 +697,10 @@ class Connection(asyncio.BufferedProtocol):
         self.reserved = 0
         self.partial: dict[int, Call] = {}  # calls holding part of a message
         self._half_window = self.limits.stream_window // 2
+        # Loose bytes (beginnings of messages not admitted) are capped at a quarter of the
+        # budgets.
+        self._loose_cap = self.limits.connection_buffer // 4
+        self._process_loose_cap = self.limits.process_buffer // 4
         self.withheld: dict[int, Call] = {}  # calls whose window waits for budget room
         # Flood counters.
         self._empty = 0
@@ -742,6 +750,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._receive is None:
             self._receive = bytearray(FIRST_BUFFER)
             self._receive_view = memoryview(self._receive)
+            self._small = True
         return self._receive_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -750,16 +759,13 @@ class Connection(asyncio.BufferedProtocol):
         self._filled += nbytes
         self.now = self.server.clock()
         self._turn()
-        if (
-            nbytes > FRAME_LIMIT
-            and self._receive is not None
-            and len(self._receive) < RECEIVE_BUFFER
-        ):
+        if self._small and nbytes > FRAME_LIMIT:
             self._grow()  # reads fill the small buffer: this client sends in bulk
 
     def _grow(self) -> None:
         receive = self._receive
         assert receive is not None
+        self._small = False
         grown = bytearray(max(len(receive), RECEIVE_BUFFER) + FRAME_LIMIT + 9)
         grown[: self._filled] = receive[: self._filled]
         self._receive_view.release()
@@ -769,12 +775,15 @@ class Connection(asyncio.BufferedProtocol):
     def _turn(self) -> None:
         """Handle the frames in the buffer, at most `frames_per_turn` of them."""
         self._in_callback = True
-        assert self._receive is not None
+        receive = self._receive
+        assert receive is not None
+        filled = self._filled
         try:
-            used = self._received(self._receive_view[: self._filled])
-            left = self._filled - used
+            view = self._receive_view[:filled]
+            used = self._frames(view, 0) if self._preface else self._received(view)
+            left = filled - used
             if left and used:
-                self._receive[:left] = self._receive[used : self._filled]
+                receive[:left] = receive[used:filled]
             self._filled = left
         except H2Error as exc:
             self._filled = 0
@@ -834,6 +843,7 @@ class Connection(asyncio.BufferedProtocol):
             self._close_call(call)
         self._receive_view.release()
         self._receive = None
+        self._small = False
         self.server.connection_gone()
 
     def pause_writing(self) -> None:
@@ -1270,6 +1280,13 @@ class Connection(asyncio.BufferedProtocol):
                 call.reserved = 0
                 if server.waiting:
                     server.admit()
+                if not (after or call.loose or call.retained or call.done or call.remote_closed):
+                    # The long message was all there is: what the general path below
+                    # does then, unless the window is due to reopen.
+                    if before:
+                        self.partial.pop(call.stream_id, None)
+                    if self.limits.stream_window - call.recv_window < self._half_window:
+                        return
         elif (
             not before
             and after >= 5
@@ -1283,10 +1300,11 @@ class Connection(asyncio.BufferedProtocol):
             limits = self.limits
             if (
                 need > ADMIT_ABOVE
-                and self.loose + after <= limits.connection_buffer // 4
-                and server.loose + after <= limits.process_buffer // 4
+                and self.loose + after <= self._loose_cap
+                and server.loose + after <= self._process_loose_cap
                 and self.reserved + need <= limits.connection_buffer
-                and server.held + need <= limits.process_buffer
+                and server.loose + server.reserved + server.out_bytes + need
+                <= limits.process_buffer  # server.held, inline
             ):
                 call.reserved = need
                 self.reserved += need
@@ -1302,8 +1320,8 @@ class Connection(asyncio.BufferedProtocol):
         if loose != call.loose:
             delta = loose - call.loose
             if delta > 0 and (
-                self.loose + delta > self.limits.connection_buffer // 4
-                or server.loose + delta > self.limits.process_buffer // 4
+                self.loose + delta > self._loose_cap
+                or server.loose + delta > self._process_loose_cap
             ):
                 # Beginnings of messages on too many streams at once: shed this one.
                 self._reset(call.stream_id, CANCEL if call.fed else REFUSED_STREAM)
@@ -1496,7 +1514,6 @@ class Connection(asyncio.BufferedProtocol):
                     call = Ended(self, stream_id, INTERNAL, "internal error")
         call.content_left = decoded.content_length
         self.calls[stream_id] = call
-        call.last_data = self.now
         if flags & END_STREAM:
             call.remote_closed = True
         _guarded(call, call.start)
@@ -1767,6 +1784,7 @@ class Connection(asyncio.BufferedProtocol):
             elif self._receive is not None and not self._filled:
                 self._receive_view.release()  # an idle connection keeps no buffer
                 self._receive = None
+                self._small = False
                 self._receive_view = memoryview(b"")
             return
         if self.withheld and not self.over_budget():
