@@ -1154,6 +1154,26 @@ def test_header_decoder_checks_by_shape() -> None:
     assert health.path == HEALTH_CHECK and health.grpc
 
 
+def test_header_decoder_reads_indexed_blocks_as_hpack_does() -> None:
+    """A block of table references alone is read from the table directly: the same
+    fields as hpack's decoder, static and dynamic entries alike, and an index past the
+    table is still a decoding error."""
+    decoder, reference, encoder = h2grpc.HeaderDecoder(), hpack.Decoder(), hpack.Encoder()
+    for timeout in range(1, 40):  # each call a new grpc-timeout: the table moves every time
+        fields = _with(
+            (b"user-agent", b"grpc-go/1.56.3"), (b"grpc-timeout", b"%du" % (timeout % 7))
+        )
+        block = encoder.encode(fields)
+        expected = reference.decode(block, raw=True)
+        _, decoded = decoder.decode(block)
+        assert decoded == expected == fields
+    indexed = encoder.encode(fields)
+    assert min(indexed) > 0x80  # references only
+    assert decoder.decode(indexed)[1] == fields
+    with pytest.raises(hpack.HPACKDecodingError):
+        h2grpc.HeaderDecoder().decode(indexed)  # a fresh table has no such entries
+
+
 def expect_stream_error(client: RawClient, stream_id: int, code: ErrorCodes) -> None:
     """The server resets `stream_id` with `code`, and does not end the connection."""
     frames = client.frames_until(
