@@ -24,6 +24,7 @@ import re
 import socket
 import ssl
 import struct
+import time
 import urllib.parse
 import weakref
 from collections import deque
@@ -726,6 +727,7 @@ class Connection(asyncio.BufferedProtocol):
         self.reserved = 0
         self.partial: dict[int, Call] = {}  # calls holding part of a message
         self._half_window = self.limits.stream_window // 2
+        self._turn_ticks = range(self.limits.frames_per_turn)  # a turn's budget (`_frames`)
         # Loose bytes (beginnings of messages not admitted) are capped at a quarter of the
         # budgets.
         self._loose_cap = self.limits.connection_buffer // 4
@@ -1080,7 +1082,7 @@ class Connection(asyncio.BufferedProtocol):
         half_connection_window = self._half_connection_window
         # The turn's budget as an iterator: a frame takes one tick, and a HEADERS frame or
         # each SETTINGS entry takes more (consumed in one step, itertools' `consume`).
-        ticks = iter(range(self.limits.frames_per_turn))
+        ticks = iter(self._turn_ticks)
         for _ in ticks:
             if size - pos < 9:
                 return pos
@@ -1983,7 +1985,9 @@ class Server:
     ) -> int:
         loop = asyncio.get_running_loop()
         self.loop = loop
-        self.clock = loop.time
+        # The loop's clock, read once per socket read: asyncio's own is time.monotonic
+        # behind a Python method, so that is called directly when it is the one in use.
+        self.clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._quiet_accept_errors(loop)
         self._listener = await loop.create_server(
             self._connection,
