@@ -24,11 +24,13 @@ import re
 import socket
 import ssl
 import struct
+import time
 import urllib.parse
 import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import hpack
@@ -146,6 +148,10 @@ def literal(name: bytes, value: bytes) -> bytes:
 
 # :status 200 (static index 8) and content-type (static name 31): application/grpc.
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + _hpack_int(16, 7, 0) + b"application/grpc"
+# A DATA frame's head and a gRPC message's prefix, packed in one step (`send_message`);
+# the first answer of a call also has the response HEADERS frame before them.
+_DATA_MESSAGE = struct.Struct(">BHBBLBL")
+_HEADERS_DATA_MESSAGE = struct.Struct(f">BHBBL{len(RESPONSE_HEADERS)}sBHBBLBL")
 OK_TRAILERS = literal(b"grpc-status", b"0")
 # The answer to a request that is not gRPC (`NotGrpc`).
 NOT_GRPC_BODY = (
@@ -195,11 +201,13 @@ class HeaderBlock:
     a stream error PROTOCOL_ERROR (§8.1.1). A block served from the decoder's cache was
     checked when it was first decoded, so a repeated block costs no checking at all; a
     new one costs a few scans of its joined names and values, not a regex per field.
+    What it says depends only on the names, on the values of pseudo-headers,
+    content-type, te and content-length (`_SIGNIFICANT`), and on whether every value is
+    well-formed: `HeaderDecoder` reuses it for blocks that agree on those.
     """
 
     __slots__ = (
         "content_length",
-        "fields",
         "grpc",
         "method",
         "path",
@@ -209,20 +217,10 @@ class HeaderBlock:
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         # Few Python steps, most of the scanning in C: this runs for every header block
-        # the cache does not answer.
-        self.fields = fields
+        # the caches do not answer.
         self.content_length = -1  # none given
         error: str | None = None  # breaks a rule for any block
-        values = b"\n".join(map(_second, fields))
-        if (
-            values.count(b"\n") > max(len(fields) - 1, 0)  # an LF inside a value
-            or b"\x00" in values
-            or b"\r" in values
-            or (
-                (b" " in values or b"\t" in values)
-                and _EDGE_SPACE.search(b"\n" + values + b"\n") is not None
-            )
-        ):
+        if _values_malformed(fields):
             error = "invalid field value"
         names = list(map(_first, fields))
         # Pseudo-headers come first (§8.3). One that does not lands among the regular
@@ -281,6 +279,39 @@ class HeaderBlock:
 
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
+# The fields whose values a `HeaderBlock` reads (besides every pseudo-header).
+_SIGNIFICANT = frozenset((b"content-type", b"te", b"content-length"))
+
+
+def _values_malformed(fields: list[tuple[bytes, bytes]]) -> bool:
+    """A value holds NUL, CR or LF, or starts or ends with a space or tab (§8.2.1)."""
+    values = b"\n".join(map(_second, fields))
+    return (
+        values.count(b"\n") > max(len(fields) - 1, 0)  # an LF inside a value
+        or b"\x00" in values
+        or b"\r" in values
+        or (
+            (b" " in values or b"\t" in values)
+            and _EDGE_SPACE.search(b"\n" + values + b"\n") is not None
+        )
+    )
+
+
+def _no_significant(fields: list[tuple[bytes, bytes]]) -> tuple[()]:
+    return ()
+
+
+# An indexed field's byte (RFC 7541 §6.1) to its index; the tables by index (0 unused).
+_INDEX = bytes(byte & 0x7F for byte in range(256))
+_STATIC_ENTRIES: tuple[tuple[bytes, bytes], ...] = (
+    (b"", b""),
+    *hpack.table.HeaderTable.STATIC_TABLE,
+)
+Shape = tuple[Callable[[list[tuple[bytes, bytes]]], object], dict[object, HeaderBlock]]
+Decoded = tuple[HeaderBlock, list[tuple[bytes, bytes]]]
+SHAPES = 16  # header-name lists whose checks a connection remembers
+SHAPE_KEYS = 16  # significant values remembered per header-name list
+SHAPE_BYTES = 1024  # the longest names + significant values remembered
 
 
 class HeaderDecoder:
@@ -291,14 +322,23 @@ class HeaderDecoder:
     its result only depends on the table: while the table is unchanged, the same bytes
     give the same headers. Every insertion and resize is counted, and any change empties
     the cache; a block whose decoding changed the table is never cached. What is cached
-    is the checked `HeaderBlock`, so a hit is neither decoded nor checked again.
+    is the decoded fields with their checked `HeaderBlock`, so a hit is neither decoded
+    nor checked again.
+
+    A client whose blocks change the table every call (grpc-go, and so ghz, sends a new
+    `grpc-timeout` value with each) misses that cache, but its blocks keep one shape: the
+    same names with the same significant values (see `HeaderBlock`). The checks of a
+    block are therefore also remembered by its names, then by its significant values
+    (bounded: SHAPES times SHAPE_KEYS entries of at most SHAPE_BYTES), and only its values'
+    well-formedness is tested again.
     """
 
-    __slots__ = ("_cache", "_changes", "_decoder", "_state")
+    __slots__ = ("_cache", "_changes", "_decoder", "_shapes", "_state")
 
     def __init__(self) -> None:
         self._decoder = hpack.Decoder(max_header_list_size=HEADER_LIST_LIMIT)
-        self._cache: dict[bytes, HeaderBlock] = {}
+        self._cache: dict[bytes, Decoded] = {}
+        self._shapes: dict[tuple[bytes, ...], Shape] = {}
         self._changes = 0
         table = self._decoder.header_table
         add = table.add
@@ -313,12 +353,28 @@ class HeaderDecoder:
     def _table_state(self) -> tuple[int, int]:
         return (self._changes, self._decoder.header_table.maxsize)
 
-    def decode(self, block: bytes) -> HeaderBlock:
+    def decode(self, block: bytes) -> Decoded:
+        """The block's fields and what the checks say of them."""
         found = self._cache.get(block)
         if found is not None:
             return found
-        fields: list[tuple[bytes, bytes]] = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
-        decoded = HeaderBlock(fields)
+        indexed = None
+        if block and min(block) > 0x80 and max(block) < 0xFF:
+            indexed = self._indexed(block)
+        fields: list[tuple[bytes, bytes]] = (
+            self._decoder.decode(block, raw=True)  # type: ignore[assignment]
+            if indexed is None
+            else indexed
+        )
+        names = tuple(map(_first, fields))
+        shape = self._shapes.get(names)
+        checked = None
+        if shape is not None and not _values_malformed(fields):
+            checked = shape[1].get(shape[0](fields))
+        if checked is None:
+            checked = HeaderBlock(fields)
+            self._remember_shape(names, fields, shape, checked)
+        decoded = (checked, fields)
         state = self._table_state()
         if state != self._state:
             self._state = state
@@ -326,6 +382,51 @@ class HeaderDecoder:
         elif len(self._cache) < 64 and len(block) <= 512:
             self._cache[block] = decoded
         return decoded
+
+    def _indexed(self, block: bytes) -> list[tuple[bytes, bytes]] | None:
+        """A block of indexed fields only (each one byte: index 1 to 126) read straight from
+        the table: what hpack's decoder gives for it, in a few steps instead of ~250 per
+        field. None when an index is past the table or the list is too long: hpack then
+        decodes it and raises the error. (grpc-go, whose every call changes the table,
+        sends about half its blocks like this: they miss the cache.)"""
+        entries = _STATIC_ENTRIES + tuple(self._decoder.header_table.dynamic_entries)
+        indices = block.translate(_INDEX)
+        if max(indices) >= len(entries):
+            return None
+        fields: list[tuple[bytes, bytes]] = list(map(entries.__getitem__, indices))
+        size = 32 * len(fields) + sum(map(len, map(_first, fields)))
+        if size + sum(map(len, map(_second, fields))) > HEADER_LIST_LIMIT:
+            return None
+        return fields
+
+    def _remember_shape(
+        self,
+        names: tuple[bytes, ...],
+        fields: list[tuple[bytes, bytes]],
+        shape: Shape | None,
+        checked: HeaderBlock,
+    ) -> None:
+        """Keep `checked` for blocks of these names and significant values, within bounds
+        (a block with a malformed value is not kept: its values decided)."""
+        if shape is None:
+            if len(self._shapes) >= SHAPES or len(b"".join(names)) > SHAPE_BYTES:
+                return
+            indices = [
+                i for i, name in enumerate(names) if name[:1] == b":" or name in _SIGNIFICANT
+            ]
+            getter: Callable[[list[tuple[bytes, bytes]]], object] = (
+                operator.itemgetter(*indices, *indices) if indices else _no_significant
+            )
+            shape = (getter, {})
+        elif len(shape[1]) >= SHAPE_KEYS:
+            return
+        key = shape[0](fields)
+        significant: tuple[tuple[bytes, bytes], ...] = key  # type: ignore[assignment]
+        size = len(b"".join(names)) + sum(len(value) for _, value in significant)
+        if size > SHAPE_BYTES or _values_malformed(fields):
+            return
+        shape[1][key] = checked
+        self._shapes[names] = shape
 
 
 class H2Error(Exception):
@@ -403,6 +504,10 @@ class Call:
         "trailers",
         "waiting",
     )
+    # Set when the call enters `conn.partial`, the only place they are read: when DATA
+    # last came, and how many bytes were buffered when the sweep last looked.
+    last_data: float
+    swept: int
 
     def __init__(self, conn: Connection, stream_id: int) -> None:
         self.conn = conn
@@ -417,9 +522,8 @@ class Call:
         self.loose = 0  # buffered bytes of a message not admitted
         self.reserved = 0  # the admitted message's size, counted in the budgets
         self.waiting = 0  # the size of a message waiting for admission
-        self.swept = 0  # buffered bytes when the sweep last looked
         self.retained = 0  # bytes of consumed messages the call still keeps (see `hold`)
-        self.last_data = self.born = conn.now
+        self.born = conn.now
         self.content_left = -1  # request bytes still due by its content-length (-1: none)
         self._buffer = bytearray()
         self.pending: deque[memoryview] = deque()
@@ -603,6 +707,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closing = False
         self.established = False  # preface and SETTINGS received
         self._receive: bytearray | None = None
+        self._small = False  # `_receive` is the first, small buffer
         self._receive_view = memoryview(b"")
         self._filled = 0
         self._preface = False
@@ -622,6 +727,11 @@ class Connection(asyncio.BufferedProtocol):
         self.reserved = 0
         self.partial: dict[int, Call] = {}  # calls holding part of a message
         self._half_window = self.limits.stream_window // 2
+        self._turn_ticks = range(self.limits.frames_per_turn)  # a turn's budget (`_frames`)
+        # Loose bytes (beginnings of messages not admitted) are capped at a quarter of the
+        # budgets.
+        self._loose_cap = self.limits.connection_buffer // 4
+        self._process_loose_cap = self.limits.process_buffer // 4
         self.withheld: dict[int, Call] = {}  # calls whose window waits for budget room
         # Flood counters.
         self._empty = 0
@@ -671,6 +781,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._receive is None:
             self._receive = bytearray(FIRST_BUFFER)
             self._receive_view = memoryview(self._receive)
+            self._small = True
         return self._receive_view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -679,16 +790,13 @@ class Connection(asyncio.BufferedProtocol):
         self._filled += nbytes
         self.now = self.server.clock()
         self._turn()
-        if (
-            nbytes > FRAME_LIMIT
-            and self._receive is not None
-            and len(self._receive) < RECEIVE_BUFFER
-        ):
+        if self._small and nbytes > FRAME_LIMIT:
             self._grow()  # reads fill the small buffer: this client sends in bulk
 
     def _grow(self) -> None:
         receive = self._receive
         assert receive is not None
+        self._small = False
         grown = bytearray(max(len(receive), RECEIVE_BUFFER) + FRAME_LIMIT + 9)
         grown[: self._filled] = receive[: self._filled]
         self._receive_view.release()
@@ -698,12 +806,15 @@ class Connection(asyncio.BufferedProtocol):
     def _turn(self) -> None:
         """Handle the frames in the buffer, at most `frames_per_turn` of them."""
         self._in_callback = True
-        assert self._receive is not None
+        receive = self._receive
+        assert receive is not None
+        filled = self._filled
         try:
-            used = self._received(self._receive_view[: self._filled])
-            left = self._filled - used
+            view = self._receive_view[:filled]
+            used = self._frames(view, 0) if self._preface else self._received(view)
+            left = filled - used
             if left and used:
-                self._receive[:left] = self._receive[used : self._filled]
+                receive[:left] = receive[used:filled]
             self._filled = left
         except H2Error as exc:
             self._filled = 0
@@ -763,6 +874,7 @@ class Connection(asyncio.BufferedProtocol):
             self._close_call(call)
         self._receive_view.release()
         self._receive = None
+        self._small = False
         self.server.connection_gone()
 
     def pause_writing(self) -> None:
@@ -807,11 +919,7 @@ class Connection(asyncio.BufferedProtocol):
         self.abort()
 
     def send_message(self, call: Call, payload: bytes) -> None:
-        if not call.headers_sent:
-            call.headers_sent = True
-            self.write(frame(HEADERS, END_HEADERS, call.stream_id, RESPONSE_HEADERS))
         size = len(payload) + 5
-        prefix = b"\x00" + _U32.pack(len(payload))
         if (
             not call.pending
             and size <= call.send_window
@@ -821,8 +929,34 @@ class Connection(asyncio.BufferedProtocol):
             call.send_window -= size
             self.send_window -= size
             self._data_sent += 1
-            self.write(_frame_head(size, DATA, 0, call.stream_id) + prefix + payload)
+            if call.headers_sent:
+                head = _DATA_MESSAGE.pack(
+                    size >> 16, size & 0xFFFF, DATA, 0, call.stream_id, 0, size - 5
+                )
+            else:  # the first answer: the response headers, then it, in one write
+                call.headers_sent = True
+                stream_id = call.stream_id
+                head = _HEADERS_DATA_MESSAGE.pack(
+                    0,
+                    len(RESPONSE_HEADERS),
+                    HEADERS,
+                    END_HEADERS,
+                    stream_id,
+                    RESPONSE_HEADERS,
+                    size >> 16,
+                    size & 0xFFFF,
+                    DATA,
+                    0,
+                    stream_id,
+                    0,
+                    size - 5,
+                )
+            self.write(head + payload)
             return
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.write(frame(HEADERS, END_HEADERS, call.stream_id, RESPONSE_HEADERS))
+        prefix = b"\x00" + _U32.pack(len(payload))
         call.pending.append(memoryview(prefix + payload))
         self.out_bytes += size
         self.server.out_bytes += size
@@ -852,10 +986,15 @@ class Connection(asyncio.BufferedProtocol):
         self._end(call, block)
 
     def _end(self, call: Call, block: bytes) -> None:
-        self.write(frame(HEADERS, END_HEADERS | END_STREAM, call.stream_id, block))
+        size = len(block)
+        stream_id = call.stream_id
+        self.write(
+            _FRAME.pack(size >> 16, size & 0xFFFF, HEADERS, END_HEADERS | END_STREAM, stream_id)
+            + block
+        )
         if not call.remote_closed:
             # The client may still be sending: tell it to stop (gRPC's convention).
-            self.write(frame(RST_STREAM, 0, call.stream_id, _U32.pack(NO_ERROR)))
+            self.write(frame(RST_STREAM, 0, stream_id, _U32.pack(NO_ERROR)))
             self._forget(call, ClosedBy.SENT_RST)
         else:
             self._forget(call, ClosedBy.END_STREAM)
@@ -935,30 +1074,79 @@ class Connection(asyncio.BufferedProtocol):
     # -- input --
 
     def _frames(self, view: memoryview, pos: int) -> int:
+        """Handle the frames in `view` from `pos`, at most a turn's budget of them; returns
+        where the first frame not handled starts."""
         size = len(view)
         unpack = _FRAME.unpack_from
-        turn = self.limits.frames_per_turn
-        while size - pos >= 9:
-            if not turn:
-                self._more = True
-                break
-            turn -= 1
-            high, low, kind, flags, stream_id = unpack(view, pos)
-            length = (high << 16) | low
-            if length > FRAME_LIMIT:
-                raise H2Error(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+        calls = self.calls
+        half_connection_window = self._half_connection_window
+        # The turn's budget as an iterator: a frame takes one tick, and a HEADERS frame or
+        # each SETTINGS entry takes more (consumed in one step, itertools' `consume`).
+        ticks = iter(self._turn_ticks)
+        for _ in ticks:
+            if size - pos < 9:
+                return pos
+            high, length, kind, flags, stream_id = unpack(view, pos)
+            if high or length > FRAME_LIMIT:  # FRAME_LIMIT < 2**16
+                raise H2Error(FRAME_SIZE_ERROR, f"frame of {(high << 16) | length} bytes")
             end = pos + 9 + length
             if end > size:
-                break
+                return pos
             stream_id &= 0x7FFFFFFF
             payload = view[pos + 9 : end]
             pos = end
             if self._headers is not None and kind != CONTINUATION:
                 raise H2Error(PROTOCOL_ERROR, "expected CONTINUATION")
             if kind == DATA:
-                self._on_data(flags, stream_id, payload, length)
+                # `_on_data` for the frames of a call that is going well, inline: no padding,
+                # not empty (unless it ends the stream), within the windows, no content-length
+                # to count down. Every other DATA frame goes to `_on_data`, which does the
+                # same checks in the same order; nothing is changed before the choice.
+                call = calls.get(stream_id)
+                unacked = self.recv_unacked + length
+                if (
+                    call is None
+                    or flags & PADDED
+                    or not (length or flags & END_STREAM)
+                    or unacked >= half_connection_window
+                    or call.remote_closed
+                    or call.done
+                    or call.recv_window < length
+                    or call.content_left >= 0
+                ):
+                    self._on_data(flags, stream_id, payload, length)
+                    continue
+                self.recv_unacked = unacked
+                call.recv_window -= length
+                end_stream = flags & END_STREAM
+                if end_stream:
+                    call.remote_closed = True
+                if length:
+                    buffer = call._buffer
+                    before = len(buffer)
+                    reserved = call.reserved
+                    if (
+                        reserved
+                        and before + length < reserved
+                        and not end_stream
+                        and not self.out_bytes
+                    ):
+                        # More of an admitted message, still incomplete: `feed` would only
+                        # append it, and it is counted with its window open.
+                        buffer += payload
+                        continue
+                    call.feed(payload)
+                    if reserved and call.reserved and len(call._buffer) == before + length:
+                        pass  # the admitted message grows: counted, window already open
+                    elif before or call._buffer or call.recv_window <= self._half_window:
+                        self._after_feed(call, before, length)
+                if end_stream and not call.done:
+                    if self._stalled and stream_id in self._stalled:
+                        call.eos_pending = True
+                    else:
+                        _guarded(call, call.half_closed)
             elif kind == HEADERS:
-                turn = max(0, turn - 10)  # a new call costs about ten frames' work
+                next(islice(ticks, 10, 10), None)  # a new call costs about ten frames' work
                 self._on_headers(flags, stream_id, payload)
             elif kind == CONTINUATION:
                 self._on_continuation(flags, stream_id, payload)
@@ -970,7 +1158,8 @@ class Connection(asyncio.BufferedProtocol):
                     raise H2Error(ENHANCE_YOUR_CALM, "WINDOW_UPDATE flood")
                 self._on_window_update(stream_id, payload)
             elif kind == SETTINGS:
-                turn = max(0, turn - length // 6)  # each entry is work
+                entries = length // 6  # each entry is work
+                next(islice(ticks, entries, entries), None)
                 self._on_settings(flags, stream_id, payload)
             elif kind == PING:
                 if stream_id:
@@ -995,6 +1184,8 @@ class Connection(asyncio.BufferedProtocol):
                 raise H2Error(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             else:  # unknown types are ignored (RFC 9113 §4.1), but not for free
                 self._count_control()
+        if size - pos >= 9:
+            self._more = True  # the budget ran out: the rest next turn
         return pos
 
     def _count_control(self) -> None:
@@ -1120,6 +1311,13 @@ class Connection(asyncio.BufferedProtocol):
                 call.reserved = 0
                 if server.waiting:
                     server.admit()
+                if not (after or call.loose or call.retained or call.done or call.remote_closed):
+                    # The long message was all there is: what the general path below
+                    # does then, unless the window is due to reopen.
+                    if before:
+                        self.partial.pop(call.stream_id, None)
+                    if self.limits.stream_window - call.recv_window < self._half_window:
+                        return
         elif (
             not before
             and after >= 5
@@ -1133,10 +1331,11 @@ class Connection(asyncio.BufferedProtocol):
             limits = self.limits
             if (
                 need > ADMIT_ABOVE
-                and self.loose + after <= limits.connection_buffer // 4
-                and server.loose + after <= limits.process_buffer // 4
+                and self.loose + after <= self._loose_cap
+                and server.loose + after <= self._process_loose_cap
                 and self.reserved + need <= limits.connection_buffer
-                and server.held + need <= limits.process_buffer
+                and server.loose + server.reserved + server.out_bytes + need
+                <= limits.process_buffer  # server.held, inline
             ):
                 call.reserved = need
                 self.reserved += need
@@ -1152,8 +1351,8 @@ class Connection(asyncio.BufferedProtocol):
         if loose != call.loose:
             delta = loose - call.loose
             if delta > 0 and (
-                self.loose + delta > self.limits.connection_buffer // 4
-                or server.loose + delta > self.limits.process_buffer // 4
+                self.loose + delta > self._loose_cap
+                or server.loose + delta > self._process_loose_cap
             ):
                 # Beginnings of messages on too many streams at once: shed this one.
                 self._reset(call.stream_id, CANCEL if call.fed else REFUSED_STREAM)
@@ -1306,7 +1505,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_header_block(self, flags: int, stream_id: int, block: bytes) -> None:
         try:
-            decoded = self.decoder.decode(block)  # always: it keeps the table in step
+            decoded, headers = self.decoder.decode(block)  # always: it keeps the table in step
         except Exception as exc:  # hpack's errors, and whatever a hostile block provokes
             raise H2Error(COMPRESSION_ERROR, f"header block: {exc}") from None
         call = self.calls.get(stream_id)
@@ -1340,13 +1539,12 @@ class Connection(asyncio.BufferedProtocol):
                 call = Ended(self, stream_id, UNIMPLEMENTED, message)
             else:
                 try:
-                    call = factory(self, stream_id, decoded.fields)
+                    call = factory(self, stream_id, headers)
                 except Exception:
                     log.exception("error starting a gRPC call")
                     call = Ended(self, stream_id, INTERNAL, "internal error")
         call.content_left = decoded.content_length
         self.calls[stream_id] = call
-        call.last_data = self.now
         if flags & END_STREAM:
             call.remote_closed = True
         _guarded(call, call.start)
@@ -1538,7 +1736,11 @@ class Connection(asyncio.BufferedProtocol):
             self.withheld.pop(stream_id, None)
         if call.reserved or call.loose or call.retained or call.waiting or call.pending:
             self._release(call)
-        self._close_call(call)
+        call.done = True  # `_close_call`, inline
+        try:
+            call.closed()
+        except Exception:  # a bug in one call must not take the connection down
+            log.exception("error closing a call")
         if not self.calls:
             self.idle_since = self.now
             if self.goaway_sent:
@@ -1613,6 +1815,7 @@ class Connection(asyncio.BufferedProtocol):
             elif self._receive is not None and not self._filled:
                 self._receive_view.release()  # an idle connection keeps no buffer
                 self._receive = None
+                self._small = False
                 self._receive_view = memoryview(b"")
             return
         if self.withheld and not self.over_budget():
@@ -1782,7 +1985,9 @@ class Server:
     ) -> int:
         loop = asyncio.get_running_loop()
         self.loop = loop
-        self.clock = loop.time
+        # The loop's clock, read once per socket read: asyncio's own is time.monotonic
+        # behind a Python method, so that is called directly when it is the one in use.
+        self.clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._quiet_accept_errors(loop)
         self._listener = await loop.create_server(
             self._connection,

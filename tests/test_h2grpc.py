@@ -1111,7 +1111,61 @@ def test_header_decoder_caches_the_checked_block() -> None:
         repeated = encoder.encode(fields)  # references to it only
         first = decoder.decode(repeated)
         assert decoder.decode(repeated) is first
-        assert (first.request_error is None) == (fields is GRPC_REQUEST)
+        assert (first[0].request_error is None) == (fields is GRPC_REQUEST)
+
+
+def test_header_decoder_checks_by_shape() -> None:
+    """Blocks that change the table every call (grpc-go sends a new grpc-timeout each time)
+    miss the block cache; their checks are reused by names and significant values, and a
+    malformed value, another content-type, :path or te is still judged on its own."""
+    decoder, encoder = h2grpc.HeaderDecoder(), hpack.Encoder()
+    base = _with((b"user-agent", b"grpc-go/1.56.3"))
+    timeout = 0
+
+    def checked(replace: tuple[bytes, bytes] | None = None) -> h2grpc.HeaderBlock:
+        nonlocal timeout
+        timeout += 1
+        fields = [(n, replace[1] if replace and n == replace[0] else v) for n, v in base]
+        fields.append((b"grpc-timeout", b"%du" % timeout))
+        block, decoded = decoder.decode(encoder.encode(fields))
+        assert decoded == fields  # this block's own fields, not the shape's first
+        return block
+
+    first = checked()
+    assert first.request_error is None and first.grpc and first.path == PROCESS
+    assert checked() is first  # same shape: checked once
+    for name, value, why in (
+        (b"user-agent", b"bad\x00agent", "invalid field value"),
+        (b"user-agent", b" leading space", "invalid field value"),
+        (b"te", b"gzip", "te other than trailers"),
+        (b":path", b"", "no or empty :path"),
+    ):
+        assert checked((name, value)).request_error == why, (name, value)
+        assert checked() is first
+    other = checked((b"content-type", b"application/json"))
+    assert other.request_error is None and not other.grpc
+    health = checked((b":path", HEALTH_CHECK))
+    assert health.path == HEALTH_CHECK and health.grpc
+
+
+def test_header_decoder_reads_indexed_blocks_as_hpack_does() -> None:
+    """A block of table references alone is read from the table directly: the same
+    fields as hpack's decoder, static and dynamic entries alike, and an index past the
+    table is still a decoding error."""
+    decoder, reference, encoder = h2grpc.HeaderDecoder(), hpack.Decoder(), hpack.Encoder()
+    for timeout in range(1, 40):  # each call a new grpc-timeout: the table moves every time
+        fields = _with(
+            (b"user-agent", b"grpc-go/1.56.3"), (b"grpc-timeout", b"%du" % (timeout % 7))
+        )
+        block = encoder.encode(fields)
+        expected = reference.decode(block, raw=True)
+        _, decoded = decoder.decode(block)
+        assert decoded == expected == fields
+    indexed = encoder.encode(fields)
+    assert min(indexed) > 0x80  # references only
+    assert decoder.decode(indexed)[1] == fields
+    with pytest.raises(hpack.HPACKDecodingError):
+        h2grpc.HeaderDecoder().decode(indexed)  # a fresh table has no such entries
 
 
 def expect_stream_error(client: RawClient, stream_id: int, code: ErrorCodes) -> None:
