@@ -50,3 +50,15 @@ def test_bodies_are_exactly_their_size_with_model_last(size: int) -> None:
     sent = {h.key: h.raw_value for h in messages[0].request_headers.headers.headers}
     assert sent["x-extra"] == b"1" and sent[":path"] == b"/v1/chat/completions"
     assert messages[1].request_body.body == body and messages[1].request_body.end_of_stream
+
+
+@pytest.mark.parametrize("mode", ["frames", "bytecodes"])
+def test_h2cost_answers_every_call_it_counts(mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m bench.h2cost` (docs/performance.md's HTTP/2 cost figures) still drives
+    the server in-process and every call it divides by is answered; it broke twice when
+    the server grew a per-turn frame budget and read pausing."""
+    from bench import h2cost
+
+    assert h2cost.main(["--mode", mode, "--calls", "200", "--batch", "10", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "cached" in out and "decoded" in out, out
