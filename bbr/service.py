@@ -109,12 +109,13 @@ class ProcessCall(h2grpc.Call):
             return
         for reply in replies:
             self.send(reply.SerializeToString())
-        if self.retained or self._stream.holding:
+        holding = self._stream.holding
+        if self.retained or holding:
             self.hold(self._stream.held_bytes)  # counted in the port's memory budgets
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._stream.holding and not self.done:  # a held body must not be held forever
+        if holding and not self.done:  # a held body must not be held forever
             self._timer = asyncio.get_running_loop().call_later(
                 self._processor.idle_seconds, self._expire
             )
