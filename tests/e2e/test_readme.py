@@ -144,23 +144,32 @@ def start_demo(*flags: str) -> Demo:
     )
     assert process.stdout is not None
     output: list[str] = []
+    # Read the pipe's fd itself: a buffered readline() may pull several lines at once and
+    # leave them in Python's buffer, where select() does not see them (the test then
+    # waited for "Ctrl-C to stop" that was already read).
+    fd = process.stdout.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
+    selector.register(fd, selectors.EVENT_READ)
+    pending = b""
     deadline = time.monotonic() + 120  # Envoy and bbr start slowly on a loaded machine
     while time.monotonic() < deadline:
         if not selector.select(timeout=1.0):
             if process.poll() is not None:
                 break
             continue
-        line = process.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        output.append(line)
-        if line.startswith("Ctrl-C to stop"):
-            model_ports = [
-                int(p) for p in re.findall(r"^\s+pool-\S+\s+:(\d+)", "".join(output), re.M)
-            ]
-            return Demo(process, port, [p for p in ports if p != model] + model_ports, output)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode() + "\n"
+            output.append(line)
+            if line.startswith("Ctrl-C to stop"):
+                model_ports = [
+                    int(p) for p in re.findall(r"^\s+pool-\S+\s+:(\d+)", "".join(output), re.M)
+                ]
+                return Demo(process, port, [p for p in ports if p != model] + model_ports, output)
+    output.append(pending.decode(errors="replace"))
     process.kill()
     raise AssertionError("demo did not start:\n" + "".join(output))
 
