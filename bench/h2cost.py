@@ -36,19 +36,14 @@ from bbr.decision import Options
 from bbr.health import SERVICE_NAME, Health
 from bbr.modelmap import MapHolder, parse_file_text
 from bbr.service import Processor, h2_server
+from harness.h2client import PREFACE, frame
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAP = """
 kind: ConfigMap
 metadata: {name: llama}
 data: {baseModel: meta-llama/Llama-3.1-8B-Instruct, adapters: "- food-review-1"}
 """
 CHAT = b'{"messages": [{"role": "user", "content": "hi"}], "model": "food-review-1"}'
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return struct.pack(">BHBBL", size >> 16, size & 0xFFFF, kind, flags, stream_id) + payload
 
 
 def request_messages() -> bytes:
