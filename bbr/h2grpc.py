@@ -1179,7 +1179,7 @@ class Connection(asyncio.BufferedProtocol):
             elif kind == GOAWAY:
                 if stream_id:
                     raise H2Error(PROTOCOL_ERROR, "GOAWAY on a stream")
-                self.goaway()
+                self._peer_goaway()
             elif kind == PUSH_PROMISE:
                 raise H2Error(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             else:  # unknown types are ignored (RFC 9113 §4.1), but not for free
@@ -1757,6 +1757,13 @@ class Connection(asyncio.BufferedProtocol):
         """No new streams: the ones we have go on; the connection closes after them."""
         if self._send_goaway(NO_ERROR, "") and not self.calls:
             self._close_soon()
+
+    def _peer_goaway(self) -> None:
+        """The client opens no more streams; its calls go on. With none left the connection
+        closes a moment later, not at once: frames it sent after its GOAWAY (a PING) are
+        answered, not met by the reset a close with unread input makes (h2spec 7)."""
+        if self._send_goaway(NO_ERROR, "") and not self.calls:
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, self._close_soon)
 
     def _send_goaway(self, code: int, reason: str) -> bool:
         """GOAWAY naming the last stream taken, once per connection; False if already sent."""

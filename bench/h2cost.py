@@ -238,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)  # the request log is not the transport's cost
+    try:
+        return _measure(args)
+    finally:
+        logging.disable(logging.NOTSET)  # called in-process (tests/test_bench.py)
+
+
+def _measure(args: argparse.Namespace) -> int:
     holder = MapHolder()
     holder.publish("bench", parse_file_text(MAP, path="m.yaml").configs)
     limit = 16 * 1024 * 1024 + 65536
