@@ -445,7 +445,9 @@ def test_a_relist_never_leaves_a_gap(
         w.wait_for(
             kept | {"during-the-gap": "during-the-gap", "n1": "during-the-gap"}, DEADLINE + 1
         )
-        assert w.source.stats["gone"] > 0 and w.source.stats["lists"] > lists
+        # Relisted: after the 410, or (when the cut broke an event mid-line) after the
+        # undecodable line; both go through the same one-step replacement.
+        assert w.source.stats["lists"] > lists, w.source.stats
         assert gaps and not any(gaps), gaps
     finally:
         proxy.close()
