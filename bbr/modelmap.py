@@ -595,9 +595,6 @@ class _Sharded:
         self.frozen: _Frozen = (_EMPTY,)
         self.dirty: set[int] = set()
 
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self.shards[(hash(key) >> self._shift) & self.mask].get(key, default)
-
     def set(self, key: Any, value: Any) -> None:
         index = (hash(key) >> self._shift) & self.mask
         shard = self.shards[index]
@@ -1081,7 +1078,7 @@ class MapHolder:
                 for sharded in (routes, owners, groups, self._configs):
                     sharded.grow(pace)
             claims = self._claims.get(name)
-            key = hash(name)  # routes.get(name) and so on, with one hash and no calls
+            key = hash(name)  # each name's shard, in each dict: one hash, no calls
             old_base = routes.shards[key & routes.mask].get(name)
             old_owner = owners.shards[key & owners.mask].get(name)  # an id
             old_conflicts = groups.shards[key & groups.mask].get(name, ())
