@@ -707,10 +707,16 @@ class ModelMap:
         "created_at",
         "lookup",
         "problems",
+        "route_mask",
+        "route_shards",
     )
 
     # The base model serving a model name, or None when it is not in the map.
     lookup: Callable[[str], str | None]
+    # The same, unrolled for the request path (`decision.route`, no Python frame):
+    # route_shards[hash(model) & route_mask].get(model).
+    route_shards: tuple[dict[str, str], ...]
+    route_mask: int
     _routes: _Frozen
     # name -> id() of the ModelConfig in force for it, and id -> that ModelConfig: ints
     # are not tracked by Python's cyclic GC, so neither is the name-sized dict (a new
@@ -804,6 +810,8 @@ class ModelMap:
         self._adapters: frozenset[str] | None = None
         self._owners_all: dict[str, ModelConfig] | None = None
         self._view: Any = None
+        self.route_shards = routes
+        self.route_mask = len(routes) - 1
         if len(routes) == 1:
             self.lookup = routes[0].get
         else:
