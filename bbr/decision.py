@@ -218,7 +218,8 @@ def decide(body: bytes, plan: Plan, snapshot: ModelMap, options: Options) -> Out
 
 def route(model: str, snapshot: ModelMap, options: Options) -> Outcome:
     """The outcome for a model name read from a body."""
-    base = snapshot.lookup(model)
+    # snapshot.lookup(model), unrolled: a Python frame fewer on every request
+    base = snapshot.route_shards[hash(model) & snapshot.route_mask].get(model)
     if base is not None:
         return Outcome(Label.ROUTED, model=model, base_model=base)
     if problem := model_problem(model):

@@ -85,11 +85,10 @@ def _encode_list(items: Iterable[Any], pace: Callable[[], None]) -> bytes:
 
 
 def _models(snapshot: ModelMap, pace: Callable[[], None]) -> Iterator[tuple[str, Any]]:
-    routes = snapshot._all_routes()
-    for name in _sorted(routes, pace):
-        base = routes[name]
+    for name in _sorted(snapshot.names(), pace):
+        base = snapshot.lookup(name)
         owner = snapshot.owner(name)
-        assert owner is not None
+        assert base is not None and owner is not None
         yield (
             name,
             {"base_model": base, "kind": "base" if name == base else "adapter"} | (_source(owner)),

@@ -14,7 +14,6 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
 from typing import Any
 
 import msgspec
@@ -517,14 +516,16 @@ def parse_file_text(
 # between them, which releases the GIL whenever the job has run GIL_BUDGET seconds.
 
 GIL_BUDGET = 0.0005
-# Dicts are copied COPY_CHUNK entries at a time (one C call of ~0.1 ms), paced.
-COPY_CHUNK = 4096
-# A snapshot shares its predecessor's dicts (the base) and holds only what changed since
-# (the delta), so a change costs work in proportion to it, not to the map. The delta is
-# folded into a fresh base when it outgrows FOLD_MIN entries and 1/16 of the map: the
-# O(map) copy then happens once per map/16 names changed (amortized, and paced).
-FOLD_MIN = 1024
-FOLD_SHIFT = 4
+# Every name-sized dict is split into shards by the key's hash, a power of two of them,
+# doubled whenever they average more than SHARD_MAX entries: so no single C call of the
+# map's upkeep (a dict growing past a resize threshold rehashes it whole; a copy)
+# touches more than a few thousand entries, where one 50 k-entry dict's last resize
+# took 1-4 ms holding the GIL. A snapshot shares its predecessor's shards and copies
+# only the ones a change touched (whole: a lookup probes one dict). Up to SHARD_MAX
+# names there is one shard, and `lookup` is that dict's own `get`.
+SHARD_MAX = 256
+# ids are addresses, multiples of 16: their low bits say nothing.
+ID_SHIFT = 4
 
 
 def yield_gil() -> None:
@@ -550,72 +551,96 @@ class Pacer:
             self._due = time.perf_counter() + self._budget
 
 
-def copied(d: dict[Any, Any], pace: Callable[[], None]) -> dict[Any, Any]:
-    """A copy of `d`, made COPY_CHUNK entries at a time with `pace()` in between."""
-    if len(d) <= COPY_CHUNK:
-        return d.copy()
-    out: dict[Any, Any] = {}
-    items = iter(d.items())
-    while True:
-        before = len(out)
-        out.update(islice(items, COPY_CHUNK))
-        if len(out) - before < COPY_CHUNK:
-            return out
-        pace()
+_Frozen = tuple[dict[Any, Any], ...]  # a snapshot's shards of one dict, never changed
+_EMPTY: dict[Any, Any] = {}  # never changed
 
 
-_MISS: Any = object()
-_Frozen = tuple[dict[Any, Any], dict[Any, Any]]  # (base, delta) of a snapshot
+def _shard_of(frozen: _Frozen, key: Any, shift: int = 0) -> dict[Any, Any]:
+    return frozen[(hash(key) >> shift) & (len(frozen) - 1)]
 
 
-def _layered_get(frozen: _Frozen, key: Any) -> Any:
-    base, delta = frozen
-    hit = delta.get(key, _MISS)
-    return base.get(key) if hit is _MISS else hit
+def _split(d: dict[Any, Any], shift: int = 0) -> _Frozen:
+    """`d` cut into shards by hash (for a map built from scratch)."""
+    mask = _shards_for(len(d)) - 1
+    shards: list[dict[Any, Any]] = [{} for _ in range(mask + 1)]
+    for key, value in d.items():
+        shards[(hash(key) >> shift) & mask][key] = value
+    return tuple(shards)
 
 
-def _merged(base: dict[Any, Any], delta: dict[Any, Any]) -> dict[Any, Any]:
-    """`base` with `delta` applied (None in the delta: the key is gone)."""
-    if not delta:
-        return base
-    out = copied(base, Pacer())
-    for key, value in delta.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
+def _shards_for(count: int) -> int:
+    shards = 1
+    while count > SHARD_MAX * shards:
+        shards *= 2
+    return shards
 
 
-class _Layered:
-    """The holder's side of one of a snapshot's dicts: the whole dict (`full`, changed in
-    place), the base the snapshots share and the delta since that base."""
+def _items(frozen: _Frozen) -> Iterator[tuple[Any, Any]]:
+    for shard in frozen:
+        yield from shard.items()
 
-    __slots__ = ("base", "delta", "full")
 
-    def __init__(self) -> None:
-        self.full: dict[Any, Any] = {}
-        self.base: dict[Any, Any] = {}
-        self.delta: dict[Any, Any] = {}
+class _Sharded:
+    """The holder's side of one of a snapshot's dicts: its shards, changed in place, and
+    the copies the last snapshot got; a new snapshot copies only the changed shards."""
+
+    __slots__ = ("_frozen", "_shift", "count", "dirty", "frozen", "mask", "shards")
+
+    def __init__(self, shift: int = 0) -> None:
+        self.mask = 0
+        self._shift = shift
+        self.count = 0
+        self.shards: list[dict[Any, Any]] = [{}]
+        self._frozen: list[dict[Any, Any]] = [_EMPTY]
+        self.frozen: _Frozen = (_EMPTY,)
+        self.dirty: set[int] = set()
 
     def set(self, key: Any, value: Any) -> None:
-        self.full[key] = value
-        self.delta[key] = value
+        index = (hash(key) >> self._shift) & self.mask
+        shard = self.shards[index]
+        if key not in shard:
+            self.count += 1
+        shard[key] = value
+        self.dirty.add(index)
 
     def remove(self, key: Any) -> None:
-        del self.full[key]
-        if key in self.base:
-            self.delta[key] = None
-        else:
-            self.delta.pop(key, None)
+        index = (hash(key) >> self._shift) & self.mask
+        del self.shards[index][key]
+        self.count -= 1
+        self.dirty.add(index)
+
+    def _double(self, pace: Callable[[], None]) -> None:
+        """Twice the shards: each splits in two by the next bit of its keys' hashes,
+        one key at a time (paced), so no C call sees more than a few entries."""
+        old = len(self.shards)
+        mask = old * 2 - 1
+        shift = self._shift
+        shards: list[dict[Any, Any]] = [{} for _ in range(old * 2)]
+        for shard in self.shards:
+            for key, value in shard.items():
+                shards[(hash(key) >> shift) & mask][key] = value
+                pace()
+        self.shards, self.mask = shards, mask
+        self._frozen = [_EMPTY] * (old * 2)
+        self.dirty = set(range(old * 2))
+
+    def grow(self, pace: Callable[[], None]) -> None:
+        """Keep the shards small: call between changes (a dict growing to the whole map
+        in one shard would rehash all of it at once)."""
+        while self.count > SHARD_MAX * len(self.shards):
+            self._double(pace)
 
     def freeze(self, pace: Callable[[], None]) -> _Frozen:
-        """(base, delta) for a new snapshot, never to be changed; folds a large delta."""
-        if len(self.delta) > max(FOLD_MIN, len(self.full) >> FOLD_SHIFT):
-            self.base = copied(self.full, pace)
-            self.delta = {}
-            pace()
-        return self.base, self.delta.copy()
+        """The shards for a new snapshot, never to be changed: the changed ones copied
+        (one C call of at most a shard each), the others shared with the last one."""
+        self.grow(pace)
+        if self.dirty:
+            for index in self.dirty:
+                self._frozen[index] = self.shards[index].copy()
+                pace()
+            self.dirty = set()
+            self.frozen = tuple(self._frozen)
+        return self.frozen
 
 
 def _positions(config: ModelConfig, name: str) -> Iterator[int]:
@@ -656,8 +681,9 @@ class ModelMap:
     """An immutable snapshot of the model map. Never mutate one: build another.
 
     `ModelMap(configs)` builds one from scratch (`bbr validate`, tests); `MapHolder`
-    builds them incrementally: a snapshot shares the dicts of an older one and holds
-    only what changed since (`lookup` reads both). What only operators read (the
+    builds them incrementally: each dict is split into shards by hash, and a snapshot
+    shares the shards of an older one but those a change touched (`lookup` hashes the
+    name to its shard, then probes that one dict). What only operators read (the
     `/v1/models` body, the sets of names, the sorted conflicts, the owners) is computed
     on first use and cached.
     """
@@ -672,7 +698,6 @@ class ModelMap:
         "_owners",
         "_owners_all",
         "_routes",
-        "_routes_all",
         "_view",
         "adapter_count",
         "base_count",
@@ -682,10 +707,16 @@ class ModelMap:
         "created_at",
         "lookup",
         "problems",
+        "route_mask",
+        "route_shards",
     )
 
     # The base model serving a model name, or None when it is not in the map.
     lookup: Callable[[str], str | None]
+    # The same, unrolled for the request path (`decision.route`, no Python frame):
+    # route_shards[hash(model) & route_mask].get(model).
+    route_shards: tuple[dict[str, str], ...]
+    route_mask: int
     _routes: _Frozen
     # name -> id() of the ModelConfig in force for it, and id -> that ModelConfig: ints
     # are not tracked by Python's cyclic GC, so neither is the name-sized dict (a new
@@ -726,7 +757,14 @@ class ModelMap:
         frozen = {name: tuple(group) for name, group in groups.items()}
         ids = {name: id(config) for name, config in owners.items()}
         by_id = {id(config): config for config in owners.values()}
-        self._init((routes, {}), (ids, {}), (by_id, {}), (frozen, {}), bases, len(routes) - bases)
+        self._init(
+            _split(routes),
+            _split(ids),
+            _split(by_id, ID_SHIFT),
+            _split(frozen),
+            bases,
+            len(routes) - bases,
+        )
         self.conflict_count = found
         self.created_at = self.changed_at = now
 
@@ -770,29 +808,28 @@ class ModelMap:
         self._models_body: bytes | None = None
         self._bases: frozenset[str] | None = None
         self._adapters: frozenset[str] | None = None
-        self._routes_all: dict[str, str] | None = None
         self._owners_all: dict[str, ModelConfig] | None = None
         self._view: Any = None
-        base, delta = routes
-        if not delta:
-            self.lookup = base.get
+        self.route_shards = routes
+        self.route_mask = len(routes) - 1
+        if len(routes) == 1:
+            self.lookup = routes[0].get
         else:
 
             def lookup(
-                model: str, _delta: Any = delta.get, _base: Any = base.get, _miss: Any = _MISS
+                model: str, _shards: _Frozen = routes, _mask: int = len(routes) - 1
             ) -> str | None:
-                hit = _delta(model, _miss)
-                return _base(model) if hit is _miss else hit  # type: ignore[no-any-return]
+                return _shards[hash(model) & _mask].get(model)
 
             self.lookup = lookup
 
-    def _all_routes(self) -> dict[str, str]:
-        if self._routes_all is None:
-            self._routes_all = _merged(*self._routes)
-        return self._routes_all
+    def names(self) -> Iterator[str]:
+        """Every name in the map, in no particular order."""
+        for shard in self._routes:
+            yield from shard
 
     def items(self) -> Iterator[tuple[str, str]]:
-        return iter(sorted(self._all_routes().items()))
+        return iter(sorted(_items(self._routes)))
 
     def __len__(self) -> int:
         return self.base_count + self.adapter_count
@@ -804,46 +841,43 @@ class ModelMap:
     def owners(self) -> dict[str, ModelConfig]:
         """Name -> the ConfigMap whose entry is in force (do not change it)."""
         if self._owners_all is None:
-            configs = _merged(*self._configs)
+            configs = self._configs
             pace = Pacer()
             owners = {}
-            for name, key in _merged(*self._owners).items():
+            for name, key in _items(self._owners):
                 pace()
-                owners[name] = configs[key]
+                owners[name] = _shard_of(configs, key, ID_SHIFT)[key]
             self._owners_all = owners
         return self._owners_all
 
     def owner(self, name: str) -> ModelConfig | None:
-        key = _layered_get(self._owners, name)
-        return None if key is None else _layered_get(self._configs, key)
+        key = _shard_of(self._owners, name).get(name)
+        return None if key is None else _shard_of(self._configs, key, ID_SHIFT).get(key)
 
     @property
     def conflicts(self) -> tuple[Conflict, ...]:
         """Every name lost by a ConfigMap, in the loser's conflict order."""
         if self._conflicts is None:
-            groups = _merged(*self._groups)
-            found = sorted((pair for group in groups.values() for pair in group), key=_first)
+            pairs = (pair for _, group in _items(self._groups) for pair in group)
+            found = sorted(pairs, key=_first)
             self._conflicts = tuple(conflict for _, conflict in found)
         return self._conflicts
 
     def conflicts_of(self, name: str) -> tuple[Conflict, ...]:
         """The conflicts over one name (cheap: for following changes)."""
-        base, delta = self._groups
-        group = delta.get(name, _MISS)
-        if group is _MISS:
-            group = base.get(name)
+        group = _shard_of(self._groups, name).get(name)
         return tuple(conflict for _, conflict in group or ())
 
     @property
     def bases(self) -> frozenset[str]:
         if self._bases is None:
-            self._bases = frozenset(n for n, b in self._all_routes().items() if n == b)
+            self._bases = frozenset(n for n, b in _items(self._routes) if n == b)
         return self._bases
 
     @property
     def adapters(self) -> frozenset[str]:
         if self._adapters is None:
-            self._adapters = frozenset(n for n, b in self._all_routes().items() if n != b)
+            self._adapters = frozenset(n for n, b in _items(self._routes) if n != b)
         return self._adapters
 
     @property
@@ -862,7 +896,7 @@ class ModelMap:
                             "created": owners[name].created,
                             "owned_by": "bbr",
                         }
-                        for name in sorted(self._all_routes())
+                        for name in sorted(self.names())
                     ],
                 }
             )
@@ -877,8 +911,8 @@ class MapHolder:
     recomputed: each name keeps its claimants ordered by conflict rank, so the winner
     is the first and a change touches only its names. The snapshot readers see
     (`.current`) is a new immutable ModelMap, swapped in with one assignment; it shares
-    the dicts of an older snapshot and copies only the names changed since (folded into
-    new shared dicts, in paced chunks, once the changes outgrow a sixteenth of the map).
+    the shards of the one before and copies only those a change touched (each a small
+    dict: one C call of ~800 entries at 50 k names, paced between).
     Readers just read `.current`. Listeners get each snapshot once, in order, with
     `snapshot.changes` saying what changed since the one they saw before.
     """
@@ -898,11 +932,11 @@ class MapHolder:
         # base model only (a base model declared by 10 k ConfigMaps, say) has no
         # conflicts, and is settled without walking its claimants.
         self._claim_bases: dict[str, dict[str, int]] = {}
-        self._routes = _Layered()
-        self._owners = _Layered()  # name -> id(ModelConfig)
-        self._configs = _Layered()  # id -> ModelConfig, while it owns a name
+        self._routes = _Sharded()
+        self._owners = _Sharded()  # name -> id(ModelConfig)
+        self._configs = _Sharded(ID_SHIFT)  # id -> ModelConfig, while it owns a name
         self._owned: dict[int, int] = {}  # id(ModelConfig) -> how many names it owns
-        self._groups = _Layered()
+        self._groups = _Sharded()
         self._conflict_count = 0
         self._counts = [0, 0]  # bases, adapters
         self._seq = 0
@@ -1046,12 +1080,16 @@ class MapHolder:
         changed = False
         counts = self._counts
         routes, owners, groups = self._routes, self._owners, self._groups
-        for name in names:
+        for step, name in enumerate(names):
             pace()
+            if not step & 63:  # a shard outgrows SHARD_MAX by 64 entries at most
+                for sharded in (routes, owners, groups, self._configs):
+                    sharded.grow(pace)
             claims = self._claims.get(name)
-            old_base = routes.full.get(name)
-            old_owner = owners.full.get(name)  # an id
-            old_conflicts = groups.full.get(name, ())
+            key = hash(name)  # each name's shard, in each dict: one hash, no calls
+            old_base = routes.shards[key & routes.mask].get(name)
+            old_owner = owners.shards[key & owners.mask].get(name)  # an id
+            old_conflicts = groups.shards[key & groups.mask].get(name, ())
             if old_base is not None:
                 counts[old_base != name] -= 1
             base = None

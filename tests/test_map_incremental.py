@@ -145,20 +145,20 @@ def test_holder_apply_equals_scratch(ops: list[Any]) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(op_st, max_size=40))
-def test_holder_folds_equal_scratch(ops: list[Any]) -> None:
-    """The same, with the changes folded into fresh shared dicts almost every time (in
-    production only once they outgrow 1/16 of the map) and copied 2 entries a step."""
-    saved = modelmap.FOLD_MIN, modelmap.FOLD_SHIFT, modelmap.COPY_CHUNK
-    modelmap.FOLD_MIN, modelmap.FOLD_SHIFT, modelmap.COPY_CHUNK = 1, 30, 2
+def test_holder_shards_equal_scratch(ops: list[Any]) -> None:
+    """The same, with a shard per two entries (in production 2,048): the shards double
+    as the names come, split and change by several names at once."""
+    saved = modelmap.SHARD_MAX
+    modelmap.SHARD_MAX = 2
     try:
         run_holder_ops(ops)
     finally:
-        modelmap.FOLD_MIN, modelmap.FOLD_SHIFT, modelmap.COPY_CHUNK = saved
+        modelmap.SHARD_MAX = saved
 
 
 def test_a_change_copies_only_what_changed() -> None:
     """At scale a change must not copy the map: the new snapshot shares the old one's
-    dicts and holds only the changed names."""
+    shards (each of a few thousand names at most) and copies only those it touched."""
     holder = MapHolder()
     configs = {
         i: api_config(ConfigMapRef("ns", f"c{i}"), f"base{i % 7}", (f"a{i}",), i)
@@ -169,19 +169,26 @@ def test_a_change_copies_only_what_changed() -> None:
     edited = api_config(configs[42].ref, "base0", ("a42", "new"), 42)
     holder.apply("kubernetes", {edited.ref: edited})
     after = holder.current
-    assert after._routes[0] is before._routes[0]  # the shared base
-    assert after._routes[1] == {"new": "base0"}  # only what changed
+    # Only the shards the change touched ("new"'s, "a42"'s owner's) are new dicts.
+    touched = [
+        modelmap._shard_of(after._routes, "new"),
+        modelmap._shard_of(after._owners, "new"),
+        modelmap._shard_of(after._owners, "a42"),
+    ]
+    old = {id(s) for s in (*before._routes, *before._owners)}
+    fresh = [s for s in (*after._routes, *after._owners) if id(s) not in old]
+    assert fresh and all(any(s is t for t in touched) for s in fresh), len(fresh)
+    shard = modelmap._shard_of(after._routes, "new")
+    assert len(after._routes) == 32 and len(shard) <= modelmap.SHARD_MAX + 64
     assert after.lookup("new") == "base0" and before.lookup("new") is None
     assert after.lookup("a43") == "base1" and after.owner("a42") is edited
     # The name-sized dicts hold only strings and ints: Python's cyclic GC never walks
     # them (a new 50 k-entry dict of ModelConfigs made its next passes take ms).
-    assert not gc.is_tracked(after._routes[0]) and not gc.is_tracked(after._owners[0])
-    folded = modelmap.copied(holder._owners.full, lambda: None)  # as a fold makes them
-    assert len(folded) > modelmap.COPY_CHUNK and not gc.is_tracked(folded)
+    assert not any(gc.is_tracked(s) for s in (*after._routes, *after._owners))
     # Nor the ConfigMap-sized one, nor what an edit leaves: ModelConfigs and their refs
     # are untracked, and so is a name's (short) tuple of claimants once the GC saw it.
     assert not gc.is_tracked(edited) and not gc.is_tracked(edited.ref)
-    assert not gc.is_tracked(after._configs[0]) and not gc.is_tracked(after._configs[1])
+    assert not any(gc.is_tracked(s) for s in after._configs)
     gc.collect()  # one pass: a tuple of tuples would take one pass per level
     assert not gc.is_tracked(holder._claims["new"]) and not gc.is_tracked(holder._claims["a42"])
     holder.apply("kubernetes", {edited.ref: None})
