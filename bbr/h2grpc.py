@@ -1759,9 +1759,10 @@ class Connection(asyncio.BufferedProtocol):
             self._close_soon()
 
     def _peer_goaway(self) -> None:
-        """The client opens no more streams; its calls go on. With none left the connection
-        closes a moment later, not at once: frames it sent after its GOAWAY (a PING) are
-        answered, not met by the reset a close with unread input makes (h2spec 7)."""
+        """The client opens no more streams; its calls go on, and the connection closes when
+        the last ends (as on drain). With none open it closes a moment later, not at once:
+        frames sent after the GOAWAY (a PING) are answered, not met by the reset a close
+        with unread input makes (h2spec 7)."""
         if self._send_goaway(NO_ERROR, "") and not self.calls:
             asyncio.get_running_loop().call_later(LINGER_SECONDS, self._close_soon)
 
