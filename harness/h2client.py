@@ -71,31 +71,45 @@ class Attacker:
         flags = END_HEADERS | (END_STREAM if end_stream else 0)
         return stream_id, frame(HEADERS, flags, stream_id, block)
 
-    def goaway_codes(self, timeout: float = 5.0) -> list[int] | None:
-        """Read until bbr closes: the GOAWAY codes it sent; None if it did not close."""
+    def frames_until_closed(
+        self, timeout: float = 5.0
+    ) -> tuple[list[tuple[int, int, bytes]], bool]:
+        """Read until bbr closes or `timeout`: the (type, flags, payload) of each frame it
+        sent, and whether it closed (a reset counts as closed)."""
         deadline = time.monotonic() + timeout
         buffer = b""
-        codes: list[int] = []
+        frames: list[tuple[int, int, bytes]] = []
+        closed = False
         while time.monotonic() < deadline:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 chunk = self.sock.recv(1 << 20)
             except TimeoutError:
-                return None
+                break
             except OSError:  # reset: closed all the same
-                return codes
+                closed = True
+                break
             if not chunk:
-                return codes
+                closed = True
+                break
             buffer += chunk
             while len(buffer) >= 9:
-                high, low, kind, _, _ = struct.unpack_from(">BHBBL", buffer)
+                high, low, kind, flags, _ = struct.unpack_from(">BHBBL", buffer)
                 length = (high << 16) | low
                 if len(buffer) < 9 + length:
                     break
-                if kind == GOAWAY:
-                    codes.append(struct.unpack_from(">L", buffer, 13)[0])
+                frames.append((kind, flags, buffer[9 : 9 + length]))
                 buffer = buffer[9 + length :]
-        return None
+        return frames, closed
+
+    def goaway_codes(self, timeout: float = 5.0) -> list[int] | None:
+        """Read until bbr closes: the GOAWAY codes it sent; None if it did not close."""
+        frames, closed = self.frames_until_closed(timeout)
+        if not closed:
+            return None
+        return [
+            struct.unpack_from(">L", payload, 4)[0] for kind, _, payload in frames if kind == GOAWAY
+        ]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

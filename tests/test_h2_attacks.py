@@ -324,21 +324,10 @@ def test_a_client_goaway_is_answered_then_the_connection_closes(
     assert client.send(frame(GOAWAY, 0, 0, struct.pack(">LL", 0, 0xFF)))  # unknown code
     time.sleep(0.2)  # its own read: bbr has acted on the GOAWAY
     assert client.send(frame(PING, 0, 0, b"h2spec\x00\x00"))
-    client.sock.settimeout(3)
-    received = b""
-    start = time.monotonic()
-    with contextlib.suppress(OSError):
-        while chunk := client.sock.recv(65536):
-            received += chunk
-    took = time.monotonic() - start
-    kinds, pos = [], 0
-    while pos + 9 <= len(received):
-        high, low, kind, flags, _ = struct.unpack_from(">BHBBL", received, pos)
-        kinds.append((kind, flags, received[pos + 9 : pos + 9 + ((high << 16) | low)]))
-        pos += 9 + ((high << 16) | low)
-    assert (PING, 0x1, b"h2spec\x00\x00") in kinds, kinds
-    assert any(kind == GOAWAY for kind, _, _ in kinds), kinds
-    assert took < 2.9, "bbr kept the connection open after the client's GOAWAY"
+    frames, closed = client.frames_until_closed(timeout=3)
+    assert (PING, 0x1, b"h2spec\x00\x00") in frames, frames
+    assert any(kind == GOAWAY for kind, _, _ in frames), frames
+    assert closed, "bbr kept the connection open after the client's GOAWAY"
 
 
 def test_stream_without_a_first_message_is_ended(
