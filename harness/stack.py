@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +78,8 @@ def send(
     timeout: float = 20.0,
 ) -> Reply:
     """One request on a fresh connection to 127.0.0.1:port."""
+    if isinstance(body, bytes) and len(body) > EARLY_ANSWER_BYTES and not chunked:
+        return _send_reading(port, method, path, body, headers or {}, timeout)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         hdrs = dict(headers or {})
@@ -87,6 +91,37 @@ def send(
         return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
     finally:
         conn.close()
+
+
+# A body this large may be answered (413) before it is all sent, and the connection closed:
+# the rest of it then meets a reset, which discards an answer not yet read. So it is sent
+# from another thread while this one reads, as a browser or curl does.
+EARLY_ANSWER_BYTES = 1024 * 1024
+
+
+def _send_reading(
+    port: int, method: str, path: str, body: bytes, headers: dict[str, str], timeout: float
+) -> Reply:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines += [f"Content-Length: {len(body)}", "", ""]
+    request = "\r\n".join(lines).encode("latin-1") + body
+
+    def write() -> None:
+        with contextlib.suppress(OSError):  # answered early and closed: the reader has it
+            sock.sendall(request)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        response = http.client.HTTPResponse(sock, method=method)
+        response.begin()
+        data = response.read()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        sock.close()
+        writer.join(timeout)
 
 
 class ModelServers:
