@@ -85,7 +85,7 @@ kube-test: $(STAMP) kube-tools
 # Tools (ghz, the Go BBR) live outside the repo in $(BBR_TOOLS)/bin, never committed.
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: perf-tools loadtest loadtest-e2e bench bench-report bench-lint
+.PHONY: perf-tools loadtest loadtest-e2e bench bench-instructions bench-report bench-lint
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
@@ -99,6 +99,11 @@ perf-tools:
 ## make loadtest: ghz against bbr and the Go BBR, 1 KB / 100 KB / 1 MB (LOADTEST_ARGS=--help).
 loadtest: $(STAMP) perf-tools
 	$(PY) -m bench.loadtest $(LOADTEST_ARGS)
+
+## make bench-instructions: instructions per request under ghz, counted by valgrind's
+## callgrind (deterministic on a shared machine; INSTRUCTIONS_ARGS=--help).
+bench-instructions: $(STAMP) perf-tools
+	$(PY) -m bench.instructions $(INSTRUCTIONS_ARGS)
 
 ## make loadtest-e2e: h2load through a real Envoy: no ext_proc, + bbr, + Go BBR.
 loadtest-e2e: $(STAMP) perf-tools

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -304,8 +305,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also bbr --tracing, every span exported (bbr-tracing) and none sampled "
         "(bbr-tracing-unsampled), to an OTLP/gRPC sink in this process",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="servers on the last CPU, ghz and this process on the others: CPU per request "
+        "then does not depend on where the scheduler put ghz (needs 2+ CPUs, --workers 1)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and (len(cpus) < 2 or args.workers > 1):
+        parser.error("--pin needs 2 or more CPUs and --workers 1")
 
     ghz = common.tool("ghz")
     if ghz is None:
@@ -329,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "connections": args.connections,
             "workers": args.workers,
+            "pinned": f"servers on CPU {cpus[-1]}, ghz on {cpus[:-1]}" if args.pin else None,
             "sizes": {s: bodies.SIZES[s] for s in sizes},
             "model": bodies.MODEL,
         },
@@ -364,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             result["tools"]["kube_api"] = api_kind
             servers.append(common.go_bbr_server(go_bbr, kubeconfig))
         stack.callback(common.stop_servers, servers)
+        if args.pin:
+            for server in servers:
+                server.argv[:0] = ["taskset", "-c", str(cpus[-1])]  # exec'd: the same pid
+            os.sched_setaffinity(0, cpus[:-1])  # ghz inherits it
         for server in servers:
             if server.name == "go-bbr":
                 server.env["KUBE_FEATURE_WatchListClient"] = "false"

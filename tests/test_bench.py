@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,33 @@ def test_h2cost_answers_every_call_it_counts(mode: str, capsys: pytest.CaptureFi
     assert h2cost.main(["--mode", mode, "--calls", "200", "--batch", "10", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "cached" in out and "decoded" in out, out
+
+
+def test_instructions_reads_a_callgrind_dump(tmp_path: Path) -> None:
+    from bench.instructions import read_dump
+
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text("version: 1\ncreator: callgrind-3.19.0\nevents: Ir D1mr\nsummary: 1200 7\n")
+    assert read_dump(dump) == {"Ir": 1200, "D1mr": 7}
+    dump.write_text("version: 1\n")
+    with pytest.raises(ValueError, match="not a callgrind dump"):
+        read_dump(dump)
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind (Debian) not installed")
+def test_instructions_counts_a_real_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make bench-instructions` runs bbr under callgrind and counts only the calls ghz
+    sent after the warm-up: a 1 KB call is hundreds of thousands of instructions, not the
+    hundreds of millions of the interpreter's start-up."""
+    from bench import common, instructions
+
+    assert common.tool("ghz") is not None, "ghz is a test tool: `make ghz`"
+    out = tmp_path / "instructions.json"
+    argv = ["--sizes", "1KB", "--requests", "40", "--concurrency", "4", "--output", str(out)]
+    assert instructions.main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["ok"] == 40
+    assert 50_000 < run["Ir"] < 5_000_000
+    assert "instructions/request" in capsys.readouterr().out
