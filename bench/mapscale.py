@@ -110,13 +110,18 @@ class _Lag:
 
     With `stalls` (seconds, > 0), a sample later than that also records where the
     probe's other threads stand (`--stalls`): a thread that held the GIL gave it up
-    right after the step that held it, so its innermost frames name that step."""
+    right after the step that held it, so its innermost frames name that step. With
+    them, each thread's CPU time since the sample before (which threads ran while the
+    loop waited) and any GC collection that ended in that time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stalls: float = 0.0) -> None:
         self.loop = loop
         self.stalls = stalls
         self.stalled: list[dict[str, Any]] = []
         self.samples: list[float] = []
+        self.clocks: dict[str, int] = {}
+        self.cpu: dict[str, int] = {}
+        self.last = 0.0
         self.writer: subprocess.Popen[bytes] | None = None
         self.fd = -1
         self.buffer = b""
@@ -125,6 +130,14 @@ class _Lag:
         read, write = os.pipe()
         self.samples = []
         self.stalled = []
+        me = threading.get_ident()
+        self.clocks = {
+            t.name: time.pthread_getcpuclockid(t.ident)
+            for t in threading.enumerate()
+            if t.ident is not None and t.ident != me
+        }
+        self.cpu = self._cpu() if self.stalls else {}
+        self.last = time.monotonic()
         _GC_PAUSES.clear()
         self.buffer = b""
         self.writer = subprocess.Popen(
@@ -144,12 +157,43 @@ class _Lag:
         data = self.buffer + data
         whole = len(data) - len(data) % 8
         self.buffer = data[whole:]
+        late = 0.0
         for (sent,) in struct.iter_unpack("d", data[:whole]):
             self.samples.append(now - sent)
-            if self.stalls and now - sent > self.stalls:
-                self.stalled.append({"lag_ms": round((now - sent) * 1000, 3), **_stacks()})
+            late = max(late, now - sent)
+        if self.stalls:
+            cpu = self._cpu()
+            if late > self.stalls:
+                ran = {
+                    name: round((ns - self.cpu.get(name, ns)) / 1e6, 3)
+                    for name, ns in cpu.items()
+                    if ns - self.cpu.get(name, ns) > 20_000
+                }
+                gc_in = [
+                    f"gen{g} {d * 1000:.3f} ms" for g, d, end in _GC_PAUSES if end >= self.last
+                ]
+                self.stalled.append(
+                    {
+                        "lag_ms": round(late * 1000, 3),
+                        "window_ms": round((now - self.last) * 1000, 3),
+                        "cpu_ms": ran,
+                        "gc": gc_in,
+                        **_stacks(),
+                    }
+                )
+            self.cpu = cpu
+        self.last = now
         if not data:
             self.loop.remove_reader(self.fd)
+
+    def _cpu(self) -> dict[str, int]:
+        out = {}
+        for name, clock in self.clocks.items():
+            try:
+                out[name] = time.clock_gettime_ns(clock)
+            except OSError:  # the thread ended
+                continue
+        return out
 
     def stop(self) -> dict[str, Any]:
         assert self.writer is not None
@@ -160,7 +204,7 @@ class _Lag:
         stats = lag_stats(self.samples)
         pauses, _GC_PAUSES[:] = list(_GC_PAUSES), []
         for generation in (0, 1, 2):
-            durations = [d for g, d in pauses if g == generation]
+            durations = [d for g, d, _ in pauses if g == generation]
             stats[f"gc{generation}_max_ms"] = round(max(durations, default=0) * 1000, 3)
         if self.stalls:
             stats["stalls"] = sorted(self.stalled, key=lambda s: -s["lag_ms"])[:40]
@@ -185,7 +229,8 @@ def _stacks(depth: int = 5) -> dict[str, str]:
     return out
 
 
-_GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds) of each collection
+# (generation, seconds, monotonic end) of each collection
+_GC_PAUSES: list[tuple[int, float, float]] = []
 _gc_started = [0.0]
 
 
@@ -193,7 +238,9 @@ def _gc_callback(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        _GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+        _GC_PAUSES.append(
+            (info["generation"], time.perf_counter() - _gc_started[0], time.monotonic())
+        )
 
 
 _WRITER = """
@@ -611,18 +658,23 @@ def measure(
         probe.call("lag_start")
         result["events"] = paced(editor, probe, args.edits, args.edits * 0.05, configmaps, "ev")
         result["lag_events"] = probe.call("lag_stop")["lag"]
-        print(f"  loop lag idle {result['lag_idle']}", file=sys.stderr)
-        print(f"  loop lag with events {result['lag_events']}", file=sys.stderr)
+        print(f"  loop lag idle {_brief(result['lag_idle'])}", file=sys.stderr)
+        print(f"  loop lag with events {_brief(result['lag_events'])}", file=sys.stderr)
         probe.call("lag_start")
         result["burst"] = paced(
             editor, probe, args.burst, args.burst_seconds, configmaps, f"burst{names}"
         )
         result["lag_burst"] = probe.call("lag_stop")["lag"]
-        print(f"  burst {result['burst']} lag {result['lag_burst']}", file=sys.stderr)
+        print(f"  burst {result['burst']} lag {_brief(result['lag_burst'])}", file=sys.stderr)
         result["rss_end_mb"] = round(probe.call("cpu")["rss"] / 2**20, 1)
         return result
     finally:
         probe.stop()
+
+
+def _brief(stats: dict[str, Any]) -> dict[str, Any]:
+    """Loop-lag figures without the stall records (those are in the JSON)."""
+    return {key: value for key, value in stats.items() if key != "stalls"}
 
 
 def table(results: dict[str, Any]) -> Iterator[str]:
