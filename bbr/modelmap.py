@@ -517,6 +517,13 @@ def parse_file_text(
 # between them, which releases the GIL whenever the job has run GIL_BUDGET seconds.
 
 GIL_BUDGET = 0.0005
+# The GIL switch interval while a map source runs (`sys.setswitchinterval`). A thread
+# that wants the GIL waits one interval before it asks the holder to drop it, and
+# CPython then hands the GIL to whichever waiter wakes first: when it went to another
+# thread, the asker waits a whole interval again. With the request loop, the builder
+# and a watch stream all wanting it in a burst, the loop waited two intervals (1.0-1.3
+# ms at 0.5 ms; `make bench-mapscale MAPSCALE_ARGS=--stalls`), so half the budget.
+SWITCH_INTERVAL = GIL_BUDGET / 2
 # Every name-sized dict is split into shards by the key's hash, a power of two of them,
 # doubled whenever they average more than SHARD_MAX entries: so no single C call of the
 # map's upkeep (a dict growing past a resize threshold rehashes it whole; a copy)
