@@ -978,8 +978,8 @@ class MapHolder:
         self._lock = threading.Lock()
         self._notify_lock = threading.Lock()
         # The holder's own name- and ConfigMap-sized dicts are sharded like the
-        # snapshot's (`_Shards`): a whole 50 k-entry dict rehashes in one C call
-        # (~1-2 ms holding the GIL) whenever inserts and deletes fill its table.
+        # snapshot's (`_Shards`): a whole 50 k-entry dict of names rehashed in one C
+        # call (~4 ms holding the GIL) whenever inserts and deletes had filled its table.
         self._entries: dict[str, _Shards] = {}  # source -> key -> _Entry
         self._problems: dict[str, dict[Hashable, ConfigMapError]] = {}
         # name -> its claimants in conflict order: a tuple while there are few (most names
