@@ -714,8 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="MS",
-        help="diagnosis: with each loop-lag sample over MS, record where bbr's threads "
-        "stood (in the JSON, `stalls`, per phase); off by default",
+        help="diagnosis: with each loop-lag sample over MS, record where each thread stood, "
+        "the CPU each used since the sample before and any GC collection meanwhile (in the "
+        "JSON, `stalls`, per phase); off by default",
     )
     parser.add_argument("--probe", nargs=2, metavar=("KUBECONFIG", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
