@@ -8,6 +8,7 @@ it change; writers swap a whole new snapshot in (`MapHolder`).
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from bisect import bisect_left, bisect_right, insort
@@ -516,6 +517,13 @@ def parse_file_text(
 # between them, which releases the GIL whenever the job has run GIL_BUDGET seconds.
 
 GIL_BUDGET = 0.0005
+# The GIL switch interval while a map source runs (`sys.setswitchinterval`). A thread
+# that wants the GIL waits one interval before it asks the holder to drop it, and
+# CPython then hands the GIL to whichever waiter wakes first: when it went to another
+# thread, the asker waits a whole interval again. With the request loop, the builder
+# and a watch stream all wanting it in a burst, the loop waited two intervals (1.0-1.3
+# ms at 0.5 ms; `make bench-mapscale MAPSCALE_ARGS=--stalls`), so half the budget.
+SWITCH_INTERVAL = GIL_BUDGET / 2
 # Every name-sized dict is split into shards by the key's hash, a power of two of them,
 # doubled whenever they average more than SHARD_MAX entries: so no single C call of the
 # map's upkeep (a dict growing past a resize threshold rehashes it whole; a copy)
@@ -524,8 +532,12 @@ GIL_BUDGET = 0.0005
 # only the ones a change touched (whole: a lookup probes one dict). Up to SHARD_MAX
 # names there is one shard, and `lookup` is that dict's own `get`.
 SHARD_MAX = 256
-# ids are addresses, multiples of 16: their low bits say nothing.
-ID_SHIFT = 4
+# ids are addresses: ModelConfigs of one pymalloc size class sit one block apart (64
+# bytes on CPython 3.11), so the low bits of their ids say nothing; with a shift of 4,
+# three shards of four stayed empty and the others held four times SHARD_MAX.
+ID_SHIFT = max(
+    4, (sys.getsizeof(ModelConfig(ConfigMapRef("", ""), "", (), (), "", 0)) - 1).bit_length()
+)
 
 
 def yield_gil() -> None:
@@ -580,34 +592,53 @@ def _items(frozen: _Frozen) -> Iterator[tuple[Any, Any]]:
         yield from shard.items()
 
 
-class _Sharded:
-    """The holder's side of one of a snapshot's dicts: its shards, changed in place, and
-    the copies the last snapshot got; a new snapshot copies only the changed shards."""
+class _Shards:
+    """A dict split into shards by the key's hash (see SHARD_MAX): the holder's own
+    name- and ConfigMap-sized dicts, which no snapshot sees. Growing one shard rehashes
+    only that shard; the shards double one key at a time, paced (`grow`)."""
 
-    __slots__ = ("_frozen", "_shift", "count", "dirty", "frozen", "mask", "shards")
+    __slots__ = ("_shift", "count", "mask", "shards")
 
     def __init__(self, shift: int = 0) -> None:
         self.mask = 0
         self._shift = shift
         self.count = 0
         self.shards: list[dict[Any, Any]] = [{}]
-        self._frozen: list[dict[Any, Any]] = [_EMPTY]
-        self.frozen: _Frozen = (_EMPTY,)
-        self.dirty: set[int] = set()
 
-    def set(self, key: Any, value: Any) -> None:
+    def shard(self, key: Any) -> dict[Any, Any]:
+        return self.shards[(hash(key) >> self._shift) & self.mask]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.shards[(hash(key) >> self._shift) & self.mask].get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.shards[(hash(key) >> self._shift) & self.mask][key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.shards[(hash(key) >> self._shift) & self.mask]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Any]:
+        for shard in self.shards:
+            yield from shard
+
+    def set(self, key: Any, value: Any) -> int:
+        """Set `key`; the index of its shard."""
         index = (hash(key) >> self._shift) & self.mask
         shard = self.shards[index]
         if key not in shard:
             self.count += 1
         shard[key] = value
-        self.dirty.add(index)
+        return index
 
-    def remove(self, key: Any) -> None:
+    def remove(self, key: Any) -> int:
+        """Remove `key` (it must be there); the index of its shard."""
         index = (hash(key) >> self._shift) & self.mask
         del self.shards[index][key]
         self.count -= 1
-        self.dirty.add(index)
+        return index
 
     def _double(self, pace: Callable[[], None]) -> None:
         """Twice the shards: each splits in two by the next bit of its keys' hashes,
@@ -621,14 +652,40 @@ class _Sharded:
                 shards[(hash(key) >> shift) & mask][key] = value
                 pace()
         self.shards, self.mask = shards, mask
-        self._frozen = [_EMPTY] * (old * 2)
-        self.dirty = set(range(old * 2))
 
     def grow(self, pace: Callable[[], None]) -> None:
         """Keep the shards small: call between changes (a dict growing to the whole map
         in one shard would rehash all of it at once)."""
         while self.count > SHARD_MAX * len(self.shards):
             self._double(pace)
+
+
+class _Sharded(_Shards):
+    """The holder's side of one of a snapshot's dicts: its shards, changed in place, and
+    the copies the last snapshot got; a new snapshot copies only the changed shards."""
+
+    __slots__ = ("_frozen", "dirty", "frozen")
+
+    def __init__(self, shift: int = 0) -> None:
+        super().__init__(shift)
+        self._frozen: list[dict[Any, Any]] = [_EMPTY]
+        self.frozen: _Frozen = (_EMPTY,)
+        self.dirty: set[int] = set()
+
+    def set(self, key: Any, value: Any) -> int:
+        index = _Shards.set(self, key, value)
+        self.dirty.add(index)
+        return index
+
+    def remove(self, key: Any) -> int:
+        index = _Shards.remove(self, key)
+        self.dirty.add(index)
+        return index
+
+    def _double(self, pace: Callable[[], None]) -> None:
+        _Shards._double(self, pace)
+        self._frozen = [_EMPTY] * len(self.shards)
+        self.dirty = set(range(len(self.shards)))
 
     def freeze(self, pace: Callable[[], None]) -> _Frozen:
         """The shards for a new snapshot, never to be changed: the changed ones copied
@@ -920,22 +977,25 @@ class MapHolder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._notify_lock = threading.Lock()
-        self._entries: dict[str, dict[Hashable, _Entry]] = {}
+        # The holder's own name- and ConfigMap-sized dicts are sharded like the
+        # snapshot's (`_Shards`): a whole 50 k-entry dict of names rehashed in one C
+        # call (~4 ms holding the GIL) whenever inserts and deletes had filled its table.
+        self._entries: dict[str, _Shards] = {}  # source -> key -> _Entry
         self._problems: dict[str, dict[Hashable, ConfigMapError]] = {}
         # name -> its claimants in conflict order: a tuple while there are few (most names
         # have one), which the cyclic GC stops tracking at its first pass (it holds only
         # tuples and untracked ModelConfigs), so an edit leaves no tracked list behind; a
         # list past CLAIMS_TUPLE_MAX (a base model many ConfigMaps declare), so an
         # insert never copies a long tuple.
-        self._claims: dict[str, _Claims] = {}
+        self._claims = _Shards()  # name -> _Claims
         # name -> how many of its claimants name each base model: a name claimed by one
         # base model only (a base model declared by 10 k ConfigMaps, say) has no
         # conflicts, and is settled without walking its claimants.
-        self._claim_bases: dict[str, dict[str, int]] = {}
+        self._claim_bases = _Shards()  # name -> {base model: claimants}
         self._routes = _Sharded()
         self._owners = _Sharded()  # name -> id(ModelConfig)
         self._configs = _Sharded(ID_SHIFT)  # id -> ModelConfig, while it owns a name
-        self._owned: dict[int, int] = {}  # id(ModelConfig) -> how many names it owns
+        self._owned = _Shards(ID_SHIFT)  # id(ModelConfig) -> how many names it owns
         self._groups = _Sharded()
         self._conflict_count = 0
         self._counts = [0, 0]  # bases, adapters
@@ -972,7 +1032,7 @@ class MapHolder:
                 copy += 1
             wanted[(config, copy)] = config
         with self._lock:
-            held = self._entries.get(source, {})
+            held = self._entries.get(source) or _Shards()
             changes: dict[Hashable, ModelConfig | None] = dict.fromkeys(
                 [key for key in held if key not in wanted]
             )
@@ -1006,26 +1066,28 @@ class MapHolder:
         problems: Mapping[Hashable, ConfigMapError | None] | None,
     ) -> ModelMap:
         pace = Pacer()
-        entries = self._entries.setdefault(source, {})
+        entries = self._entries.setdefault(source, _Shards())
+        holder_dicts = (entries, self._claims, self._claim_bases)
         touched: set[str] = set()
-        for key, config in changes.items():
+        for step, (key, config) in enumerate(changes.items()):
             pace()
+            if not step & 15:
+                for sharded in holder_dicts:
+                    sharded.grow(pace)
             old = entries.get(key)
             if old is not None and config is not None and old.config == config:
                 continue
             if old is not None:
-                del entries[key]
+                entries.remove(key)
                 for name in {old.config.base_model, *old.config.adapters}:
                     self._unclaim(name, old)
                     touched.add(name)
             if config is not None:
                 self._seq += 1
                 entry = _Entry((config.rank, self._seq), config)
-                entries[key] = entry
+                entries.set(key, entry)
                 for name in {config.base_model, *config.adapters}:
                     self._claim(name, entry)
-                    bases = self._claim_bases.setdefault(name, {})
-                    bases[config.base_model] = bases.get(config.base_model, 0) + 1
                     touched.add(name)
         changed = self._settle(touched, pace)
         problems_changed = False
@@ -1045,48 +1107,60 @@ class MapHolder:
             self.loaded.set()
         return self.current
 
+    # (A name already held is replaced in its shard directly: only adding or removing
+    # a name goes through `_Shards`, which counts it.)
+
     def _claim(self, name: str, entry: _Entry) -> None:
-        claims = self._claims.get(name)
+        shard = self._claims.shard(name)
+        claims = shard.get(name)
         if claims is None:
-            self._claims[name] = (entry,)
+            self._claims.set(name, (entry,))
         elif isinstance(claims, list):
             insort(claims, entry, key=_entry_key)
         else:
             index = bisect_right(claims, entry.key, key=_entry_key)
             grown = (*claims[:index], entry, *claims[index:])
-            self._claims[name] = list(grown) if len(grown) > CLAIMS_TUPLE_MAX else grown
+            shard[name] = list(grown) if len(grown) > CLAIMS_TUPLE_MAX else grown
+        base = entry.config.base_model
+        bases = self._claim_bases.shard(name).get(name)
+        if bases is None:
+            self._claim_bases.set(name, {base: 1})
+        else:
+            bases[base] = bases.get(base, 0) + 1
 
     def _unclaim(self, name: str, entry: _Entry) -> None:
-        claims = self._claims[name]
+        shard = self._claims.shard(name)
+        claims = shard[name]
         index = bisect_left(claims, entry.key, key=_entry_key)
         assert claims[index] is entry or claims[index] == entry
         if isinstance(claims, list):
             del claims[index]
         else:
             claims = claims[:index] + claims[index + 1 :]
-            self._claims[name] = claims
+            shard[name] = claims
         if not claims:
-            del self._claims[name]
-        bases = self._claim_bases[name]
+            self._claims.remove(name)
+        bases = self._claim_bases.shard(name)[name]
         base = entry.config.base_model
         bases[base] -= 1
         if not bases[base]:
             del bases[base]
             if not bases:
-                del self._claim_bases[name]
+                self._claim_bases.remove(name)
 
     def _settle(self, names: Iterable[str], pace: Callable[[], None]) -> bool:
         """Recompute the winner and the conflicts of each name; True if any changed."""
         changed = False
         counts = self._counts
         routes, owners, groups = self._routes, self._owners, self._groups
+        claim_shards, claim_bases = self._claims, self._claim_bases
         for step, name in enumerate(names):
             pace()
             if not step & 63:  # a shard outgrows SHARD_MAX by 64 entries at most
-                for sharded in (routes, owners, groups, self._configs):
+                for sharded in (routes, owners, groups, self._configs, self._owned):
                     sharded.grow(pace)
-            claims = self._claims.get(name)
             key = hash(name)  # each name's shard, in each dict: one hash, no calls
+            claims = claim_shards.shards[key & claim_shards.mask].get(name)
             old_base = routes.shards[key & routes.mask].get(name)
             old_owner = owners.shards[key & owners.mask].get(name)  # an id
             old_conflicts = groups.shards[key & groups.mask].get(name, ())
@@ -1115,7 +1189,7 @@ class MapHolder:
                         self._disown(old_owner)
                     changed = True
                 new_conflicts = ()
-                if len(self._claim_bases[name]) > 1:
+                if len(claim_bases.shards[key & claim_bases.mask][name]) > 1:
                     new_conflicts = tuple(
                         (
                             (claim.key, position),
@@ -1139,17 +1213,21 @@ class MapHolder:
 
     def _own(self, config: ModelConfig) -> None:
         key = id(config)
-        count = self._owned.get(key, 0)
-        if not count:
+        shard = self._owned.shard(key)
+        count = shard.get(key)
+        if count is None:
             self._configs.set(key, config)
-        self._owned[key] = count + 1
+            self._owned.set(key, 1)
+        else:
+            shard[key] = count + 1
 
     def _disown(self, key: int) -> None:
-        count = self._owned[key] - 1
+        shard = self._owned.shard(key)
+        count = shard[key] - 1
         if count:
-            self._owned[key] = count
+            shard[key] = count
         else:
-            del self._owned[key]
+            self._owned.remove(key)
             self._configs.remove(key)
 
     def _snapshot(self, changed: bool, pace: Callable[[], None]) -> ModelMap:

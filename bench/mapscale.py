@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import http.client
 import json
@@ -65,29 +66,37 @@ RT_PRIORITY = 10
 
 
 class _Tracker:
-    """Holder listener: notices when expected names are in force (base, or None: gone)."""
+    """Holder listener: notices when expected names are in force (base, or None: gone).
+
+    It runs on bbr's map-builder thread, so it must cost little there: the names of a
+    command are checked in the order they were edited, and each snapshot's check stops
+    at the first one not yet in force (edits arrive in about that order). Checking every
+    pending name on every snapshot (up to 1,000 in the burst, unpaced) was a third of
+    that thread's GIL time in the burst: the benchmark's overhead, not bbr's."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, reply: Callable[..., None]) -> None:
         self.loop = loop
         self.reply = reply
-        self.pending: dict[int, dict[str, str | None]] = {}
+        self.pending: dict[int, collections.deque[tuple[str, str | None]]] = {}
         self.lock = threading.Lock()
         self.current: Any = None
 
     def expect(self, seq: int, names: dict[str, str | None]) -> None:
+        """`names` in the order they are edited."""
         with self.lock:
-            self.pending[seq] = dict(names)
+            self.pending[seq] = collections.deque(names.items())
         if self.current is not None:
             self(self.current)
 
     def __call__(self, snapshot: Any) -> None:
         now = time.monotonic()
         self.current = snapshot
+        lookup = snapshot.lookup
         done = []
         with self.lock:
             for seq, names in self.pending.items():
-                for name in [n for n, base in names.items() if snapshot.lookup(n) == base]:
-                    del names[name]
+                while names and lookup(names[0][0]) == names[0][1]:
+                    names.popleft()
                 if not names:
                     done.append(seq)
             for seq in done:
@@ -97,11 +106,22 @@ class _Tracker:
 
 
 class _Lag:
-    """Reads timestamps from the writer process on the loop; keeps how late each was."""
+    """Reads timestamps from the writer process on the loop; keeps how late each was.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    With `stalls` (seconds, > 0), a sample later than that also records where the
+    probe's other threads stand (`--stalls`): a thread that held the GIL gave it up
+    right after the step that held it, so its innermost frames name that step. With
+    them, each thread's CPU time since the sample before (which threads ran while the
+    loop waited) and any GC collection that ended in that time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stalls: float = 0.0) -> None:
         self.loop = loop
+        self.stalls = stalls
+        self.stalled: list[dict[str, Any]] = []
         self.samples: list[float] = []
+        self.clocks: dict[str, int] = {}
+        self.cpu: dict[str, int] = {}
+        self.last = 0.0
         self.writer: subprocess.Popen[bytes] | None = None
         self.fd = -1
         self.buffer = b""
@@ -109,6 +129,15 @@ class _Lag:
     def start(self) -> None:
         read, write = os.pipe()
         self.samples = []
+        self.stalled = []
+        me = threading.get_ident()
+        self.clocks = {
+            t.name: time.pthread_getcpuclockid(t.ident)
+            for t in threading.enumerate()
+            if t.ident is not None and t.ident != me
+        }
+        self.cpu = self._cpu() if self.stalls else {}
+        self.last = time.monotonic()
         _GC_PAUSES.clear()
         self.buffer = b""
         self.writer = subprocess.Popen(
@@ -128,10 +157,43 @@ class _Lag:
         data = self.buffer + data
         whole = len(data) - len(data) % 8
         self.buffer = data[whole:]
+        late = 0.0
         for (sent,) in struct.iter_unpack("d", data[:whole]):
             self.samples.append(now - sent)
+            late = max(late, now - sent)
+        if self.stalls:
+            cpu = self._cpu()
+            if late > self.stalls:
+                ran = {
+                    name: round((ns - self.cpu.get(name, ns)) / 1e6, 3)
+                    for name, ns in cpu.items()
+                    if ns - self.cpu.get(name, ns) > 20_000
+                }
+                gc_in = [
+                    f"gen{g} {d * 1000:.3f} ms" for g, d, end in _GC_PAUSES if end >= self.last
+                ]
+                self.stalled.append(
+                    {
+                        "lag_ms": round(late * 1000, 3),
+                        "window_ms": round((now - self.last) * 1000, 3),
+                        "cpu_ms": ran,
+                        "gc": gc_in,
+                        **_stacks(),
+                    }
+                )
+            self.cpu = cpu
+        self.last = now
         if not data:
             self.loop.remove_reader(self.fd)
+
+    def _cpu(self) -> dict[str, int]:
+        out = {}
+        for name, clock in self.clocks.items():
+            try:
+                out[name] = time.clock_gettime_ns(clock)
+            except OSError:  # the thread ended
+                continue
+        return out
 
     def stop(self) -> dict[str, Any]:
         assert self.writer is not None
@@ -142,12 +204,33 @@ class _Lag:
         stats = lag_stats(self.samples)
         pauses, _GC_PAUSES[:] = list(_GC_PAUSES), []
         for generation in (0, 1, 2):
-            durations = [d for g, d in pauses if g == generation]
+            durations = [d for g, d, _ in pauses if g == generation]
             stats[f"gc{generation}_max_ms"] = round(max(durations, default=0) * 1000, 3)
+        if self.stalls:
+            stats["stalls"] = sorted(self.stalled, key=lambda s: -s["lag_ms"])[:40]
         return stats
 
 
-_GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds) of each collection
+def _stacks(depth: int = 5) -> dict[str, str]:
+    """The innermost frames of each thread but this one: `function file:line` each."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    out = {}
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        where: list[str] = []
+        at: Any = frame
+        while at is not None and len(where) < depth:
+            code = at.f_code
+            where.append(f"{code.co_name} {Path(code.co_filename).name}:{at.f_lineno}")
+            at = at.f_back
+        out[names.get(ident, str(ident))] = " < ".join(where)
+    return out
+
+
+# (generation, seconds, monotonic end) of each collection
+_GC_PAUSES: list[tuple[int, float, float]] = []
 _gc_started = [0.0]
 
 
@@ -155,7 +238,9 @@ def _gc_callback(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
     else:
-        _GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+        _GC_PAUSES.append(
+            (info["generation"], time.perf_counter() - _gc_started[0], time.monotonic())
+        )
 
 
 _WRITER = """
@@ -218,7 +303,7 @@ def realtime() -> bool:
     return True
 
 
-def probe(kubeconfig: str, log_path: str, rt: bool) -> int:
+def probe(kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0) -> int:
     """The map side of `bbr serve --kubernetes --namespace '*'`, driven over stdin."""
     os.environ["KUBECONFIG"] = kubeconfig
     rt = rt and realtime()
@@ -242,7 +327,7 @@ def probe(kubeconfig: str, log_path: str, rt: bool) -> int:
 
         tracker = _Tracker(loop, reply)
         holder.subscribe(tracker)
-        lag = _Lag(loop)
+        lag = _Lag(loop, stalls)
         started = time.monotonic()
         for source in sources:
             source.start()
@@ -305,8 +390,9 @@ def probe(kubeconfig: str, log_path: str, rt: bool) -> int:
 class Probe:
     """The orchestrator's handle on a probe process."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, rt: bool) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, rt: bool, stalls: float = 0.0) -> None:
         argv = ["--probe", str(kubeconfig), str(log_path), *(["--realtime"] if rt else [])]
+        argv += ["--stalls", str(stalls)] if stalls else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.mapscale", *argv],
             stdin=subprocess.PIPE,
@@ -499,9 +585,11 @@ def paced(
 ) -> dict[str, Any]:
     """`count` edits, one every seconds/count, several in flight; time from the API's
     answer to the last one until every edit is in force."""
-    final: dict[int, str] = {}
+    final: dict[int, str] = {}  # in the order of each ConfigMap's last edit
     for k in range(count):
-        final[(k * 7919) % configmaps] = f"{tag}-{k}"
+        index = (k * 7919) % configmaps
+        final.pop(index, None)
+        final[index] = f"{tag}-{k}"
     expected: dict[str, str | None] = {name: base_of(i) for i, name in final.items()}
     waiter = probe.send("expect", names=expected)
     before = probe.call("cpu")["cpu"]
@@ -551,7 +639,7 @@ def measure(
     editor: Editor, kubeconfig: Path, workdir: Path, names: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     configmaps = names // ADAPTERS
-    probe = Probe(kubeconfig, workdir / f"probe-{names}.log", args.realtime)
+    probe = Probe(kubeconfig, workdir / f"probe-{names}.log", args.realtime, args.stalls)
     try:
         ready = probe.wait_ready(600)
         print(f"  probe ready: {ready}", file=sys.stderr)
@@ -570,18 +658,23 @@ def measure(
         probe.call("lag_start")
         result["events"] = paced(editor, probe, args.edits, args.edits * 0.05, configmaps, "ev")
         result["lag_events"] = probe.call("lag_stop")["lag"]
-        print(f"  loop lag idle {result['lag_idle']}", file=sys.stderr)
-        print(f"  loop lag with events {result['lag_events']}", file=sys.stderr)
+        print(f"  loop lag idle {_brief(result['lag_idle'])}", file=sys.stderr)
+        print(f"  loop lag with events {_brief(result['lag_events'])}", file=sys.stderr)
         probe.call("lag_start")
         result["burst"] = paced(
             editor, probe, args.burst, args.burst_seconds, configmaps, f"burst{names}"
         )
         result["lag_burst"] = probe.call("lag_stop")["lag"]
-        print(f"  burst {result['burst']} lag {result['lag_burst']}", file=sys.stderr)
+        print(f"  burst {result['burst']} lag {_brief(result['lag_burst'])}", file=sys.stderr)
         result["rss_end_mb"] = round(probe.call("cpu")["rss"] / 2**20, 1)
         return result
     finally:
         probe.stop()
+
+
+def _brief(stats: dict[str, Any]) -> dict[str, Any]:
+    """Loop-lag figures without the stall records (those are in the JSON)."""
+    return {key: value for key, value in stats.items() if key != "stalls"}
 
 
 def table(results: dict[str, Any]) -> Iterator[str]:
@@ -616,11 +709,20 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="run the probe under SCHED_FIFO when permitted (default: yes)",
     )
+    parser.add_argument(
+        "--stalls",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="diagnosis: with each loop-lag sample over MS, record where each thread stood, "
+        "the CPU each used since the sample before and any GC collection meanwhile (in the "
+        "JSON, `stalls`, per phase); off by default",
+    )
     parser.add_argument("--probe", nargs=2, metavar=("KUBECONFIG", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         kubeconfig, log_path = args.probe
-        return probe(kubeconfig, log_path, args.realtime)
+        return probe(kubeconfig, log_path, args.realtime, args.stalls / 1000)
 
     from harness.apiserver import ADMIN_TOKEN, ApiServer
 

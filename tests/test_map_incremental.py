@@ -180,6 +180,12 @@ def test_a_change_copies_only_what_changed() -> None:
     assert fresh and all(any(s is t for t in touched) for s in fresh), len(fresh)
     shard = modelmap._shard_of(after._routes, "new")
     assert len(after._routes) == 32 and len(shard) <= modelmap.SHARD_MAX + 64
+    # So are the holder's own name- and ConfigMap-sized dicts: no insert rehashes more
+    # than a shard (a whole 50 k-entry dict's took ~4 ms holding the GIL).
+    own = (holder._claims, holder._claim_bases, holder._owned, holder._entries["kubernetes"])
+    for sharded in own:
+        assert len(sharded.shards) >= 16
+        assert max(map(len, sharded.shards)) <= modelmap.SHARD_MAX + 64
     assert after.lookup("new") == "base0" and before.lookup("new") is None
     assert after.lookup("a43") == "base1" and after.owner("a42") is edited
     # The name-sized dicts hold only strings and ints: Python's cyclic GC never walks

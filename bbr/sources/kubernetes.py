@@ -70,8 +70,8 @@ import msgspec
 from bbr import metrics
 from bbr.logs import fields
 from bbr.modelmap import (
-    GIL_BUDGET,
     MANAGED_LABELS,
+    SWITCH_INTERVAL,
     ConfigMapError,
     ConfigMapParseError,
     ConfigMapRef,
@@ -416,9 +416,10 @@ class KubernetesSource:
         """Start one daemon thread per stream, the map builder and the thread that asks
         about deletes; returns at once."""
         # The builder gives the GIL up after GIL_BUDGET of map work (Pacer); the switch
-        # interval holds the other threads (watch decoding, listeners) to the same when
-        # the request loop waits (CPython's default lets one run on for 5 ms).
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_BUDGET))
+        # interval holds the other threads (watch decoding, listeners) to less when the
+        # request loop waits (CPython's default lets one run on for 5 ms): see
+        # SWITCH_INTERVAL.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         if self.events is not None:
             self.events.start()
         for target, name in ((self._build, "bbr-kube-map"), (self._check, "bbr-kube-check")):
