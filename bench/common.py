@@ -238,8 +238,11 @@ def ghz_argv(
     duration: float | None = None,
     requests: int | None = None,
     connections: int = 1,
+    timeout: str = "60s",
 ) -> list[str]:
-    """ghz's command line for one run of the ext_proc stream in `data` (JSON to stdout)."""
+    """ghz's command line for one run of the ext_proc stream in `data` (JSON to stdout).
+
+    `timeout` is each call's deadline, sent as `grpc-timeout` ("0": none, not sent)."""
     argv = [
         ghz,
         "--insecure",
@@ -254,7 +257,7 @@ def ghz_argv(
         "--connections",
         str(connections),
         "--timeout",
-        "60s",
+        timeout,
         "--format",
         "json",
         "--skipFirst",
@@ -276,6 +279,7 @@ def run_ghz(
     duration: float | None = None,
     requests: int | None = None,
     connections: int = 1,
+    timeout: str = "60s",
 ) -> dict[str, Any]:
     """One ghz run; returns ghz's JSON report."""
     argv = ghz_argv(
@@ -286,6 +290,7 @@ def run_ghz(
         duration=duration,
         requests=requests,
         connections=connections,
+        timeout=timeout,
     )
     out = subprocess.run(argv, capture_output=True, text=True, check=False)
     if not out.stdout.strip():

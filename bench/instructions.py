@@ -3,12 +3,15 @@
 CPU time per request on a shared machine moves by 10-30 % between runs of the same code
 (other processes, ghz competing for the cores, how many calls each read batches), which
 is more than the 5 % a change near the hot path may cost. valgrind's callgrind counts
-the instructions the server executes instead: the same code and traffic give the same
-count to well under 1 %, whatever else the machine does. It does not count the kernel's
-work (system calls) or what cache misses cost; `--cache-sim` adds simulated L1 and
-last-level misses. Under valgrind the server is ~50x slower than ghz, so every read
-carries as many calls as ghz has in flight: the counts are of that (fully batched)
-regime, `--concurrency 1` gives the unbatched one.
+the instructions the server executes instead, whatever else the machine does: two runs
+of one tree agree to 0.1 % at 1 KB and 100 KB, to ~2 % at 1 MB (docs/performance.md).
+That needs the same traffic every time: str hashes are unsalted (PYTHONHASHSEED=0), and
+ghz sends no deadline by default, since a `grpc-timeout` value that changes per call
+makes the header cache's hits depend on timing (with `--deadline 60s`, 2-7 % apart).
+The kernel's side of system calls is not counted, nor what cache misses cost
+(`--cache-sim` adds simulated L1 and last-level misses). Under valgrind the server is
+~50x slower than ghz, so every read carries as many calls as ghz has in flight: the
+counts are of that (fully batched) regime; `--concurrency 1` gives the unbatched one.
 
 Each server (bbr from this tree, and every `--experiment NAME=PATH` tree) runs under
 `valgrind --tool=callgrind`; per size, a warm-up, then the counters are zeroed
@@ -57,7 +60,9 @@ def callgrind_server(server: common.Server, out: Path, cache_sim: bool) -> commo
         "--dump-instr=no",
         f"--cache-sim={'yes' if cache_sim else 'no'}",
     ]
-    return common.Server(server.name, valgrind + server.argv, server.port, cwd=server.cwd)
+    # str hashes are salted per process; the same salt gives the same dict probes
+    env = {"PYTHONHASHSEED": "0"}
+    return common.Server(server.name, valgrind + server.argv, server.port, env=env, cwd=server.cwd)
 
 
 def control(flag: str, pid: int) -> None:
@@ -71,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=None, help=f"calls counted per size (default {REQUESTS})"
     )
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument(
+        "--deadline",
+        default="0",
+        help="ghz's per-call deadline (sent as grpc-timeout); 0, the default, sends none",
+    )
     parser.add_argument("--cache-sim", action="store_true", help="also simulated cache misses")
     parser.add_argument(
         "--experiment",
@@ -93,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "kind": "instructions",
         "machine_before": common.machine(),
-        "settings": {"concurrency": args.concurrency, "cache_sim": args.cache_sim},
+        "settings": {
+            "concurrency": args.concurrency,
+            "deadline": args.deadline,
+            "cache_sim": args.cache_sim,
+        },
         "runs": [],
     }
     with (
@@ -119,10 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                     data[size],
                     concurrency=args.concurrency,
                     requests=max(args.concurrency, requests // 3),
+                    timeout=args.deadline,
                 )
                 control("-z", server.pid)
                 report = common.run_ghz(
-                    ghz, server.port, data[size], concurrency=args.concurrency, requests=requests
+                    ghz,
+                    server.port,
+                    data[size],
+                    concurrency=args.concurrency,
+                    requests=requests,
+                    timeout=args.deadline,
                 )
                 control("-d", server.pid)
                 dumps[server.name] += 1
