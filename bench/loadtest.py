@@ -266,6 +266,11 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
+def pin(server: Server, cpu: int) -> None:
+    """Run `server` on `cpu` alone (taskset execs it: the pid stays the server's)."""
+    server.argv[:0] = ["taskset", "-c", str(cpu)]
+
+
 def experiment(value: str) -> tuple[str, Path]:
     """`NAME=PATH` or `PATH` (named bbr-exp): a source tree to run alongside."""
     name, sep, path = value.partition("=")
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(common.stop_servers, servers)
         if args.pin:
             for server in servers:
-                server.argv[:0] = ["taskset", "-c", str(cpus[-1])]  # exec'd: the same pid
+                pin(server, cpus[-1])
             os.sched_setaffinity(0, cpus[:-1])  # ghz inherits it
         for server in servers:
             if server.name == "go-bbr":
@@ -431,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                 go.env["KUBE_FEATURE_WatchListClient"] = "false"
                 fresh.append(go)
             for server in fresh:
+                if args.pin:
+                    pin(server, cpus[-1])
                 memory.append(
                     memory_check(
                         ghz, server, data, streams=args.memory_streams, logs=work / "logs-memory"
