@@ -188,17 +188,21 @@ class _Lag:
         task = f"/proc/{os.getpid()}/task/{threading.get_native_id()}"
         for fd in self.files:
             os.close(fd)
+        paths = [f"/proc/{os.getpid()}/task/{t.native_id}/schedstat" for t in threads]
         self.files = [os.open(f"{task}/schedstat", os.O_RDONLY), os.open("/proc/stat", os.O_RDONLY)]
+        self.files += [os.open(path, os.O_RDONLY) for path in paths]
         # sent, how long the writer's write before took, the loop thread's run and
-        # run-queue ns, steal per CPU, whether the loop thread was runnable (state R)
-        self.record = struct.Struct(f"ddqq{self.ncpu}qq")
+        # run-queue ns, steal per CPU, whether the loop thread was runnable (state R),
+        # then each of bbr's threads' run and run-queue ns
+        self.record = struct.Struct(f"ddqq{self.ncpu}qq{2 * len(threads)}q")
+        _schedstat(self.files[0]), _steal(self.files[1], self.ncpu)  # warm: the first is slow
         self.cpu = self._cpu()
         self.loop_cpu = time.thread_time_ns()
         self.last = time.monotonic()
         _GC_PAUSES.clear()
         self.buffer = b""
         self.writer = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(write), str(TICK), str(self.ncpu), task],
+            [sys.executable, "-c", _WRITER, str(write), str(TICK), str(self.ncpu), task, *paths],
             pass_fds=(write,),
         )
         os.close(write)
@@ -254,7 +258,8 @@ class _Lag:
         self, data: bytes, at: int, now: float, late: float, cpu: list[int], loop_cpu: int
     ) -> None:
         """Record what the machine and bbr's threads did while sample `at` waited."""
-        sent, _, run, queued, *steal, runnable = self.record.unpack_from(data, at)
+        sent, _, run, queued, *rest = self.record.unpack_from(data, at)
+        steal, runnable, threads = rest[: self.ncpu], rest[self.ncpu], rest[self.ncpu + 1 :]
         _, end_queued = _schedstat(self.files[0])
         steal = [b - a for a, b in zip(steal, _steal(self.files[1], self.ncpu), strict=True)]
         # The loop: asleep when the writer read it (waiting for the pipe or the GIL), its
@@ -268,13 +273,19 @@ class _Lag:
         else:
             loop_run = (loop_cpu - run) / 1e9
             loop_rq = (end_queued - queued) / 1e9
-        # bbr's threads: their CPU since the last sample, which began up to `before`
-        # ahead of `sent`: at least what they used while the sample waited.
+        # bbr's threads: a thread's schedstat run time is exact while it sleeps and lags
+        # by up to a scheduler tick (4 ms) while it runs, so the CPU from the writer's
+        # reading to its clock now is at least what it used while the sample waited; so
+        # is its CPU since the last sample, which began `before` ahead of `sent`: the
+        # smaller of the two. A thread's run-queue delay over the wait (a GIL holder
+        # kept off the CPU) is added when it next runs: a rough figure.
         used: dict[str, float] = {}
+        queued_ms = 0.0
         for k, name in enumerate(self.names):
-            ns = cpu[k] - self.cpu[k]
+            ns = min(cpu[k] - threads[2 * k], cpu[k] - self.cpu[k])
             if ns > 20_000:
                 used[name] = used.get(name, 0.0) + ns / 1e6
+            queued_ms += max(0, _schedstat(self.files[2 + k])[1] - threads[2 * k + 1]) / 1e6
         entry: dict[str, Any] = {
             "lag_ms": round(late * 1e3, 3),
             "loop_rq_ms": round(loop_rq * 1e3, 3),
@@ -282,6 +293,7 @@ class _Lag:
             "writer_ms": None,
             "bbr_cpu_ms": round(min(late * 1e3, sum(used.values())), 3),
             "cpu_ms": {name: round(ms, 3) for name, ms in used.items()},
+            "bbr_rq_ms": round(queued_ms, 3),
             "before_ms": round(before * 1e3, 3),
             "steal_ticks": steal,
             "loop_was_runnable": bool(runnable),
@@ -405,15 +417,27 @@ fd, tick, ncpu, loop = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), s
 sched = os.open(loop + "/schedstat", os.O_RDONLY)
 state = os.open(loop + "/stat", os.O_RDONLY)
 stat = os.open("/proc/stat", os.O_RDONLY)
-record = struct.Struct(f"ddqq{ncpu}qq")
+def opened(path):
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:  # the thread ended
+        return -1
+threads = [opened(path) for path in sys.argv[5:]]
+record = struct.Struct(f"ddqq{ncpu}qq{2 * len(threads)}q")
+values = [0] * (2 * len(threads))
 wrote = 0.0
 while True:
+    for k, f in enumerate(threads):
+        try:
+            values[2 * k : 2 * k + 2] = map(int, os.pread(f, 128, 0).split()[:2])
+        except OSError:  # the thread ended
+            pass
     run, queued, _ = os.pread(sched, 128, 0).split()
     lines = os.pread(stat, 4096, 0).split(b"\\n")[1 : 1 + ncpu]
     steal = [int(line.split()[8]) for line in lines]
     runnable = os.pread(state, 512, 0).rpartition(b")")[2].split()[0] == b"R"
     sent = time.monotonic()
-    os.write(fd, record.pack(sent, wrote, int(run), int(queued), *steal, runnable))
+    os.write(fd, record.pack(sent, wrote, int(run), int(queued), *steal, runnable, *values))
     wrote = time.monotonic() - sent
     time.sleep(tick)
 """
@@ -470,10 +494,16 @@ def realtime() -> bool:
     return True
 
 
-def probe(kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0) -> int:
+def probe(
+    kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0, switch: float = 0.0
+) -> int:
     """The map side of `bbr serve --kubernetes --namespace '*'`, driven over stdin."""
     os.environ["KUBECONFIG"] = kubeconfig
     rt = rt and realtime()
+    if switch:  # an experiment (--switch-interval): bbr's constant, replaced
+        from bbr.sources import kubernetes
+
+        kubernetes.SWITCH_INTERVAL = switch  # type: ignore[attr-defined]  # imported by name
     from bbr import logs
     from bbr.config import Config
     from bbr.modelmap import MapHolder
@@ -557,9 +587,12 @@ def probe(kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0) -> int:
 class Probe:
     """The orchestrator's handle on a probe process."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, rt: bool, stalls: float = 0.0) -> None:
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, rt: bool, stalls: float = 0.0, switch: float = 0.0
+    ) -> None:
         argv = ["--probe", str(kubeconfig), str(log_path), *(["--realtime"] if rt else [])]
         argv += ["--stalls", str(stalls)] if stalls else []
+        argv += ["--switch-interval", str(switch)] if switch else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.mapscale", *argv],
             stdin=subprocess.PIPE,
@@ -806,7 +839,9 @@ def measure(
     editor: Editor, kubeconfig: Path, workdir: Path, names: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     configmaps = names // ADAPTERS
-    probe = Probe(kubeconfig, workdir / f"probe-{names}.log", args.realtime, args.stalls)
+    probe = Probe(
+        kubeconfig, workdir / f"probe-{names}.log", args.realtime, args.stalls, args.switch_interval
+    )
     try:
         ready = probe.wait_ready(600)
         print(f"  probe ready: {ready}", file=sys.stderr)
@@ -908,16 +943,27 @@ def main(argv: list[str] | None = None) -> int:
         "each thread stood then (innermost frames), in the JSON's `late` records, per phase "
         "(every sample over 1 ms is recorded and attributed anyway); off by default",
     )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="experiment: the probe's GIL switch interval instead of bbr's SWITCH_INTERVAL",
+    )
     parser.add_argument("--probe", nargs=2, metavar=("KUBECONFIG", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         kubeconfig, log_path = args.probe
-        return probe(kubeconfig, log_path, args.realtime, args.stalls / 1000)
+        return probe(
+            kubeconfig, log_path, args.realtime, args.stalls / 1000, args.switch_interval / 1000
+        )
 
     from harness.apiserver import ADMIN_TOKEN, ApiServer
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     results: dict[str, Any] = {"machine_before": common.machine(), "sizes": []}
+    if args.switch_interval:
+        results["switch_interval_ms"] = args.switch_interval
     with tempfile.TemporaryDirectory(prefix="bbr-mapscale-") as tmp:
         workdir = Path(tmp)
         api = ApiServer(workdir / "kube").start()
