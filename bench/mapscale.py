@@ -297,7 +297,7 @@ class _Lag:
             "before_ms": round(before * 1e3, 3),
             "steal_ticks": steal,
             "loop_was_runnable": bool(runnable),
-            "gc": [f"gen{g} {d * 1e3:.3f} ms" for g, d, end_ in _GC_PAUSES if end_ >= sent],
+            "gc": _collections_since(sent),
         }
         if self.stalls and late > self.stalls:
             entry.update(_stacks())
@@ -400,6 +400,17 @@ def _stacks(depth: int = 5) -> dict[str, str]:
 # (generation, seconds, monotonic end) of each collection
 _GC_PAUSES: list[tuple[int, float, float]] = []
 _gc_started = [0.0]
+
+
+def _collections_since(moment: float) -> list[str]:
+    """The GC collections that ended after `moment` (the newest are last: look back
+    only that far; a burst runs thousands)."""
+    out = []
+    for generation, seconds, end in reversed(_GC_PAUSES):
+        if end < moment:
+            break
+        out.append(f"gen{generation} {seconds * 1e3:.3f} ms")
+    return out[::-1]
 
 
 def _gc_callback(phase: str, info: dict[str, Any]) -> None:
