@@ -16,6 +16,9 @@ loop stall      while edits arrive, how late the request loop notices a readable
                 that a separate writer process feeds a CLOCK_MONOTONIC timestamp every
                 ~1 ms: the loop's wait for the GIL (and the machine's scheduling). Shown
                 against the same measure with no events (idle), on the same machine.
+                Every sample over 1 ms is attributed to bbr or to the machine
+                (`attribute`, from /proc: see `_Lag`); per phase the raw maximum and
+                the maximum put down to bbr are printed.
 burst lag       1,000 edits paced over 10 s (one every 10 ms, several in flight): the
                 time from the API's answer to the last one until all are in force.
 
@@ -195,7 +198,9 @@ class _Lag:
         # run-queue ns, steal per CPU, whether the loop thread was runnable (state R),
         # then each of bbr's threads' run and run-queue ns
         self.record = struct.Struct(f"ddqq{self.ncpu}qq{2 * len(threads)}q")
-        _schedstat(self.files[0]), _steal(self.files[1], self.ncpu)  # warm: the first is slow
+        for fd in (self.files[0], *self.files[2:]):  # warm: a first read is slow
+            _schedstat(fd)
+        _steal(self.files[1], self.ncpu)
         self.cpu = self._cpu()
         self.loop_cpu = time.thread_time_ns()
         self.last = time.monotonic()
@@ -913,10 +918,11 @@ PHASES = (("idle", "lag_idle"), ("events", "lag_events"), ("burst", "lag_burst")
 
 def attribution_table(results: dict[str, Any]) -> Iterator[str]:
     """Per size and phase: the loop's longest wait, the longest put down to bbr
-    (`attribute`), the samples over 1 ms by cause, and what the attribution cost."""
+    (`attribute`), the waits over 1 ms by cause (one read of the pipe is one wait, however
+    many samples it holds), and what the attribution cost."""
     yield (
-        "| names | phase | samples | p99 / p99.9 | max | max, bbr's | over 1 ms: bbr / machine "
-        "| attribution cost: loop per read, writer per sample |"
+        "| names | phase | samples | p99 / p99.9 | max | max, bbr's "
+        "| waits over 1 ms: bbr / machine | attribution cost: loop per read, writer per sample |"
     )
     yield "|---:|---|---:|---:|---:|---:|---:|---:|"
     for r in results["sizes"]:
