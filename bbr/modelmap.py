@@ -523,6 +523,9 @@ GIL_BUDGET = 0.0005
 # thread, the asker waits a whole interval again. With the request loop, the builder
 # and a watch stream all wanting it in a burst, the loop waited two intervals (1.0-1.3
 # ms at 0.5 ms; `make bench-mapscale MAPSCALE_ARGS=--stalls`), so half the budget.
+# Not less: at 0.1 ms the loop's wait in a burst fell at p99 (0.35 -> 0.21 ms), but with
+# info logs the request loop's CPU per request rose 13-20 % during a burst (ghz against
+# `bbr serve --kubernetes` at 50 k names; docs/performance.md).
 SWITCH_INTERVAL = GIL_BUDGET / 2
 # Every name-sized dict is split into shards by the key's hash, a power of two of them,
 # doubled whenever they average more than SHARD_MAX entries: so no single C call of the

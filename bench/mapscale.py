@@ -16,6 +16,9 @@ loop stall      while edits arrive, how late the request loop notices a readable
                 that a separate writer process feeds a CLOCK_MONOTONIC timestamp every
                 ~1 ms: the loop's wait for the GIL (and the machine's scheduling). Shown
                 against the same measure with no events (idle), on the same machine.
+                Every sample over 1 ms is attributed to bbr or to the machine
+                (`attribute`, from /proc: see `_Lag`); per phase the raw maximum and
+                the maximum put down to bbr are printed.
 burst lag       1,000 edits paced over 10 s (one every 10 ms, several in flight): the
                 time from the API's answer to the last one until all are in force.
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ctypes
 import gc
 import http.client
 import json
@@ -105,98 +109,218 @@ class _Tracker:
             self.loop.call_soon_threadsafe(self.reply, {"seq": seq, "met_at": now})
 
 
+LATE = 0.001  # a loop-lag sample later than this is attributed (the issue's 1 ms)
+
+
+def attribute(
+    lag_ms: float, loop_rq_ms: float, loop_cpu_ms: float, writer_ms: float, bbr_cpu_ms: float
+) -> str:
+    """Who made a late loop-lag sample late: `"bbr"` (bbr's threads held the GIL) or
+    `"machine"` (the machine, or the benchmark's own loop and writer).
+
+    Take from the wait what was certainly not bbr's: the loop thread's time runnable but
+    not running (the run queue), its own CPU (the benchmark's commands run on that loop)
+    and the writer's lateness in sending the timestamp. If the rest is within 1 ms, the
+    machine accounts for the excess. Otherwise it is bbr's if bbr's threads ran on a CPU
+    for at least half of the rest (one of them held the GIL most of that time); if they
+    ran less, the GIL was free or held by a thread off the CPU (preempted or stolen by
+    the hypervisor, whose time is not a thread's CPU time): the machine. The inputs lean
+    towards bbr: `bbr_cpu_ms` is an upper bound and the others lower bounds."""
+    rest = lag_ms - loop_rq_ms - loop_cpu_ms - writer_ms
+    if rest <= LATE * 1000:
+        return "machine"
+    return "bbr" if bbr_cpu_ms >= rest / 2 else "machine"
+
+
 class _Lag:
     """Reads timestamps from the writer process on the loop; keeps how late each was.
 
+    Every sample later than LATE is attributed (`attribute`), always: the writer reads,
+    just before each timestamp, the loop thread's run time and run-queue delay
+    (`/proc/PID/task/TID/schedstat`, ns), whether it is runnable, and each CPU's steal
+    time (`/proc/stat`, in 1/100 s), and sends them with it; the loop reads the same
+    when a sample is late and takes the difference. The writer also sends how long its
+    write before took (its own lateness). The loop reads bbr's threads' CPU clocks at
+    every sample (~4 µs): on time samples cost nothing else.
+
     With `stalls` (seconds, > 0), a sample later than that also records where the
     probe's other threads stand (`--stalls`): a thread that held the GIL gave it up
-    right after the step that held it, so its innermost frames name that step. With
-    them, each thread's CPU time since the sample before (which threads ran while the
-    loop waited) and any GC collection that ended in that time."""
+    right after the step that held it, so its innermost frames name that step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, stalls: float = 0.0) -> None:
         self.loop = loop
         self.stalls = stalls
-        self.stalled: list[dict[str, Any]] = []
+        self.threshold = min(LATE, stalls) if stalls else LATE
+        self.late: list[dict[str, Any]] = []
         self.samples: list[float] = []
-        self.clocks: dict[str, int] = {}
-        self.cpu: dict[str, int] = {}
+        self.names: list[str] = []
+        self.clocks: list[int] = []
+        self.files: list[int] = []
+        self.cpu: list[int] = []
+        self.loop_cpu = 0
         self.last = 0.0
+        self.record = struct.Struct("d")
         self.writer: subprocess.Popen[bytes] | None = None
+        self.writer_stat = -1
+        self.writer_base = -1
+        self.writer_samples = 0
         self.fd = -1
         self.buffer = b""
+        self.unfinished: dict[str, Any] | None = None  # late; the writer's lateness to come
+        self.cost_ns = 0  # the loop's CPU for bookkeeping, on time reads
+        self.reads = 0
+        self.late_cost_ns: list[int] = []
+        self.ncpu = os.cpu_count() or 1
 
     def start(self) -> None:
         read, write = os.pipe()
         self.samples = []
-        self.stalled = []
+        self.late = []
+        self.unfinished = None
+        self.cost_ns = 0
+        self.reads = 0
+        self.late_cost_ns = []
         me = threading.get_ident()
-        self.clocks = {
-            t.name: time.pthread_getcpuclockid(t.ident)
+        threads = [
+            t
             for t in threading.enumerate()
-            if t.ident is not None and t.ident != me
-        }
-        self.cpu = self._cpu() if self.stalls else {}
+            if t.ident is not None and t.ident != me and t.native_id is not None
+        ]
+        self.names = [t.name for t in threads]
+        self.clocks = [time.pthread_getcpuclockid(t.ident) for t in threads]  # type: ignore[arg-type]
+        task = f"/proc/{os.getpid()}/task/{threading.get_native_id()}"
+        for fd in self.files:
+            os.close(fd)
+        paths = [f"/proc/{os.getpid()}/task/{t.native_id}/schedstat" for t in threads]
+        self.files = [os.open(f"{task}/schedstat", os.O_RDONLY), os.open("/proc/stat", os.O_RDONLY)]
+        self.files += [os.open(path, os.O_RDONLY) for path in paths]
+        # sent, how long the writer's write before took, the loop thread's run and
+        # run-queue ns, steal per CPU, whether the loop thread was runnable (state R),
+        # then each of bbr's threads' run and run-queue ns
+        self.record = struct.Struct(f"ddqq{self.ncpu}qq{2 * len(threads)}q")
+        for fd in (self.files[0], *self.files[2:]):  # warm: a first read is slow
+            _schedstat(fd)
+        _steal(self.files[1], self.ncpu)
+        self.cpu = self._cpu()
+        self.loop_cpu = time.thread_time_ns()
         self.last = time.monotonic()
         _GC_PAUSES.clear()
         self.buffer = b""
         self.writer = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(write), str(TICK)], pass_fds=(write,)
+            [sys.executable, "-c", _WRITER, str(write), str(TICK), str(self.ncpu), task, *paths],
+            pass_fds=(write,),
         )
         os.close(write)
+        self.writer_stat = os.open(f"/proc/{self.writer.pid}/schedstat", os.O_RDONLY)
+        self.writer_base = -1
         self.fd = read
         os.set_blocking(read, False)
         self.loop.add_reader(read, self._readable)
 
     def _readable(self) -> None:
         now = time.monotonic()
+        loop_cpu = time.thread_time_ns()
         try:
             data = os.read(self.fd, 65536)
         except BlockingIOError:
             return
+        began = time.thread_time_ns()  # CPU: the loop may lose the GIL meanwhile
+        if self.writer_base < 0:  # the writer's CPU from its first sample on
+            self.writer_base = _schedstat(self.writer_stat)[0]
+            self.writer_samples = len(self.samples)
         data = self.buffer + data
-        whole = len(data) - len(data) % 8
+        size = self.record.size
+        whole = len(data) - len(data) % size
         self.buffer = data[whole:]
-        late = 0.0
-        for (sent,) in struct.iter_unpack("d", data[:whole]):
+        late, at = 0.0, -1
+        for offset in range(0, whole, size):
+            (sent,) = _SENT.unpack_from(data, offset)
             self.samples.append(now - sent)
-            late = max(late, now - sent)
-        if self.stalls:
-            cpu = self._cpu()
-            if late > self.stalls:
-                ran = {
-                    name: round((ns - self.cpu.get(name, ns)) / 1e6, 3)
-                    for name, ns in cpu.items()
-                    if ns - self.cpu.get(name, ns) > 20_000
-                }
-                gc_in = [
-                    f"gen{g} {d * 1000:.3f} ms" for g, d, end in _GC_PAUSES if end >= self.last
-                ]
-                self.stalled.append(
-                    {
-                        "lag_ms": round(late * 1000, 3),
-                        "window_ms": round((now - self.last) * 1000, 3),
-                        "cpu_ms": ran,
-                        "gc": gc_in,
-                        **_stacks(),
-                    }
-                )
-            self.cpu = cpu
+            if now - sent > late:
+                late, at = now - sent, offset
+        cpu = self._cpu()
+        if self.unfinished is not None and whole:  # the writer's lateness with that one
+            self.unfinished["writer_ms"] = round(self.record.unpack_from(data, 0)[1] * 1e3, 3)
+            self.unfinished = None
+        if late > self.threshold:
+            self._attribute(data, at, now, late, cpu, loop_cpu)
+            if at + size < whole:
+                following = self.record.unpack_from(data, at + size)[1]
+                self.late[-1]["writer_ms"] = round(following * 1e3, 3)
+            else:
+                self.unfinished = self.late[-1]
+            self.late_cost_ns.append(time.thread_time_ns() - began)
+        else:
+            self.cost_ns += time.thread_time_ns() - began
+            self.reads += 1
+        self.cpu = cpu
+        self.loop_cpu = loop_cpu
         self.last = now
         if not data:
             self.loop.remove_reader(self.fd)
 
-    def _cpu(self) -> dict[str, int]:
-        out = {}
-        for name, clock in self.clocks.items():
+    def _attribute(
+        self, data: bytes, at: int, now: float, late: float, cpu: list[int], loop_cpu: int
+    ) -> None:
+        """Record what the machine and bbr's threads did while sample `at` waited."""
+        sent, _, run, queued, *rest = self.record.unpack_from(data, at)
+        steal, runnable, threads = rest[: self.ncpu], rest[self.ncpu], rest[self.ncpu + 1 :]
+        _, end_queued = _schedstat(self.files[0])
+        steal = [b - a for a, b in zip(steal, _steal(self.files[1], self.ncpu), strict=True)]
+        # The loop: asleep when the writer read it (waiting for the pipe or the GIL), its
+        # figures then were exact. Runnable, its run-queue delay is added only when it
+        # next runs, so some may precede `sent`, by at most the time since the last
+        # sample; so may some of its CPU: that is taken off both.
+        before = max(0.0, sent - self.last)
+        if runnable:
+            loop_run = max(0.0, (loop_cpu - self.loop_cpu) / 1e9 - before)
+            loop_rq = max(0.0, (end_queued - queued) / 1e9 - before)
+        else:
+            loop_run = (loop_cpu - run) / 1e9
+            loop_rq = (end_queued - queued) / 1e9
+        # bbr's threads: a thread's schedstat run time is exact while it sleeps and lags
+        # by up to a scheduler tick (4 ms) while it runs, so the CPU from the writer's
+        # reading to its clock now is at least what it used while the sample waited; so
+        # is its CPU since the last sample, which began `before` ahead of `sent`: the
+        # smaller of the two. A thread's run-queue delay over the wait (a GIL holder
+        # kept off the CPU) is added when it next runs: a rough figure.
+        used: dict[str, float] = {}
+        queued_ms = 0.0
+        for k, name in enumerate(self.names):
+            ns = min(cpu[k] - threads[2 * k], cpu[k] - self.cpu[k])
+            if ns > 20_000:
+                used[name] = used.get(name, 0.0) + ns / 1e6
+            queued_ms += max(0, _schedstat(self.files[2 + k])[1] - threads[2 * k + 1]) / 1e6
+        entry: dict[str, Any] = {
+            "lag_ms": round(late * 1e3, 3),
+            "loop_rq_ms": round(loop_rq * 1e3, 3),
+            "loop_cpu_ms": round(loop_run * 1e3, 3),
+            "writer_ms": None,
+            "bbr_cpu_ms": round(min(late * 1e3, sum(used.values())), 3),
+            "cpu_ms": {name: round(ms, 3) for name, ms in used.items()},
+            "bbr_rq_ms": round(queued_ms, 3),
+            "before_ms": round(before * 1e3, 3),
+            "steal_ticks": steal,
+            "loop_was_runnable": bool(runnable),
+            "gc": _collections_since(sent),
+        }
+        if self.stalls and late > self.stalls:
+            entry.update(_stacks())
+        self.late.append(entry)
+
+    def _cpu(self) -> list[int]:
+        out = []
+        for clock in self.clocks:
             try:
-                out[name] = time.clock_gettime_ns(clock)
+                out.append(time.clock_gettime_ns(clock))
             except OSError:  # the thread ended
-                continue
+                out.append(0)
         return out
 
     def stop(self) -> dict[str, Any]:
         assert self.writer is not None
+        writer_ns = _schedstat(self.writer_stat)[0]
+        os.close(self.writer_stat)
         self.writer.kill()
         self.writer.wait()
         self.loop.remove_reader(self.fd)
@@ -206,9 +330,58 @@ class _Lag:
         for generation in (0, 1, 2):
             durations = [d for g, d, _ in pauses if g == generation]
             stats[f"gc{generation}_max_ms"] = round(max(durations, default=0) * 1000, 3)
-        if self.stalls:
-            stats["stalls"] = sorted(self.stalled, key=lambda s: -s["lag_ms"])[:40]
+        for entry in self.late:
+            entry["cause"] = attribute(
+                entry["lag_ms"],
+                entry["loop_rq_ms"],
+                entry["loop_cpu_ms"],
+                entry["writer_ms"] or 0.0,
+                entry["bbr_cpu_ms"],
+            )
+        over = [e for e in self.late if e["lag_ms"] > LATE * 1e3]
+        bbr = [e["lag_ms"] for e in over if e["cause"] == "bbr"]
+        stats["bbr_max_ms"] = max(bbr, default=0.0)
+        stats["late_bbr"] = len(bbr)
+        stats["late_machine"] = len(over) - len(bbr)
+        stats["attribution_cost_us"] = {
+            "loop_per_read": round(self.cost_ns / max(1, self.reads) / 1e3, 2),
+            "loop_per_late_read_max": round(max(self.late_cost_ns, default=0) / 1e3, 1),
+            "writer_cpu_per_sample": round(
+                (writer_ns - self.writer_base)
+                / max(1, len(self.samples) - self.writer_samples)
+                / 1e3,
+                1,
+            ),
+            "loop_per_late_read_mean": round(
+                sum(self.late_cost_ns) / max(1, len(self.late_cost_ns)) / 1e3, 1
+            ),
+        }
+        stats["late"] = sorted(self.late, key=lambda s: -s["lag_ms"])[:40]
         return stats
+
+
+_SENT = struct.Struct("d")
+_libc = ctypes.PyDLL(None)  # its calls keep the GIL: a late sample's reads cannot lose it
+_libc.pread.restype = ctypes.c_ssize_t
+_libc.pread.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
+_BUFFER = ctypes.create_string_buffer(4096)
+
+
+def _pread(fd: int) -> bytes:
+    n = _libc.pread(fd, _BUFFER, len(_BUFFER), 0)
+    return _BUFFER.raw[: max(0, n)]
+
+
+def _schedstat(fd: int) -> tuple[int, int]:
+    """(run ns, run-queue ns) of a thread's schedstat."""
+    run, queued, _ = _pread(fd).split()
+    return int(run), int(queued)
+
+
+def _steal(fd: int, ncpu: int) -> list[int]:
+    """Each CPU's steal time so far, in USER_HZ ticks (1/100 s)."""
+    lines = _pread(fd).split(b"\n")[1 : 1 + ncpu]
+    return [int(line.split()[8]) for line in lines]
 
 
 def _stacks(depth: int = 5) -> dict[str, str]:
@@ -234,6 +407,17 @@ _GC_PAUSES: list[tuple[int, float, float]] = []
 _gc_started = [0.0]
 
 
+def _collections_since(moment: float) -> list[str]:
+    """The GC collections that ended after `moment` (the newest are last: look back
+    only that far; a burst runs thousands)."""
+    out = []
+    for generation, seconds, end in reversed(_GC_PAUSES):
+        if end < moment:
+            break
+        out.append(f"gen{generation} {seconds * 1e3:.3f} ms")
+    return out[::-1]
+
+
 def _gc_callback(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
@@ -245,9 +429,32 @@ def _gc_callback(phase: str, info: dict[str, Any]) -> None:
 
 _WRITER = """
 import os, struct, sys, time
-fd, tick = int(sys.argv[1]), float(sys.argv[2])
+fd, tick, ncpu, loop = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sched = os.open(loop + "/schedstat", os.O_RDONLY)
+state = os.open(loop + "/stat", os.O_RDONLY)
+stat = os.open("/proc/stat", os.O_RDONLY)
+def opened(path):
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:  # the thread ended
+        return -1
+threads = [opened(path) for path in sys.argv[5:]]
+record = struct.Struct(f"ddqq{ncpu}qq{2 * len(threads)}q")
+values = [0] * (2 * len(threads))
+wrote = 0.0
 while True:
-    os.write(fd, struct.pack("d", time.monotonic()))
+    for k, f in enumerate(threads):
+        try:
+            values[2 * k : 2 * k + 2] = map(int, os.pread(f, 128, 0).split()[:2])
+        except OSError:  # the thread ended
+            pass
+    run, queued, _ = os.pread(sched, 128, 0).split()
+    lines = os.pread(stat, 4096, 0).split(b"\\n")[1 : 1 + ncpu]
+    steal = [int(line.split()[8]) for line in lines]
+    runnable = os.pread(state, 512, 0).rpartition(b")")[2].split()[0] == b"R"
+    sent = time.monotonic()
+    os.write(fd, record.pack(sent, wrote, int(run), int(queued), *steal, runnable, *values))
+    wrote = time.monotonic() - sent
     time.sleep(tick)
 """
 
@@ -303,10 +510,16 @@ def realtime() -> bool:
     return True
 
 
-def probe(kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0) -> int:
+def probe(
+    kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0, switch: float = 0.0
+) -> int:
     """The map side of `bbr serve --kubernetes --namespace '*'`, driven over stdin."""
     os.environ["KUBECONFIG"] = kubeconfig
     rt = rt and realtime()
+    if switch:  # an experiment (--switch-interval): bbr's constant, replaced
+        from bbr.sources import kubernetes
+
+        kubernetes.SWITCH_INTERVAL = switch  # type: ignore[attr-defined]  # imported by name
     from bbr import logs
     from bbr.config import Config
     from bbr.modelmap import MapHolder
@@ -390,9 +603,12 @@ def probe(kubeconfig: str, log_path: str, rt: bool, stalls: float = 0.0) -> int:
 class Probe:
     """The orchestrator's handle on a probe process."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, rt: bool, stalls: float = 0.0) -> None:
+    def __init__(
+        self, kubeconfig: Path, log_path: Path, rt: bool, stalls: float = 0.0, switch: float = 0.0
+    ) -> None:
         argv = ["--probe", str(kubeconfig), str(log_path), *(["--realtime"] if rt else [])]
         argv += ["--stalls", str(stalls)] if stalls else []
+        argv += ["--switch-interval", str(switch)] if switch else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.mapscale", *argv],
             stdin=subprocess.PIPE,
@@ -639,7 +855,9 @@ def measure(
     editor: Editor, kubeconfig: Path, workdir: Path, names: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     configmaps = names // ADAPTERS
-    probe = Probe(kubeconfig, workdir / f"probe-{names}.log", args.realtime, args.stalls)
+    probe = Probe(
+        kubeconfig, workdir / f"probe-{names}.log", args.realtime, args.stalls, args.switch_interval
+    )
     try:
         ready = probe.wait_ready(600)
         print(f"  probe ready: {ready}", file=sys.stderr)
@@ -674,7 +892,7 @@ def measure(
 
 def _brief(stats: dict[str, Any]) -> dict[str, Any]:
     """Loop-lag figures without the stall records (those are in the JSON)."""
-    return {key: value for key, value in stats.items() if key != "stalls"}
+    return {key: value for key, value in stats.items() if key != "late"}
 
 
 def table(results: dict[str, Any]) -> Iterator[str]:
@@ -693,6 +911,30 @@ def table(results: dict[str, Any]) -> Iterator[str]:
             f"| {b['p999_ms']} / {b['max_ms']} ms "
             f"| {r['burst']['lag_s']} s | {r['burst']['cpu_s']} s | {r['rss_end_mb']} MB |"
         )
+
+
+PHASES = (("idle", "lag_idle"), ("events", "lag_events"), ("burst", "lag_burst"))
+
+
+def attribution_table(results: dict[str, Any]) -> Iterator[str]:
+    """Per size and phase: the loop's longest wait, the longest put down to bbr
+    (`attribute`), the waits over 1 ms by cause (one read of the pipe is one wait, however
+    many samples it holds), and what the attribution cost."""
+    yield (
+        "| names | phase | samples | p99 / p99.9 | max | max, bbr's "
+        "| waits over 1 ms: bbr / machine | attribution cost: loop per read, writer per sample |"
+    )
+    yield "|---:|---|---:|---:|---:|---:|---:|---:|"
+    for r in results["sizes"]:
+        for phase, key in PHASES:
+            s = r[key]
+            c = s["attribution_cost_us"]
+            yield (
+                f"| {r['names']:,} | {phase} | {s['samples']:,} "
+                f"| {s['p99_ms']} / {s['p999_ms']} ms | {s['max_ms']} ms | {s['bbr_max_ms']} ms "
+                f"| {s['late_bbr']} / {s['late_machine']} "
+                f"| {c['loop_per_read']} / {c['writer_cpu_per_sample']} µs |"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -714,20 +956,31 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         metavar="MS",
-        help="diagnosis: with each loop-lag sample over MS, record where each thread stood, "
-        "the CPU each used since the sample before and any GC collection meanwhile (in the "
-        "JSON, `stalls`, per phase); off by default",
+        help="diagnosis: also record each loop-lag sample over MS (below 1 ms too) and where "
+        "each thread stood then (innermost frames), in the JSON's `late` records, per phase "
+        "(every sample over 1 ms is recorded and attributed anyway); off by default",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="experiment: the probe's GIL switch interval instead of bbr's SWITCH_INTERVAL",
     )
     parser.add_argument("--probe", nargs=2, metavar=("KUBECONFIG", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
         kubeconfig, log_path = args.probe
-        return probe(kubeconfig, log_path, args.realtime, args.stalls / 1000)
+        return probe(
+            kubeconfig, log_path, args.realtime, args.stalls / 1000, args.switch_interval / 1000
+        )
 
     from harness.apiserver import ADMIN_TOKEN, ApiServer
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     results: dict[str, Any] = {"machine_before": common.machine(), "sizes": []}
+    if args.switch_interval:
+        results["switch_interval_ms"] = args.switch_interval
     with tempfile.TemporaryDirectory(prefix="bbr-mapscale-") as tmp:
         workdir = Path(tmp)
         api = ApiServer(workdir / "kube").start()
@@ -748,6 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(table(results)))
+    print()
+    print("\n".join(attribution_table(results)))
     before, after = results["machine_before"]["loadavg"][0], results["machine_after"]["loadavg"][0]
     print(f"\nload average {before:.1f} before, {after:.1f} after, on {os.cpu_count()} CPUs")
     print(f"results: {args.json}")

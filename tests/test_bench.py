@@ -96,3 +96,24 @@ def test_instructions_counts_a_real_server(
     assert 50_000 < first["Ir"] < 5_000_000
     assert abs(again["Ir"] / first["Ir"] - 1) < 0.01
     assert "instructions/request" in capsys.readouterr().out
+
+
+def test_mapscale_puts_a_late_sample_down_to_bbr_only_when_bbr_ran_through_it() -> None:
+    """`make bench-mapscale` attributes each loop-lag sample over 1 ms: the rule that
+    docs/performance.md states, on the figures it reads from /proc."""
+    from bench.mapscale import attribute
+
+    # bbr's threads on a CPU for all of a 1.8 ms wait, the loop not queued: bbr's
+    assert attribute(1.8, loop_rq_ms=0.0, loop_cpu_ms=0.05, writer_ms=0.01, bbr_cpu_ms=1.7) == "bbr"
+    # no bbr thread ran: the GIL was free, or held by a thread off the CPU
+    assert attribute(3.2, 0.0, 0.05, 0.01, bbr_cpu_ms=0.0) == "machine"
+    assert attribute(2.0, 0.0, 0.0, 0.0, bbr_cpu_ms=0.9) == "machine"
+    # the loop runnable but not running for 0.9 ms of 1.6: the rest is within 1 ms
+    assert attribute(1.6, loop_rq_ms=0.9, loop_cpu_ms=0.0, writer_ms=0.0, bbr_cpu_ms=1.6) == (
+        "machine"
+    )
+    # the writer sent the timestamp 0.5 ms late, the loop's own work 0.2 ms
+    assert attribute(1.6, 0.0, loop_cpu_ms=0.2, writer_ms=0.5, bbr_cpu_ms=1.6) == "machine"
+    # the same waits, the machine's share smaller: bbr's
+    assert attribute(2.6, 0.9, 0.0, 0.0, bbr_cpu_ms=1.0) == "bbr"
+    assert attribute(1.0, 0.0, 0.0, 0.0, bbr_cpu_ms=1.0) == "machine"  # not over 1 ms
