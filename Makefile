@@ -102,7 +102,7 @@ loadtest: $(STAMP) perf-tools
 
 ## make bench-instructions: instructions per request under ghz, counted by valgrind's
 ## callgrind (deterministic on a shared machine; INSTRUCTIONS_ARGS=--help).
-bench-instructions: $(STAMP) perf-tools
+bench-instructions: $(STAMP) ghz
 	$(PY) -m bench.instructions $(INSTRUCTIONS_ARGS)
 
 ## make loadtest-e2e: h2load through a real Envoy: no ext_proc, + bbr, + Go BBR.
