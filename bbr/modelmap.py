@@ -530,7 +530,7 @@ SWITCH_INTERVAL = GIL_BUDGET / 2
 # Every name-sized dict is split into shards by the key's hash, a power of two of them,
 # doubled whenever they average more than SHARD_MAX entries: so no single C call of the
 # map's upkeep (a dict growing past a resize threshold rehashes it whole; a copy)
-# touches more than a few thousand entries, where one 50 k-entry dict's last resize
+# touches more than a few hundred entries, where one 50 k-entry dict's last resize
 # took 1-4 ms holding the GIL. A snapshot shares its predecessor's shards and copies
 # only the ones a change touched (whole: a lookup probes one dict). Up to SHARD_MAX
 # names there is one shard, and `lookup` is that dict's own `get`.
@@ -972,7 +972,7 @@ class MapHolder:
     is the first and a change touches only its names. The snapshot readers see
     (`.current`) is a new immutable ModelMap, swapped in with one assignment; it shares
     the shards of the one before and copies only those a change touched (each a small
-    dict: one C call of ~800 entries at 50 k names, paced between).
+    dict: one C call of ~200 entries at 50 k names, paced between).
     Readers just read `.current`. Listeners get each snapshot once, in order, with
     `snapshot.changes` saying what changed since the one they saw before.
     """

@@ -146,7 +146,7 @@ def test_holder_apply_equals_scratch(ops: list[Any]) -> None:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(op_st, max_size=40))
 def test_holder_shards_equal_scratch(ops: list[Any]) -> None:
-    """The same, with a shard per two entries (in production 2,048): the shards double
+    """The same, with a shard per two entries (in production SHARD_MAX, 256): the shards double
     as the names come, split and change by several names at once."""
     saved = modelmap.SHARD_MAX
     modelmap.SHARD_MAX = 2
@@ -158,7 +158,7 @@ def test_holder_shards_equal_scratch(ops: list[Any]) -> None:
 
 def test_a_change_copies_only_what_changed() -> None:
     """At scale a change must not copy the map: the new snapshot shares the old one's
-    shards (each of a few thousand names at most) and copies only those it touched."""
+    shards (each of a few hundred names at most) and copies only those it touched."""
     holder = MapHolder()
     configs = {
         i: api_config(ConfigMapRef("ns", f"c{i}"), f"base{i % 7}", (f"a{i}",), i)
