@@ -19,6 +19,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 Headers = Sequence[tuple[str, str]]
 
 SIZES: dict[str, int] = {"1KB": 1024, "100KB": 100 * 1024, "1MB": 1024 * 1024}
+
+
+def sizes(text: str) -> list[str]:
+    """The labels of SIZES a `--sizes` option names, in its order ("1KB,1MB")."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 MODEL = "food-review-1"  # an adapter of meta-llama/Llama-3.1-8B-Instruct in config/model-map.yaml
 BASE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 _WORDS = (

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print("h2load not found: make perf-tools (nghttp2-client)", file=sys.stderr)
         return 2
     go_bbr = None if args.no_go else common.tool("go-bbr")
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = bodies.sizes(args.sizes)
     result: dict[str, Any] = {
         "kind": "e2e",
         "machine_before": common.machine(),

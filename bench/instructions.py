@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind not found: install it (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = bodies.sizes(args.sizes)
     result: dict[str, Any] = {
         "kind": "instructions",
         "machine_before": common.machine(),

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if go_bbr is None and not args.no_go:
         print("go-bbr not found (make perf-tools); measuring bbr alone", file=sys.stderr)
 
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = bodies.sizes(args.sizes)
     result: dict[str, Any] = {
         "kind": "loadtest",
         "machine_before": common.machine(),
