@@ -88,11 +88,11 @@ def test_instructions_counts_a_real_server(
 
     assert common.tool("ghz") is not None, "ghz is a test tool: `make ghz`"
     out = tmp_path / "instructions.json"
-    argv = ["--sizes", "1KB", "--requests", "60", "--concurrency", "4", "--output", str(out)]
+    argv = ["--sizes", "1KB", "--requests", "600", "--concurrency", "4", "--output", str(out)]
     argv += ["--experiment", f"again={common.REPO}"]
     assert instructions.main(argv) == 0
     first, again = json.loads(out.read_text())["runs"]
-    assert first["ok"] == again["ok"] == 60
+    assert first["ok"] == again["ok"] == 600
     assert 50_000 < first["Ir"] < 5_000_000
     assert abs(again["Ir"] / first["Ir"] - 1) < 0.01
     assert "instructions/request" in capsys.readouterr().out
